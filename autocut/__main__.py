@@ -1,0 +1,3 @@
+from autocut.cli import main
+
+raise SystemExit(main())

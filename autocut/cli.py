@@ -1,0 +1,64 @@
+"""The ``autocut`` command line: ``autocut inspect NAME``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main"]
+
+DEFAULT_ARCH = "resnet34"
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from autocut import CutError, discover
+
+    try:
+        cut = discover(args.name, input_size=tuple(args.input_size) if args.input_size else None)
+    except (CutError, ValueError) as err:
+        print(f"autocut inspect: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        record = dict(cut.__dict__)
+        print(json.dumps(record, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"autocut: where to cut {cut.arch}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    stride = cut.stride if not isinstance(cut.stride, tuple) else "x".join(map(str, cut.stride))
+    rows = [
+        ("cut at", cut.where),
+        ("found by", cut.method),
+        ("nf (channels)", str(cut.nf)),
+        ("feature map", f"{cut.feature_shape[0]} x {cut.feature_shape[1]} x {cut.feature_shape[2]}"),
+        ("input size", " x ".join(map(str, cut.input_size))),
+        ("stride", str(stride)),
+        ("layout at cut", cut.layout + ("" if cut.layout == "NCHW" else " (body returns NCHW)")),
+        ("prefix tokens", str(cut.prefix_tokens)),
+        ("dropped head", ", ".join(cut.dropped) or "-"),
+        ("head input", f"{2 * cut.nf} (concat pool: max + avg)"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="autocut", description="Cut any vision backbone and attach a new head.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="show where a model is cut, nf, layout and stride")
+    inspect.add_argument("name", nargs="?", default=DEFAULT_ARCH, help=f"timm or torchvision:NAME (default {DEFAULT_ARCH})")
+    inspect.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), help="probe size (default: the model's)")
+    inspect.add_argument("--json", action="store_true", help="print the cut as JSON")
+    inspect.set_defaults(func=_inspect)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

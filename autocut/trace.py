@@ -1,0 +1,239 @@
+"""Trace a model into a graph and learn the shape of every value, at no weight-memory cost.
+
+Tracing uses torch.fx with timm's registry of non-traceable modules and functions, so timm models
+trace as timm's own feature extraction traces them. Shapes come from running the graph on the
+meta device (or on fake tensors when the model has real weights): no real compute, no copy of the
+weights. Models that cannot be traced are probed with module hooks instead (:func:`probe_modules`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torchvision
+from torch import fx, nn
+from torchvision.models import feature_extraction as tv_fx
+
+__all__ = ["PROBE_BATCH", "Traced", "ModuleCall", "trace", "probe_modules", "tracer_kwargs", "concrete_args_of"]
+
+# An odd prime no other dimension is likely to equal: attention pools stack k/v in a dimension of
+# size 2, qkv in one of size 3, and feature maps are often 7, 13 or 14 wide.
+PROBE_BATCH = 11
+
+
+def tracer_kwargs() -> dict[str, Any]:
+    """The leaf modules and wrapped functions the tracer treats as opaque: timm's registry plus
+    torchvision's ops, as timm's and torchvision's own feature extractors use them."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+
+    leaf = list(get_notrace_modules())
+    for cls in tv_fx._get_leaf_modules_for_ops() if hasattr(tv_fx, "_get_leaf_modules_for_ops") else ():
+        if cls not in leaf:
+            leaf.append(cls)
+    return {
+        "leaf_modules": leaf,
+        "autowrap_functions": list(get_notrace_functions()),
+        "autowrap_modules": (math, torchvision.ops),
+    }
+
+
+class _ScopeTracer(tv_fx.NodePathTracer):
+    """torchvision's NodePathTracer that also records the module each node was created in."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.node_scope: dict[fx.Node, str] = {}
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
+        self.node_scope[proxy.node] = self.current_module_qualname
+        return proxy
+
+
+def concrete_args_of(model: nn.Module) -> dict[str, Any]:
+    """Fix every optional forward argument to its default (``mask=None``, ``is_causal=False``):
+    only the image is traced symbolically."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is not p.empty:
+            out[p.name] = p.default
+    return out
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+        return [_shape_of(v) for v in value]  # a list, so it never reads as a shape
+    return None
+
+
+class _ShapeRecorder(fx.Interpreter):
+    # Values are kept (garbage_collect_values=False): levit and efficientformer cache attention
+    # biases across calls, and meta/fake values cost no memory.
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=False)
+        self.shapes: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.shapes[n] = _shape_of(out)
+        return out
+
+
+@dataclass
+class Traced:
+    """A traced model: its eval-mode graph, the module scope and the shape of every node."""
+
+    model: nn.Module
+    graph: fx.Graph
+    qualname: dict[fx.Node, str]
+    scope: dict[fx.Node, str]
+    shapes: dict[fx.Node, Any]
+    input: fx.Node
+    input_shape: tuple[int, ...]
+    concrete_args: dict[str, Any] = field(default_factory=dict)
+    shape_method: str = "meta"
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return list(self.graph.nodes)
+
+    def node_named(self, name: str) -> fx.Node | None:
+        for node, qual in self.qualname.items():
+            if qual == name:
+                return node
+        return None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def trace_graph(model: nn.Module, training: bool = False) -> tuple[fx.Graph, _ScopeTracer, dict[str, Any]]:
+    """Trace ``model`` in train or eval mode with autocut's tracer (mode restored afterwards)."""
+    was_training = model.training
+    concrete = concrete_args_of(model)
+    try:
+        model.train(training)
+        _purge_proxies(model)
+        tracer = _ScopeTracer(**tracer_kwargs())
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    finally:
+        _purge_proxies(model)
+        model.train(was_training)
+    return graph, tracer, concrete
+
+
+def _purge_proxies(model: nn.Module) -> None:
+    """Drop fx proxies that a trace left in module caches (levit's and efficientformer's
+    attention-bias caches): a later trace would reuse a node of the old graph."""
+    for module in model.modules():
+        for value in list(vars(module).values()):
+            if isinstance(value, dict):
+                for key in [k for k, v in value.items() if isinstance(v, fx.Proxy)]:
+                    del value[key]
+
+
+def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE_BATCH) -> Traced:
+    """Trace ``model`` (eval graph) and record every node's output shape for a
+    ``(batch, *input_size)`` input.
+
+    Meta models run on meta tensors; models with real weights run on fake tensors (their weights
+    are never copied or touched). Raises whatever tracing or propagation raised: callers fall
+    back to :func:`probe_modules`.
+    """
+    graph, tracer, concrete = trace_graph(model, training=False)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    device = _model_device(model)
+    shape = (batch, *input_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if device.type == "meta":
+                recorder = _ShapeRecorder(gm)
+                recorder.run(torch.empty(shape, device="meta"))
+                method = "meta"
+            else:
+                from torch._subclasses.fake_tensor import FakeTensorMode
+
+                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                    x = mode.from_tensor(torch.empty(shape, device=device))
+                    recorder = _ShapeRecorder(gm)
+                    recorder.run(x)
+                method = "fake"
+    finally:
+        model.train(was_training)
+    del placeholders
+    return Traced(
+        model=model,
+        graph=graph,
+        qualname=dict(tracer.node_to_qualname),
+        scope=dict(tracer.node_scope),
+        shapes=recorder.shapes,
+        input=next(n for n in graph.nodes if n.op == "placeholder"),
+        input_shape=shape,
+        concrete_args=concrete,
+        shape_method=method,
+    )
+
+
+# --- the fallback: module hooks -------------------------------------------------------------
+
+
+@dataclass
+class ModuleCall:
+    """One call of a module during a hooked forward: its path, input and output shapes."""
+
+    path: str
+    index: int
+    in_shape: Any
+    out_shape: Any
+
+
+def probe_modules(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE_BATCH) -> list[ModuleCall]:
+    """Run one eval forward with hooks on every module and record each call's shapes, in the
+    order calls finish. Used where fx cannot trace (data-dependent control flow).
+
+    Meta models run on meta tensors; a model whose forward needs real values must be real.
+    """
+    calls: list[ModuleCall] = []
+    handles = []
+    device = _model_device(model)
+
+    def hook(path):
+        def fn(module, args, output):
+            first = args[0] if args else None
+            calls.append(ModuleCall(path, len(calls), _shape_of(first), _shape_of(output)))
+
+        return fn
+
+    for path, module in model.named_modules():
+        if path:
+            handles.append(module.register_forward_hook(hook(path)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((batch, *input_size), device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return calls

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Everything the kernels need checked on a GPU, in one go, in under 6 minutes on an H200:
+#   1. tests/test_kernels.py on CUDA (the grid, dispatch, torch.compile, CUDA graphs, real sizes);
+#   2. benchmarks/concat_pool.py (grid + ResNet-50 step), torch.compile at the ResNet-50 shape;
+#   3. benchmarks/head.py (eval head).
+# Runs from the repository root without installing autocut (PYTHONPATH=.). Everything lands in
+# $OUT (default benchmarks/reports/kernels). Each step has a time limit; the benchmarks also stop
+# starting new shapes at their --budget-s and still write what they measured.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/reports/kernels}"
+mkdir -p "$OUT"
+export OUT
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET AUTOCUT_DISABLE_KERNELS
+PY="${PYTHON:-python}"
+status=0
+start=$SECONDS
+
+step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.log, remember failures
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s, at $((SECONDS - start))s) ==="
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "!!! $name exited with $rc"; status=1; }
+}
+
+"$PY" - <<'PY' 2>&1 | tee "$OUT/environment.txt"
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError:
+    print("triton not installed")
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")
+PY
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/environment.txt" 2>&1 || true
+
+if "$PY" -c "import pytest" 2>/dev/null; then
+    step tests 110 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -rs --junitxml="$OUT/tests.xml"
+else
+    echo "pytest is not installed: kernel tests skipped (the benchmarks still check every fused result against eager)" | tee "$OUT/tests.log"
+    status=1
+fi
+step concat_pool 190 "$PY" benchmarks/concat_pool.py --out "$OUT" --compile target --budget-s 130 --warmup 3 --rep 15 --e2e-warmup 400 --e2e-rep 1500
+step head 50 "$PY" benchmarks/head.py --out "$OUT" --budget-s 25 --warmup 3 --rep 15
+
+echo "=== done in $((SECONDS - start))s; status $status; files in $OUT ==="
+ls -la "$OUT"
+exit $status

@@ -1,0 +1,234 @@
+"""Benchmark the eval head: create_head's head unfolded vs folded (fused pool + two GEMMs), on a GPU.
+
+Implementations, all under ``torch.inference_mode``:
+
+* ``pool_eager`` / ``pool_fused``: the concat pool alone, PyTorch's two ops or the fused kernel;
+* ``head_eager``: the head in eval mode with ``AUTOCUT_DISABLE_KERNELS=1`` (all PyTorch);
+* ``head_eval``: the head in eval mode with the fused pool (BatchNorm, Linear, ReLU unfolded);
+* ``head_folded``: :func:`autocut.kernels.head.fold_head` (pool, GEMM+ReLU, GEMM);
+* ``head_compiled``: ``torch.compile`` of the eager head (at the ResNet-50 shape only).
+
+Target: ``head_folded`` within 5 us of ``pool_fused``. Writes ``head_<gpu>_<date>.{csv,md,png}``
+into ``--out`` (default ``$OUT`` or ``benchmarks/reports/kernels``). Nothing runs without CUDA.
+
+    PYTHONPATH=. python benchmarks/head.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from concat_pool import (  # noqa: E402  (the shared helpers of the pool benchmark)
+    DTYPES, bench, count_launches, eager, env_section, environment, fmt, make_input, md_table,
+    require_cuda, tag, write_csv,
+)
+
+TARGET = (256, 2048, 7, 7)
+SLACK_US = 5.0
+
+
+@contextmanager
+def kernels_disabled(disabled: bool):
+    before = os.environ.get("AUTOCUT_DISABLE_KERNELS")
+    os.environ["AUTOCUT_DISABLE_KERNELS"] = "1" if disabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("AUTOCUT_DISABLE_KERNELS", None)
+        else:
+            os.environ["AUTOCUT_DISABLE_KERNELS"] = before
+
+
+def cases(quick: bool) -> list[tuple]:
+    bs = [256] if quick else [32, 256]
+    cs = [2048] if quick else [512, 2048]
+    dtypes = ["bf16"] if quick else ["fp32", "bf16"]
+    grid = [(b, c, 7, 7, d, l) for b, c, d, l in itertools.product(bs, cs, dtypes, ["nchw", "channels_last"])]
+    return sorted(grid, key=lambda s: (s[:4] != TARGET, s[4] != "bf16", s))
+
+
+def randomised_head(c: int, n_out: int, dtype, device) -> torch.nn.Module:
+    """create_head with non-trivial BatchNorm statistics, so folding is not a no-op."""
+    from autocut.layers import create_head
+
+    head = create_head(c, n_out)
+    for m in head.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            with torch.no_grad():
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return head.to(device, dtype).eval()
+
+
+def run(args) -> tuple[list[dict], str]:
+    import torch._dynamo
+
+    from autocut.kernels.concat_pool import concat_pool2d
+    from autocut.kernels.head import fold_head
+
+    rows, stopped, started = [], "", time.time()
+    grid = cases(args.quick)
+    for n, (b, c, h, w, dname, layout) in enumerate(grid):
+        if args.budget_s and time.time() - started > args.budget_s:
+            stopped = f"stopped by --budget-s {args.budget_s:.0f} after {n} of {len(grid)} shapes"
+            print(stopped)
+            break
+        dtype = DTYPES[dname]
+        x = make_input((b, c, h, w), dtype, layout)
+        head = randomised_head(c, args.n_out, dtype, x.device)
+        folded = fold_head(head)
+        impls = {
+            "pool_eager": (lambda: eager(x), True),
+            "pool_fused": (lambda: concat_pool2d(x), False),
+            "head_eager": (lambda: head(x), True),
+            "head_eval": (lambda: head(x), False),
+            "head_folded": (lambda: folded(x), False),
+        }
+        compile_s = ""
+        if (b, c, h, w) == TARGET and args.compile:
+            torch._dynamo.reset()
+            compiled = torch.compile(head, dynamic=False)
+            with kernels_disabled(True), torch.inference_mode():
+                t0 = time.time()
+                compiled(x)
+                torch.cuda.synchronize()
+                compile_s = round(time.time() - t0, 1)
+            impls["head_compiled"] = (lambda: compiled(x), True)
+        with torch.inference_mode():
+            with kernels_disabled(True):
+                want = head(x).float()
+            got = folded(x).float()
+        # Max error relative to the output's scale: two GEMMs in the input dtype, weights folded once.
+        rel_err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+        if rel_err > (1e-4 if dtype == torch.float32 else 3e-2):
+            print(f"  WARNING: folded head differs from the head by {rel_err:.2e} of its scale")
+        print(f"[{n + 1}/{len(grid)}] B={b} C={c} {h}x{w} {dname} {layout}", flush=True)
+        for name, (fn, disable) in impls.items():
+            with kernels_disabled(disable), torch.inference_mode():
+                med, p20, p80 = bench(fn, args.warmup, args.rep)
+                launches = count_launches(fn)
+            rows.append({"impl": name, "B": b, "C": c, "H": h, "W": w, "dtype": dname, "layout": layout,
+                         "n_out": args.n_out, "median_us": round(med, 2), "p20_us": round(p20, 2),
+                         "p80_us": round(p80, 2), "launches": launches,
+                         "compile_s": compile_s if name == "head_compiled" else "",
+                         "folded_rel_err": f"{rel_err:.2e}" if name == "head_folded" else ""})
+            print(f"  {name:14s} {med:9.1f} us  launches {launches}", flush=True)
+        write_csv(rows, args.csv_path)
+        del x, head, folded
+    return rows, stopped
+
+
+def verdicts(rows: list[dict]) -> list[list]:
+    out = []
+    for key in sorted({(r["B"], r["C"], r["H"], r["W"], r["dtype"], r["layout"]) for r in rows}):
+        by = {r["impl"]: r for r in rows if (r["B"], r["C"], r["H"], r["W"], r["dtype"], r["layout"]) == key}
+        if "head_folded" not in by or "pool_fused" not in by:
+            continue
+        head, pool = by["head_folded"]["median_us"], by["pool_fused"]["median_us"]
+        out.append([f"B={key[0]} C={key[1]} {key[2]}x{key[3]} {key[4]} {key[5]}", fmt(pool), fmt(head),
+                    fmt(head - pool), "PASS" if head <= pool + SLACK_US else "FAIL"])
+    return out
+
+
+def write_report(args, env, rows, stopped, path: Path, figure: str | None) -> None:
+    extra = {"do_bench": f"warmup {args.warmup} ms, rep {args.rep} ms, L2 cleared, median (p20/p80 in CSV)",
+             "head": f"create_head(C, {args.n_out}): pool, BN, Dropout, Linear, ReLU, BN, Dropout, Linear",
+             "grid": "quick" if args.quick else "full"}
+    text = [f"# Eval head: {env['gpu']}, {env['date']}", "", env_section(env, extra), ""]
+    if stopped:
+        text += [f"**Incomplete:** {stopped}.", ""]
+    v = verdicts(rows)
+    overall = "UNMEASURED" if not v else ("PASS" if all(r[-1] == "PASS" for r in v) else "FAIL")
+    text += [f"## Target: folded eval head <= fused pool + {SLACK_US:.0f} us: {overall}", "",
+             md_table(["shape", "pool_fused us", "head_folded us", "difference us", "verdict"], v), ""]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    shapes = list(dict.fromkeys((r["B"], r["C"], r["H"], r["W"], r["dtype"], r["layout"]) for r in rows))
+    body = []
+    for s in shapes:
+        by = {r["impl"]: r for r in rows if (r["B"], r["C"], r["H"], r["W"], r["dtype"], r["layout"]) == s}
+        body.append([f"B={s[0]} C={s[1]} {s[2]}x{s[3]} {s[4]} {s[5]}"]
+                    + [f"{fmt(by[i]['median_us'])} ({by[i]['launches']})" if i in by else "" for i in impls])
+    text += ["## Median us (GPU launches)", "", md_table(["shape"] + impls, body), ""]
+    if figure:
+        text += [f"![{figure}]({figure})", ""]
+    path.write_text("\n".join(text))
+
+
+def plot(rows: list[dict], out: Path, stem: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    shapes = list(dict.fromkeys((r["B"], r["C"], r["dtype"], r["layout"]) for r in rows))
+    if not shapes:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(shapes)), 4.5))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        ys = []
+        for s in shapes:
+            r = [r for r in rows if r["impl"] == impl and (r["B"], r["C"], r["dtype"], r["layout"]) == s]
+            ys.append(r[0]["median_us"] if r else 0)
+        ax.bar([k + i * width for k in range(len(shapes))], ys, width, label=impl)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(shapes))])
+    ax.set_xticklabels([f"B={s[0]}\nC={s[1]}\n{s[2]} {s[3]}" for s in shapes], fontsize=7)
+    ax.set_ylabel("median us")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("Eval head, 7x7 map")
+    fig.tight_layout()
+    name = f"{stem}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="reduced grid: B=256, C=2048, bf16, both layouts")
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/reports/kernels"), help="report folder (default: $OUT or %(default)s)")
+    p.add_argument("--warmup", type=float, default=5.0, help="do_bench warmup, ms (default %(default)s)")
+    p.add_argument("--rep", type=float, default=20.0, help="do_bench repetition time, ms (default %(default)s)")
+    p.add_argument("--n-out", type=int, default=1000, help="classes of the head (default %(default)s)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the eager head")
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new shapes after this many seconds")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    require_cuda("benchmarks/head.py")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    stem = f"head_{tag(env)}"
+    args.csv_path = out / f"{stem}.csv"
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    rows, stopped = run(args)
+    write_csv(rows, args.csv_path)
+    figure = plot(rows, out, stem)
+    write_report(args, env, rows, stopped, out / f"{stem}.md", figure)
+    print(f"wrote {args.csv_path} and {out / (stem + '.md')}")
+    for v in verdicts(rows):
+        print(f"  {v[-1]:5s} {v[0]}: folded head {v[2]} us vs fused pool {v[1]} us")
+
+
+if __name__ == "__main__":
+    main()

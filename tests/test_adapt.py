@@ -1,0 +1,117 @@
+"""adapt / create_body on zoo models: heads, init, checkpoints, errors."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import autocut
+from handmade import FunctionalPoolNet
+
+
+def test_adapt_builds_body_and_head_with_fastai_init():
+    model = autocut.adapt("resnet18", n_out=37, input_size=(3, 64, 64))
+    assert isinstance(model, nn.Sequential) and len(model) == 2
+    assert model.cut.nf == 512 and model.cut.arch == "resnet18"
+    assert model.training
+    head = model[1]
+    bns = [m for m in head if isinstance(m, nn.BatchNorm1d)]
+    assert all(torch.equal(b.weight, torch.ones_like(b.weight)) for b in bns)  # norms skipped
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    assert linears[0].in_features == 2 * model.cut.nf
+    assert all(l.bias is None or torch.equal(l.bias, torch.zeros_like(l.bias)) for l in linears)
+    # kaiming_normal_ (fan_in, relu gain): std ~ sqrt(2 / fan_in)
+    w = linears[0].weight
+    assert abs(w.std().item() - (2 / w.shape[1]) ** 0.5) < 0.1 * (2 / w.shape[1]) ** 0.5
+    model.eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 37)
+    assert not any(k.startswith("fc.") for k in model[0].state_dict())
+
+
+def test_custom_head_and_init_none():
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    before = head[2].weight.clone()
+    model = autocut.adapt(FunctionalPoolNet(), n_out=2, input_size=(3, 32, 32), custom_head=head, init=None)
+    assert model[1] is head and torch.equal(head[2].weight, before)
+    with pytest.raises(autocut.CutError, match="do nothing with custom_head"):
+        autocut.adapt(FunctionalPoolNet(), n_out=2, input_size=(3, 32, 32), custom_head=head, ps=0.1)
+
+
+def test_weights_from_a_safetensors_checkpoint_load_into_the_body(tmp_path):
+    from safetensors.torch import save_file
+
+    source = torchvision.models.resnet18(num_classes=7)  # another head size: its keys are ignored
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = autocut.adapt("torchvision:resnet18", n_out=3, weights=path, input_size=(3, 64, 64)).eval()
+    torch.testing.assert_close(model[0].state_dict()["layer4.1.conv2.weight"], source.layer4[1].conv2.weight)
+    x = torch.randn(2, 3, 64, 64)
+    expected = nn.Sequential(*list(source.children())[:-2]).eval()(x)
+    torch.testing.assert_close(model[0](x), expected)
+
+
+def test_weights_from_a_torch_state_dict_with_wrappers(tmp_path):
+    source = FunctionalPoolNet()
+    path = tmp_path / "net.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    model = autocut.adapt(FunctionalPoolNet(), n_out=2, weights=path, input_size=(3, 32, 32))
+    torch.testing.assert_close(model[0].state_dict()["stem.0.weight"], source.stem[0].weight)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_checkpoints_are_never_unpickled(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(autocut.CutError, match="never unpickles"):
+        autocut.adapt(FunctionalPoolNet(), n_out=2, weights=path, input_size=(3, 32, 32))
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(autocut.CutError, match="does not fit the body"):
+        autocut.adapt(FunctionalPoolNet(), n_out=2, weights=path, input_size=(3, 32, 32))
+
+
+def test_pretrained_offline_says_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="could not load pretrained weights.*weights=PATH"):
+        autocut.adapt("resnet18", n_out=2, pretrained=True)
+
+
+def test_unknown_names_list_close_matches():
+    with pytest.raises(ValueError, match="close matches: .*resnet34"):
+        autocut.discover("resnet43")
+    with pytest.raises(ValueError, match="unknown zoo"):
+        autocut.discover("keras:resnet50")
+
+
+def test_bad_arguments_are_refused_with_what_to_pass():
+    with pytest.raises(autocut.CutError, match="n_out must be a positive int"):
+        autocut.adapt("resnet18", n_out=0)
+    with pytest.raises(autocut.CutError, match="input_size must be"):
+        autocut.discover("resnet18", input_size=(224, 224))
+    with pytest.raises(autocut.CutError, match="not both"):
+        autocut.adapt("resnet18", n_out=2, pretrained=True, weights="x.pt")
+    with pytest.raises(autocut.CutError, match="CutError|could not probe|Check the input size"):
+        autocut.discover("vit_tiny_patch16_224", input_size=(3, 64, 64))
+
+
+def test_cut_prints_what_a_user_asks_for():
+    text = str(autocut.discover("torchvision:densenet121"))
+    assert "densenet121" in text and "1024 channels" in text and "stride 32" in text and "classifier" in text
+
+
+def test_meta_discovery_allocates_no_weights():
+    import tracemalloc
+
+    autocut.discover("resnet18")  # warm imports and caches
+    tracemalloc.start()
+    autocut.discover("vit_large_patch16_224")  # 300M parameters: 1.2 GB if materialised
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 100 * 2**20

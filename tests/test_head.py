@@ -1,0 +1,81 @@
+"""create_head and AdaptiveConcatPool2d against fastai's published semantics and PyTorch's ops."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autocut import AdaptiveConcatPool2d, SigmoidRange, create_head
+
+
+def test_concat_pool_is_max_then_avg():
+    x = torch.randn(3, 5, 4, 6)
+    out = AdaptiveConcatPool2d()(x)
+    assert out.shape == (3, 10, 1, 1)
+    torch.testing.assert_close(out[:, :5], F.adaptive_max_pool2d(x, 1))
+    torch.testing.assert_close(out[:, 5:], F.adaptive_avg_pool2d(x, 1))
+
+
+def test_concat_pool_is_timm_catavgmax_with_halves_swapped():
+    from timm.layers.adaptive_avgmax_pool import adaptive_catavgmax_pool2d
+
+    x = torch.randn(2, 4, 5, 5)
+    ours, timms = AdaptiveConcatPool2d()(x), adaptive_catavgmax_pool2d(x, 1)
+    torch.testing.assert_close(ours, torch.cat([timms[:, 4:], timms[:, :4]], 1))
+
+
+def _layers(head):
+    return [type(m).__name__ for m in head]
+
+
+def test_default_head_is_fastais():
+    head = create_head(512, 10)
+    assert _layers(head) == [
+        "AdaptiveConcatPool2d", "Flatten",
+        "BatchNorm1d", "Dropout", "Linear", "ReLU",
+        "BatchNorm1d", "Dropout", "Linear",
+    ]
+    bn1, drop1, lin1, bn2, drop2, lin2 = head[2], head[3], head[4], head[6], head[7], head[8]
+    assert bn1.num_features == 1024 and (lin1.in_features, lin1.out_features) == (1024, 512)
+    assert bn2.num_features == 512 and (lin2.in_features, lin2.out_features) == (512, 10)
+    assert (drop1.p, drop2.p) == (0.25, 0.5)  # ps spreads as [p/2]*(n-2) + [p]
+    assert lin1.bias is None and lin2.bias is None  # no bias after BatchNorm
+    assert head(torch.randn(4, 512, 7, 7)).shape == (4, 10)
+
+
+def test_ps_spread_and_lin_ftrs():
+    head = create_head(64, 3, lin_ftrs=[32, 16], ps=0.4)
+    assert [m.p for m in head if isinstance(m, nn.Dropout)] == [0.2, 0.2, 0.4]
+    assert [m.out_features for m in head if isinstance(m, nn.Linear)] == [32, 16, 3]
+    head = create_head(64, 3, lin_ftrs=[32], ps=[0.1, 0.3])
+    assert [m.p for m in head if isinstance(m, nn.Dropout)] == [0.1, 0.3]
+    with pytest.raises(ValueError, match="ps has 3 values for 2 blocks"):
+        create_head(64, 3, lin_ftrs=[32], ps=[0.1, 0.2, 0.3])
+
+
+def test_options_avg_pool_no_first_bn_bn_final_no_pool():
+    head = create_head(64, 3, concat_pool=False, first_bn=False, bn_final=True, ps=0.0)
+    assert _layers(head) == ["AdaptiveAvgPool2d", "Flatten", "Linear", "ReLU", "BatchNorm1d", "Linear", "BatchNorm1d"]
+    assert head[2].in_features == 64 and head[2].bias is not None  # no BN before: keeps its bias
+    assert head[-1].momentum == 0.01
+    flat = create_head(64, 3, pool=False)
+    assert flat[0].num_features == 64  # no pooling: nf is not doubled
+    assert flat.eval()(torch.randn(2, 64)).shape == (2, 3)
+
+
+def test_y_range_bounds_the_output():
+    head = create_head(8, 2, y_range=(-1.0, 3.0)).eval()
+    assert isinstance(head[-1], SigmoidRange)
+    out = head(torch.randn(16, 8, 2, 2) * 100)
+    assert out.min() >= -1.0 and out.max() <= 3.0
+
+
+def test_lin_first_blocks():
+    head = create_head(16, 4, lin_ftrs=[8], lin_first=True, ps=0.5)
+    assert _layers(head) == ["AdaptiveConcatPool2d", "Flatten", "Dropout", "Linear", "ReLU", "BatchNorm1d", "Dropout", "Linear"]
+    assert head.eval()(torch.randn(2, 16, 3, 3)).shape == (2, 4)
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="nf >= 1"):
+        create_head(0, 3)
