@@ -9,6 +9,7 @@ from autocut.adapt import AdaptedModel, adapt, apply_init, create_body
 from autocut.cut import Cut
 from autocut.discover import discover
 from autocut.errors import CutError
+from autocut.groups import group_summary, layer_groups, param_groups, splitter
 from autocut.layers import AdaptiveConcatPool2d, SigmoidRange, create_head
 
 __all__ = [
@@ -22,6 +23,10 @@ __all__ = [
     "create_body",
     "create_head",
     "discover",
+    "group_summary",
+    "layer_groups",
+    "param_groups",
+    "splitter",
 ]
 
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -10,9 +11,11 @@ from torch import nn
 
 from autocut import zoo
 from autocut.body import build_body
+from autocut.channels import set_input_channels
 from autocut.cut import Cut
 from autocut.discover import discover_module, _input_size
 from autocut.errors import CutError
+from autocut.groups import norm_parameter_names
 from autocut.layers import create_head
 
 __all__ = ["create_body", "adapt", "AdaptedModel", "apply_init"]
@@ -40,6 +43,8 @@ def create_body(
     model: str | nn.Module,
     cut: Cut | int | str | Callable[[nn.Module], nn.Module] | None = None,
     input_size: tuple[int, int, int] | None = None,
+    n_in: int | None = None,
+    n_in_init: str | None = None,
 ) -> nn.Module:
     """The part of ``model`` up to the cut, returning an NCHW map ``(B, nf, h, w)``.
 
@@ -49,6 +54,12 @@ def create_body(
             children, run in order); a node name or module path of the traced graph; or a
             callable ``model -> body``.
         input_size: ``(C, H, W)``; default from the model's config.
+        n_in: input channels, when not the model's own: the layer that reads the image (stem
+            conv, patch embedding, ...) is found and rebuilt, keeping its weights (replaced in the
+            body; a module shared with ``model`` is replaced there too).
+        n_in_init: how the rebuilt layer's weights are made: ``"repeat"`` (timm's
+            repeat-and-rescale), ``"sum"`` (``n_in=1``), ``"zero"`` (copy the RGB weights, zero
+            the rest) or ``"random"``; default as timm does.
 
     Returns:
         The body, with ``.cut`` set. NHWC maps come out as a channels_last view (no copy); token
@@ -66,6 +77,13 @@ def create_body(
         cut, traced = discover_module(module, size, arch=arch, where=cut, with_trace=True)
     body, found = build_body(module, cut, probe=lambda b: _probe_body(b, size, arch), traced=traced)
     body.cut = found
+    names = {n for n, _ in body.named_parameters()}
+    body.norm_parameter_names = frozenset(norm_parameter_names(module) & names)
+    if n_in is not None and n_in != found.input_size[0]:
+        set_input_channels(body, n_in, found.input_size, n_in_init)
+        body.cut = dataclasses.replace(found, input_size=(n_in, *found.input_size[1:]))
+    elif n_in_init is not None:
+        raise CutError("n_in_init does nothing without n_in: pass n_in too")
     return body
 
 
@@ -101,6 +119,22 @@ class AdaptedModel(nn.Sequential):
     def head(self) -> nn.Module:
         return self[1]
 
+    def freeze_to(self, n: int, train_bn: bool = True) -> "AdaptedModel":
+        """Freeze the first ``n`` layer groups (see :func:`autocut.layer_groups`); with
+        ``train_bn`` norm layers stay trainable, as in fastai."""
+        from autocut.groups import freeze_to
+
+        freeze_to(self, n, train_bn=train_bn)
+        return self
+
+    def freeze(self, train_bn: bool = True) -> "AdaptedModel":
+        """Freeze all but the last group (the head)."""
+        return self.freeze_to(-1, train_bn=train_bn)
+
+    def unfreeze(self) -> "AdaptedModel":
+        """Make every parameter trainable."""
+        return self.freeze_to(0)
+
 
 def _load_weights(body: nn.Module, path: str | os.PathLike, arch: str) -> None:
     state = zoo.load_checkpoint(path)
@@ -129,6 +163,8 @@ def adapt(
     input_size: tuple[int, int, int] | None = None,
     custom_head: nn.Module | None = None,
     init: Callable[[torch.Tensor], Any] | None = nn.init.kaiming_normal_,
+    n_in: int | None = None,
+    n_in_init: str | None = None,
     **head_options: Any,
 ) -> AdaptedModel:
     """Cut ``model`` and put a new head on it: ``nn.Sequential(body, head)``.
@@ -146,6 +182,8 @@ def adapt(
         custom_head: use this head instead of :func:`create_head`'s.
         init: initialiser for the head's weights (custom heads too, as fastai does; norm layers
             skipped, biases zeroed); ``None`` keeps the head's own initialisation.
+        n_in, n_in_init: input channels and how to make the new input layer's weights, as in
+            :func:`create_body` (applied after ``weights`` load, so RGB checkpoints fit).
         **head_options: passed to :func:`create_head` (``lin_ftrs``, ``ps``, ``concat_pool``, ...).
 
     Returns:
@@ -163,10 +201,14 @@ def adapt(
     module, arch, spec = _materialize(model, pretrained=pretrained)
     body = create_body(module, cut=cut, input_size=input_size if input_size else (
         zoo.default_input_size(spec, module) if spec is not None else None))
-    found: Cut = body.cut
-    found = Cut(**{**found.__dict__, "arch": arch})
     if weights is not None:
         _load_weights(body, weights, arch)
+    if n_in is not None and n_in != body.cut.input_size[0]:
+        set_input_channels(body, n_in, body.cut.input_size, n_in_init)
+        body.cut = dataclasses.replace(body.cut, input_size=(n_in, *body.cut.input_size[1:]))
+    elif n_in_init is not None:
+        raise CutError("n_in_init does nothing without n_in: pass n_in too")
+    found = dataclasses.replace(body.cut, arch=arch)
     if custom_head is not None and head_options:
         raise CutError(f"head options {sorted(head_options)} do nothing with custom_head: pass one or the other")
     head = custom_head if custom_head is not None else create_head(found.nf, n_out, **head_options)

@@ -74,6 +74,9 @@ class GraphBody(DualGraphModule):
         for mine, theirs in zip(self.modules(), res.modules()):
             theirs.training = mine.training
         res.graph = res.train_graph if self.training else res.eval_graph
+        for attr in ("cut", "norm_parameter_names"):  # set by create_body; __init__ drops them
+            if attr in self.__dict__:
+                setattr(res, attr, self.__dict__[attr])
         return res
 
 

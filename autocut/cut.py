@@ -140,6 +140,7 @@ def feature_of(
     grids: list[tuple[int, int]] = (),
     batch: int = PROBE_BATCH,
     hint: str | None = None,
+    min_cells: int = 2,
 ) -> Feature | None:
     """Read ``shape`` as a feature map (``None`` if it is not one). ``grids`` are the spatial
     grids of maps seen before it, nearest first, used to lay tokens on a grid."""
@@ -152,7 +153,7 @@ def feature_of(
         if layout is None:
             return None
         nf, h, w = (shape[1], shape[2], shape[3]) if layout == "NCHW" else (shape[3], shape[1], shape[2])
-        if nf < 2 or h * w < 2:
+        if nf < 2 or h * w < min_cells:
             return None
         return Feature(layout, nf, (h, w))
     _, length, nf = shape
@@ -347,7 +348,8 @@ def _before_modules_registered_after_the_pool(
     ordered = list(features)
     while True:
         path = _module_path(traced, node)
-        if not path or path not in order or pool_path not in order or pool_path.startswith(path + "."):
+        nested = pool_path.startswith(path + ".") or path.startswith(pool_path + ".")
+        if not path or path not in order or pool_path not in order or nested:
             return node
         if order[path] < order[pool_path]:
             return node
@@ -399,8 +401,9 @@ def _cut_at(traced: Traced, node: fx.Node, feat: Feature, arch: str, method: str
     )
 
 
-def cut_at_node(traced: Traced, name: str, arch: str) -> Cut:
-    """The cut at a named node (exact node name, or a module path: its last node)."""
+def cut_at_node(traced: Traced, name: str, arch: str, method: str = "user") -> Cut:
+    """The cut at a named node (exact node name, or a module path: its last node). A 1x1 map
+    is accepted here: a small input can shrink the map a larger one found."""
     node = resolve_node(traced, name)
     chain, _ = _dominator_chain(traced)
     features = _features_on_chain(traced, chain)
@@ -408,13 +411,13 @@ def cut_at_node(traced: Traced, name: str, arch: str) -> Cut:
     if feat is None:
         grids = [f.grid for f in features.values() if f.layout != "NLC"][::-1]
         hint = _layout_hint(traced, node)
-        feat = feature_of(traced.shapes.get(node), traced.input_shape[2:], grids, hint=hint)
+        feat = feature_of(traced.shapes.get(node), traced.input_shape[2:], grids, hint=hint, min_cells=1)
     if feat is None:
         raise CutError(
             f"{name!r} in {arch} gives shape {traced.shapes.get(node)}, not a feature map "
             f"(B, C, h, w), (B, h, w, C) or (B, tokens, C) with spatial extent: pick an earlier node"
         )
-    return _cut_at(traced, node, feat, arch, method="user")
+    return _cut_at(traced, node, feat, arch, method=method)
 
 
 def resolve_node(traced: Traced, name: str) -> fx.Node:

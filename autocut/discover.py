@@ -52,6 +52,21 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
     return discover_module(meta, size, arch=str(spec), rebuild=lambda: zoo.build(spec, device="cpu"))
 
 
+def _locate_at_default_size(module: nn.Module, input_size, arch: str):
+    """Where the cut is does not depend on the input size, but a small input can shrink the last
+    map to 1x1 (resnet18 at 32 px): find the node at the model's own size, then read its shape at
+    ``input_size``. ``None`` when the sizes agree or the model does not trace at its own size."""
+    default = zoo.default_input_size(module)
+    if tuple(default[1:]) == tuple(input_size[1:]) or min(input_size[1:]) >= min(default[1:]):
+        return None
+    try:
+        where = find_cut(trace(module, (input_size[0], *default[1:])), arch).where
+        traced = trace(module, input_size)
+        return cut_at_node(traced, where, arch, method="fx"), traced
+    except Exception:
+        return None
+
+
 def discover_module(
     module: nn.Module, input_size, arch: str | None = None, rebuild=None, where: str | None = None, with_trace: bool = False
 ):
@@ -64,6 +79,9 @@ def discover_module(
     can reuse the eval graph of a traced module instead of tracing it again.
     """
     arch = arch or type(module).__name__
+    located = _locate_at_default_size(module, input_size, arch) if where is None else None
+    if located is not None:
+        return located if with_trace else located[0]
     errors: list[str] = []
     real: list[nn.Module] = []
 

@@ -1,0 +1,353 @@
+"""Layer groups inferred from the feature stride, freezing, optimiser param groups, and any
+number of input channels.
+
+fastai keeps a hand-written splitter per architecture (``_resnet_split``: ``body[:6]``,
+``body[6:]``, head). autocut reads the stride every module's output runs at (one forward on fake
+tensors with module hooks) and splits where the stride changes:
+
+- a *unit* is the coarsest module whose children all run at one stride (``layer3`` of a ResNet,
+  ``features.denseblock2`` of a DenseNet); units in execution order make the body;
+- a *stage* is a run of units at one stride (``n=None``: one group per stage, for layer-wise
+  decay); ``n=3`` (the default) is early body / late body / head, the late body starting where the
+  stride first reaches 16, as ``_resnet_split`` does; other ``n`` merge stages evenly.
+
+Parameters no module call owns (class tokens, position embeddings) go to the first group; final
+norms run at the last stride, so they go with the last stage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from autocut.cut import feature_of
+from autocut.errors import CutError
+from autocut.trace import PROBE_BATCH
+
+__all__ = [
+    "LATE_STRIDE",
+    "Unit",
+    "body_units",
+    "layer_groups",
+    "splitter",
+    "group_summary",
+    "freeze_to",
+    "param_groups",
+    "is_norm_parameter",
+    "norm_parameter_names",
+]
+
+LATE_STRIDE = 16  # where fastai's _resnet_split starts the late body
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@dataclass
+class Unit:
+    """A module (path in the body) whose parameters share one stage, and the stride it runs at."""
+
+    path: str
+    stride: float
+    order: int
+    params: list[nn.Parameter]
+
+
+def _module_strides(body: nn.Module, input_size: tuple[int, int, int]) -> tuple[dict[str, float], dict[str, int]]:
+    """Output stride and first-call order of every module of ``body``, from one forward on fake
+    (or meta) tensors with hooks; modules whose output is not a feature map get no stride."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    in_hw = tuple(input_size[1:])
+    strides: dict[str, float] = {}
+    order: dict[str, int] = {}
+    grids: list[tuple[int, int]] = []
+    handles = []
+
+    def hook(path):
+        def fn(module, args, output):
+            order.setdefault(path, len(order))
+            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            if path in strides or not isinstance(out, torch.Tensor):
+                return
+            feat = feature_of(tuple(out.shape), in_hw, grids[::-1])
+            if feat is not None:
+                if feat.layout != "NLC":
+                    grids.append(feat.grid)
+                strides[path] = max(input_size[1] / feat.grid[0], input_size[2] / feat.grid[1])
+
+        return fn
+
+    for path, module in body.named_modules():
+        if path:
+            handles.append(module.register_forward_hook(hook(path)))
+    device = next((p.device for p in body.parameters()), torch.device("cpu"))
+    was_training = body.training
+    body.eval()
+    try:
+        with torch.no_grad():
+            if device.type == "meta":
+                body(torch.empty(PROBE_BATCH, *input_size, device="meta"))
+            else:
+                try:
+                    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                        body(mode.from_tensor(torch.empty(PROBE_BATCH, *input_size, device=device)))
+                except Exception:  # value-dependent control flow: one small real forward
+                    strides.clear(), order.clear(), grids.clear()
+                    body(torch.zeros(1, *input_size, device=device))
+    finally:
+        body.train(was_training)
+        for h in handles:
+            h.remove()
+    # A graph body calls leaf modules directly, never their containers: a container runs from
+    # its first descendant's call to its last, at the stride of its last one.
+    leaf_order = sorted(order.items(), key=lambda kv: kv[1])
+    for path, _ in body.named_modules():
+        if not path or path in order:
+            continue
+        inside = [(p, i) for p, i in leaf_order if p.startswith(path + ".")]
+        if inside:
+            order[path] = inside[0][1]
+            last_with_stride = [p for p, _ in inside if p in strides]
+            if last_with_stride:
+                strides[path] = strides[last_with_stride[-1]]
+    return strides, order
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def body_units(body: nn.Module, input_size: tuple[int, int, int]) -> list[Unit]:
+    """The body's units in execution order (see the module docstring)."""
+    strides, order = _module_strides(body, input_size)
+
+    def stride_of(path: str, module: nn.Module) -> float | None:
+        if path in strides:
+            return strides[path]
+        inner = [strides[f"{path}.{p}" if path else p] for p, _ in module.named_modules() if p and (f"{path}.{p}" if path else p) in strides]
+        return inner[-1] if inner else None
+
+    units: list[Unit] = []
+    loose: list[nn.Parameter] = []  # parameters no called module owns: class tokens, embeddings
+
+    def visit(path: str, module: nn.Module):
+        children = [(f"{path}.{n}" if path else n, c) for n, c in module.named_children() if _has_params(c)]
+        own = list(module.parameters(recurse=False))
+        child_strides = {stride_of(p, c) for p, c in children} - {None}
+        if path and (not children or len(child_strides) <= 1) and path in order:
+            units.append(Unit(path, stride_of(path, module) or math.nan, order[path], list(module.parameters())))
+            return
+        loose.extend(own)
+        for p, c in children:
+            if p in order:
+                visit(p, c)
+            else:
+                loose.extend(c.parameters())
+
+    visit("", body)
+    units.sort(key=lambda u: u.order)
+    last = None
+    for u in units:  # a unit whose output is no feature map runs at the stride before it
+        if math.isnan(u.stride):
+            u.stride = last if last is not None else min((v.stride for v in units if not math.isnan(v.stride)), default=1.0)
+        last = u.stride
+    if loose:
+        units.insert(0, Unit("(embeddings)", units[0].stride if units else 1.0, -1, loose))
+    return units
+
+
+def _stages(units: list[Unit]) -> list[list[Unit]]:
+    stages: list[list[Unit]] = []
+    for u in units:
+        if stages and stages[-1][-1].stride == u.stride:
+            stages[-1].append(u)
+        elif stages and u.path == "(embeddings)":
+            stages[-1].append(u)
+        else:
+            stages.append([u])
+    return stages
+
+
+def _finer(units: list[Unit], body: nn.Module, strides_order: dict[str, int]) -> list[Unit]:
+    """Split units into their children (for models at one stride throughout, like ViTs)."""
+    out: list[Unit] = []
+    for u in units:
+        if u.path == "(embeddings)":
+            out.append(u)
+            continue
+        module = body.get_submodule(u.path)
+        kids = [(f"{u.path}.{n}", c) for n, c in module.named_children() if _has_params(c)]
+        if len(kids) < 2:
+            out.append(u)
+            continue
+        own = list(module.parameters(recurse=False))  # (position embeddings) run first
+        for i, (p, c) in enumerate(kids):
+            out.append(Unit(p, u.stride, u.order * 10_000 + i, (own if i == 0 else []) + list(c.parameters())))
+    return out
+
+
+def _early_late(units: list[Unit], body: nn.Module) -> tuple[list[Unit], list[Unit]]:
+    real = [i for i, u in enumerate(units) if u.path != "(embeddings)"]
+    late_at = next((i for i in real if units[i].stride >= LATE_STRIDE), None)
+    if late_at is not None and real and late_at > real[0]:
+        return units[:late_at], units[late_at:]
+    # one stride throughout (ViT) or never reaching 16: split the parameters in halves
+    for _ in range(3):
+        if len([u for u in units if u.path != "(embeddings)"]) >= 4:
+            break
+        units = _finer(units, body, {})
+    sizes = np.cumsum([sum(p.numel() for p in u.params) for u in units])
+    cut = int(np.searchsorted(sizes, sizes[-1] / 2)) + 1 if len(units) > 1 else 1
+    cut = min(max(cut, 1), len(units) - 1) if len(units) > 1 else 1
+    return units[:cut], units[cut:]
+
+
+def _adapted_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, Any]:
+    if isinstance(model, nn.Sequential) and len(model) == 2 and hasattr(model, "cut"):
+        return model[0], model[1], model.cut
+    raise CutError(
+        f"layer groups need a model made by autocut.adapt (nn.Sequential(body, head) with .cut), got {type(model).__name__}"
+    )
+
+
+def layer_groups(model: nn.Module, n: int | None = 3) -> list[list[nn.Parameter]]:
+    """Parameter groups of an adapted model, in execution order, partitioning its parameters.
+
+    Args:
+        model: a model made by :func:`autocut.adapt`.
+        n: ``3`` (default): early body, late body (from stride 16 on), head. ``None``: one group
+            per stage (stride change) plus the head. Any other ``n >= 2``: the stages merged
+            evenly into ``n - 1`` body groups, plus the head.
+
+    Example:
+        >>> model = autocut.adapt("resnet34", n_out=10)
+        >>> [len(g) for g in layer_groups(model)]
+        [...]
+    """
+    return [[p for u in g for p in u.params] if g and isinstance(g[0], Unit) else g for g in _groups(model, n)]
+
+
+def _groups(model: nn.Module, n: int | None) -> list[list]:
+    body, head, cut = _adapted_parts(model)
+    cached = getattr(model, "_autocut_units", None)
+    if cached is None:
+        cached = body_units(body, tuple(cut.input_size))
+        model._autocut_units = cached  # one hooked forward per model
+    units = cached
+    head_params = list(head.parameters())
+    if n == 3:
+        early, late = _early_late(units, body)
+        return [early, late, head_params]
+    stages = _stages(units)
+    if n is None:
+        return [*stages, head_params]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise CutError(f"n must be None or an int >= 2 (body groups + head), got {n!r}")
+    if n - 1 > len(stages):
+        raise CutError(f"{cut.arch} has {len(stages)} stages: n can be at most {len(stages) + 1} (or None)")
+    merged = [[u for s in part for u in s] for part in np.array_split(np.array(stages, dtype=object), n - 1)]
+    return [*merged, head_params]
+
+
+def splitter(model: nn.Module) -> list[list[nn.Parameter]]:
+    """fastai-compatible splitter (``Learner(splitter=autocut.splitter)``): the default groups."""
+    return layer_groups(model)
+
+
+def group_summary(model: nn.Module, n: int | None = 3) -> list[dict[str, Any]]:
+    """First and last module and parameter count of each group, for printing."""
+    out = []
+    for i, g in enumerate(_groups(model, n)):
+        if g and isinstance(g[0], Unit):
+            out.append({"group": i, "first": g[0].path, "last": g[-1].path, "stride": g[-1].stride,
+                        "params": sum(p.numel() for u in g for p in u.params)})
+        else:
+            out.append({"group": i, "first": "head", "last": "head", "stride": None, "params": sum(p.numel() for p in g)})
+    return out
+
+
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...)
+    of ``model``. Graph bodies lose the norm modules' types, so ``create_body`` records these
+    names from the original model as ``body.norm_parameter_names``."""
+    names = set()
+    for path, m in model.named_modules():
+        recorded = getattr(m, "norm_parameter_names", None)
+        if isinstance(recorded, (set, frozenset)):
+            names.update(f"{path}.{n}" if path else n for n in recorded)
+        elif isinstance(m, _NORMS) or "norm" in type(m).__name__.lower():
+            names.update(f"{path}.{n}" if path else n for n, _ in m.named_parameters(recurse=False))
+    return names
+
+
+def is_norm_parameter(model: nn.Module) -> set[int]:
+    """ids of the parameters of normalisation layers (see :func:`norm_parameter_names`)."""
+    names = norm_parameter_names(model)
+    return {id(p) for n, p in model.named_parameters() if n in names}
+
+
+def freeze_to(model: nn.Module, n: int, train_bn: bool = True, groups: int | None = 3) -> None:
+    """Freeze the first ``n`` layer groups (negative counts from the end), fastai's way: with
+    ``train_bn`` the norm layers' parameters stay trainable."""
+    gs = layer_groups(model, groups)
+    stop = n if n >= 0 else len(gs) + n
+    norms = is_norm_parameter(model) if train_bn else set()
+    for i, g in enumerate(gs):
+        for p in g:
+            p.requires_grad_(i >= stop or id(p) in norms)
+
+
+def _lrs(lr: float | slice, n: int) -> list[float]:
+    if isinstance(lr, slice):
+        lo, hi = lr.start, lr.stop
+        if hi is None:
+            raise CutError("lr=slice(...) needs a stop: slice(lo, hi) or slice(hi)")
+        if lo is None:  # fastai: slice(hi) gives hi/10 to all but the last group
+            return [hi / 10] * (n - 1) + [hi]
+        if n == 1:
+            return [hi]
+        return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+    return [float(lr)] * n
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float | slice,
+    weight_decay: float = 0.01,
+    layer_decay: float | None = None,
+    n: int | None = 3,
+) -> list[dict[str, Any]]:
+    """Optimiser param groups for any torch optimiser: one learning rate per layer group, and no
+    weight decay on norms and biases.
+
+    Args:
+        lr: a float, or ``slice(lo, hi)`` spread geometrically over the groups (fastai's
+            discriminative learning rates), or ``slice(hi)`` (``hi/10`` for all but the head).
+        weight_decay: for weights; norms and biases get 0.
+        layer_decay: timm-style: group ``i`` of ``k`` gets ``lr * layer_decay ** (k - 1 - i)``.
+        n: as in :func:`layer_groups`.
+
+    Example:
+        >>> opt = torch.optim.AdamW(param_groups(model, slice(1e-5, 1e-3)))
+    """
+    gs = layer_groups(model, n)
+    if layer_decay is not None:
+        if isinstance(lr, slice):
+            raise CutError("give lr as a float with layer_decay (the decay spreads it over the groups)")
+        lrs = [float(lr) * layer_decay ** (len(gs) - 1 - i) for i in range(len(gs))]
+    else:
+        lrs = _lrs(lr, len(gs))
+    norms = is_norm_parameter(model)
+    out = []
+    for i, (g, group_lr) in enumerate(zip(gs, lrs)):
+        decay = [p for p in g if p.ndim > 1 and id(p) not in norms]
+        no_decay = [p for p in g if not (p.ndim > 1 and id(p) not in norms)]
+        if decay:
+            out.append({"params": decay, "lr": group_lr, "weight_decay": weight_decay, "layer_group": i})
+        if no_decay:
+            out.append({"params": no_decay, "lr": group_lr, "weight_decay": 0.0, "layer_group": i})
+    return out
