@@ -21,6 +21,7 @@ def _inspect(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         record = dict(cut.__dict__)
+        record["groups"] = _groups_of(args.name, cut)
         print(json.dumps(record, indent=2))
         return 0
     from rich.console import Console
@@ -44,8 +45,29 @@ def _inspect(args: argparse.Namespace) -> int:
     ]
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    groups = _groups_of(args.name, cut)
+    if groups:
+        gt = Table(title="layer groups (autocut.layer_groups, n=3)", title_justify="left")
+        for col in ("group", "first", "last", "stride", "parameters"):
+            gt.add_column(col, justify="right" if col in ("group", "stride", "parameters") else "left")
+        for g in groups:
+            gt.add_row(str(g["group"]), g["first"], g["last"], "-" if g["stride"] is None else f"{g['stride']:g}", f"{g['params']:,}")
+        console.print(gt)
     return 0
+
+
+def _groups_of(name: str, cut) -> list[dict]:
+    """The default layer groups, on a meta-device copy (no weights allocated)."""
+    from autocut import adapt, group_summary, zoo
+
+    try:
+        model = zoo.build(zoo.resolve(name), device="meta")
+        return group_summary(adapt(model, n_out=2, input_size=cut.input_size))
+    except Exception as err:  # groups are extra information: say why they are missing
+        print(f"(no layer groups: {type(err).__name__}: {err})", file=sys.stderr)
+        return []
 
 
 def main(argv: list[str] | None = None) -> int:
