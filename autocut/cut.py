@@ -16,7 +16,6 @@ The rule, on the eval-mode graph traced by :mod:`autocut.trace`:
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -302,7 +301,7 @@ def _head_module_input(
 
 
 def _output_is_feature(traced: Traced, node: fx.Node) -> bool:
-    return feature_of(traced.shapes.get(node), traced.input_shape[2:], [(2, 2)] * 0) is not None
+    return feature_of(traced.shapes.get(node), traced.input_shape[2:]) is not None
 
 
 def find_cut(traced: Traced, arch: str) -> Cut:
@@ -366,9 +365,7 @@ def _deeper_branches(
     path goes through: the model's branches go deeper than its last common map (crossvit, coat)."""
     nodes = list(traced.graph.nodes)
     start = nodes.index(node) + 1 if node is not None else 0
-    finest = min((f.grid[0] * f.grid[1] for f in features.values()), default=None)
-    coarsest = min((f.grid[0] * f.grid[1] for f in features.values() if f is not None), default=None)
-    del finest
+    coarsest = min((f.grid[0] * f.grid[1] for f in features.values()), default=None)
     grids: list[tuple[int, int]] = [f.grid for f in features.values() if f.layout != "NLC"][::-1]
     out = []
     for n in nodes[start:]:

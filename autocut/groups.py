@@ -224,9 +224,9 @@ def layer_groups(model: nn.Module, n: int | None = 3) -> list[list[nn.Parameter]
             evenly into ``n - 1`` body groups, plus the head.
 
     Example:
-        >>> model = autocut.adapt("resnet34", n_out=10)
-        >>> [len(g) for g in layer_groups(model)]
-        [...]
+        >>> model = autocut.adapt("torchvision:resnet34", n_out=10)
+        >>> [len(g) for g in layer_groups(model)]  # conv1..layer2, layer3..layer4, head
+        [48, 60, 6]
     """
     return [[p for u in g for p in u.params] if g and isinstance(g[0], Unit) else g for g in _groups(model, n)]
 

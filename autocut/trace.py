@@ -159,7 +159,6 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
     """
     graph, tracer, concrete = trace_graph(model, training=False)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     device = _model_device(model)
     shape = (batch, *input_size)
     was_training = model.training
@@ -180,7 +179,6 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
                 method = "fake"
     finally:
         model.train(was_training)
-    del placeholders
     return Traced(
         model=model,
         graph=graph,
