@@ -1,4 +1,4 @@
-"""The ``autocut`` command line: ``autocut inspect NAME``."""
+"""The ``autocut`` command line: ``autocut inspect NAME`` and ``autocut scan``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), help="probe size (default: the model's)")
     inspect.add_argument("--json", action="store_true", help="print the cut as JSON")
     inspect.set_defaults(func=_inspect)
+    from autocut.scan.cli import add_parser as add_scan_parser
+
+    add_scan_parser(sub)  # scan
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,205 @@
+"""One model, checked: where autocut cuts it, whether the body returns what the model's own code
+says it should (:mod:`autocut.scan.oracles`), its layer groups, and what that cost.
+
+:func:`check_model` runs inside a scan worker (:mod:`autocut.scan.runner`), one model at a time;
+it never raises for a model's own failure: the record says what failed, where, and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from autocut import zoo
+from autocut.adapt import adapt, create_body
+from autocut.discover import discover_module
+from autocut.errors import CutError
+from autocut.groups import group_summary
+from autocut.scan.oracles import DIFFERS, Differs, OracleError, timm_expected, torchvision_expected
+from autocut.scan.worker import error_record
+
+__all__ = ["check_model", "STATUSES"]
+
+# ok: the body's output shape is the oracle's; differs: a known deliberate difference (reason);
+# mismatch: both ran and disagree; failed: an exception (phase, error); timeout / crashed / oom:
+# the worker was killed, died, or ran out of its memory limit (set by the runner).
+STATUSES = ("ok", "differs", "mismatch", "failed", "timeout", "crashed", "oom")
+
+META_BATCH = 3  # as the zoo tests: not 1, so a dropped batch dimension shows
+REAL_BATCH = 1  # real tensors only where the meta device cannot run the model: keep them cheap
+
+
+def _expected(spec: zoo.ModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch.Size:
+    if spec.source == zoo.TIMM:
+        return timm_expected(model, x)
+    return torchvision_expected(model, spec.name, x)
+
+
+def _cut_record(cut) -> dict[str, Any]:
+    return {
+        "where": cut.where,
+        "nf": cut.nf,
+        "layout": cut.layout,
+        "feature_shape": list(cut.feature_shape),
+        "stride": list(cut.stride) if isinstance(cut.stride, tuple) else cut.stride,
+        "prefix_tokens": cut.prefix_tokens,
+        "method": cut.method,
+        "dropped": list(cut.dropped),
+    }
+
+
+def check_model(name: str) -> dict[str, Any]:
+    """Discover, verify and group ``name`` (a zoo name); a JSON-ready record.
+
+    Steps, timed: build on the meta device; the oracle on meta tensors; the cut and body
+    (``autocut.adapt(meta_model, n_out=2, input_size=size)``, falling back to :func:`autocut.discover`'s
+    real-copy probe where the meta model cannot be probed); the body's output against the oracle
+    (on meta tensors, else real CPU tensors of batch 1); the layer groups of the adapted model.
+
+    Example:
+        >>> check_model("resnet18")["status"], check_model("resnet18")["where"]
+        ('ok', 'layer4.1.act2')
+    """
+    times: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(key: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        times[key] = round(now - clock, 4)
+        clock = now
+
+    rec: dict[str, Any] = {"times": times}
+    started = clock
+    try:
+        spec = zoo.resolve(name)
+        meta = zoo.build(spec, device="meta")
+        size = tuple(zoo.default_input_size(spec, meta))
+    except Exception as err:
+        return {**rec, **error_record("build", err)}
+    rec["input_size"] = list(size)
+    rec["params"] = sum(p.numel() for p in meta.parameters())
+    lap("build")
+    real: list[torch.nn.Module] = []
+
+    def rebuild() -> torch.nn.Module:
+        if not real:
+            real.append(zoo.build(spec, device="cpu"))
+        return real[0]
+
+    # the oracle first, on the untouched model
+    x = torch.empty(META_BATCH, *size, device="meta")
+    expected: torch.Size | Differs | Exception
+    try:
+        expected = _expected(spec, meta, x)
+    except Differs as differs:
+        expected = differs
+    except OracleError as err:  # no map to compare with, on any device
+        lap("oracle")
+        rec["times"]["total"] = round(time.perf_counter() - started, 4)
+        return {**rec, **error_record("oracle", err)}
+    except Exception as err:  # value-dependent code: retried on real tensors below
+        expected = err
+    lap("oracle")
+
+    # the cut and the body, as a user gets them
+    adapted = None
+    try:
+        adapted = adapt(meta, n_out=2, input_size=size)
+        cut = dataclasses.replace(adapted.cut, arch=str(spec))
+    except Exception:
+        try:  # what autocut.discover(name) does when the meta model cannot be probed
+            cut = discover_module(meta, size, arch=str(spec), rebuild=rebuild)
+        except Exception as err:
+            lap("cut")
+            rec["times"]["total"] = round(time.perf_counter() - started, 4)
+            if isinstance(expected, Differs) and expected.reason == "list features" and isinstance(err, CutError) \
+                    and "branches only meet after pooling" in str(err):
+                return {**rec, "status": "differs", "reason": "list features", "error_class": type(err).__name__,
+                        "error": str(err)[:1500]}
+            return {**rec, **error_record("cut", err)}
+        try:
+            adapted = adapt(meta, n_out=2, input_size=size, cut=cut)
+        except Exception:  # the meta body cannot be built: the real one is, below
+            adapted = None
+    rec.update(_cut_record(cut))
+    lap("cut")
+
+    # the body's output against the oracle: meta tensors, else real ones
+    status = _verify_meta(adapted, expected, x)
+    if status is None:
+        phase = "build (cpu)"
+        try:
+            model = rebuild()
+            xr = torch.randn(REAL_BATCH, *size)
+            phase = "oracle (cpu)"
+            try:
+                expected = _expected(spec, model, xr)
+            except Differs as differs:
+                expected = differs
+            phase = "body (cpu)"
+            body = create_body(model, cut=cut, input_size=size).eval()
+            with torch.no_grad():
+                out = body(xr)
+            status = _compare(expected, out.shape)
+            rec["verified_on"] = "cpu"
+        except Exception as err:
+            lap("verify")
+            rec["times"]["total"] = round(time.perf_counter() - started, 4)
+            return {**rec, **error_record(phase, err)}
+    else:
+        rec["verified_on"] = "meta"
+    rec.update(status)
+    if rec["status"] in ("ok", "differs") and tuple(rec["body_shape"][1:]) != tuple(cut.feature_shape):
+        rec.update(status="mismatch", reason=f"body returns {rec['body_shape'][1:]} but the cut says {list(cut.feature_shape)}")
+    lap("verify")
+
+    # layer groups on the meta adapt (the real one where the meta body could not be built)
+    groups, errors = None, []
+    for device in ("meta", "cpu"):
+        if device == "meta" and adapted is None:
+            continue
+        try:
+            if device == "cpu":
+                adapted = adapt(rebuild(), n_out=2, input_size=size, cut=cut)
+            groups = group_summary(adapted)
+            rec["groups_on"] = device
+            break
+        except Exception as err:
+            errors.append(f"{device}: {type(err).__name__}: {str(err)[:500]}")
+    if groups is not None:
+        rec["groups"] = [[g["first"], g["last"], g["stride"], g["params"]] for g in groups]
+        rec["n_groups"] = len(groups)
+    else:
+        rec["groups_error"] = "; ".join(errors)
+    lap("groups")
+    rec["times"]["total"] = round(time.perf_counter() - started, 4)
+    return rec
+
+
+def _verify_meta(adapted, expected, x: torch.Tensor) -> dict[str, Any] | None:
+    """The comparison on meta tensors; None where the meta device cannot run it."""
+    if adapted is None or (isinstance(expected, Exception) and not isinstance(expected, Differs)):
+        return None
+    try:
+        with torch.no_grad():
+            out = adapted.body.eval()(x)
+    except Exception:
+        return None
+    return _compare(expected, out.shape)
+
+
+def _compare(expected: torch.Size | Differs, got: torch.Size) -> dict[str, Any]:
+    rec: dict[str, Any] = {"body_shape": list(got)}
+    if isinstance(expected, Differs):
+        if expected.reason == "cls-only features" and len(got) == 4 and got[1] == expected.channels:
+            return {**rec, "status": "differs", "reason": expected.reason}
+        return {**rec, "status": "mismatch", "reason": f"{expected.reason} ({DIFFERS[expected.reason]}), but the body "
+                f"returns {list(got)}"}
+    rec["expected_shape"] = list(expected)
+    if tuple(got) == tuple(expected):
+        return {**rec, "status": "ok"}
+    return {**rec, "status": "mismatch", "reason": f"body returns {list(got)}, the oracle {list(expected)}"}

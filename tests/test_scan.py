@@ -1,0 +1,163 @@
+"""``autocut scan``: every outcome a model can have is recorded and the scan goes on (fake checks:
+a model that raises, hangs, crashes the interpreter or eats memory), an interrupted scan resumes,
+and a small real scan writes results, model_meta.json and the report.
+
+Heavy imports stay inside the tests: the scan's workers import this module for the fake checks.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FAKE = "test_scan:fake_check"
+
+
+def fake_check(name: str) -> dict:
+    """A stand-in for check_model, whose behaviour the name picks."""
+    if name.startswith("boom"):
+        raise ValueError(f"{name} cannot be cut")
+    if name.startswith("hang"):
+        time.sleep(3600)
+    if name.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if name.startswith("hog"):
+        hog = bytearray(4 * 2**30)  # over the 1 GiB limit the test sets
+        return {"status": "ok", "size": len(hog)}
+    if name.startswith("slow"):
+        time.sleep(0.4)
+    if name.startswith("odd"):
+        return {"status": "mismatch", "reason": "body returns [3, 8, 7, 7], the oracle [3, 8, 14, 14]",
+                "body_shape": [3, 8, 7, 7], "expected_shape": [3, 8, 14, 14], "where": "layer3", "params": 10}
+    return {"status": "ok", "where": "layer4", "nf": 8, "layout": "NCHW", "stride": 32, "prefix_tokens": 0,
+            "method": "fx", "input_size": [3, 224, 224], "groups": [["conv1", "layer2", 8.0, 10], ["head", "head", None, 4]],
+            "params": 1000, "times": {"total": 0.01, "cut": 0.005}}
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_every_outcome_is_recorded_and_the_scan_goes_on(tmp_path):
+    from autocut.scan.report import write_report
+    from autocut.scan.runner import scan
+
+    names = ["ok_a", "boom_b", "hang_c", "crash_d", "hog_e", "odd_f", "ok_g"]
+    counts = scan(names, tmp_path, jobs=2, timeout=3, memory_limit_gb=1, check=FAKE, progress=False)
+    records = {r["name"]: r for r in _lines(tmp_path)}
+    assert set(records) == set(names)
+    assert {n: r["status"] for n, r in records.items()} == {
+        "ok_a": "ok", "boom_b": "failed", "hang_c": "timeout", "crash_d": "crashed", "hog_e": "oom",
+        "odd_f": "mismatch", "ok_g": "ok",
+    }
+    assert counts == {"ok": 2, "failed": 1, "timeout": 1, "crashed": 1, "oom": 1, "mismatch": 1}
+    assert records["boom_b"]["error_class"] == "ValueError" and "cannot be cut" in records["boom_b"]["error"]
+    assert "SIGSEGV" in records["crash_d"]["error"]
+    assert records["hog_e"]["error_class"] == "MemoryError"
+    assert 3 <= records["hang_c"]["seconds"] < 10
+    assert all(r["peak_mb"] > 0 for r in records.values())
+    # the report copes with sparse records, and lists every model that is not ok with its reason
+    write_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    for name in names[1:6]:
+        assert name in report.split("## Every model not `ok`")[1]
+    assert "ValueError in check" in report and "[timeout]" in report
+    meta = json.loads((tmp_path / "model_meta.json").read_text())
+    assert set(meta) == {"ok_a", "ok_g"} and meta["ok_a"]["groups"] == [["conv1", "layer2"], ["head", "head"]]
+
+
+def test_an_interrupted_scan_resumes_where_it_stopped(tmp_path):
+    names = [f"slow_{i}" for i in range(8)]
+    code = ("import sys; from autocut.scan.runner import scan; "
+            f"scan({names!r}, {str(tmp_path)!r}, jobs=1, timeout=30, check={FAKE!r}, progress=False)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+    results = tmp_path / "results.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not results.exists() or len(results.read_text().splitlines()) < 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # as ^C: SIGINT may be ignored where the tests run in the background
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    first = [r["name"] for r in _lines(tmp_path)]
+    assert 2 <= len(first) < len(names)
+    with open(results, "a") as f:
+        f.write('{"name": "slow_7", "sta')  # a line cut short by a hard kill is ignored
+
+    from autocut.scan.runner import load_results, scan
+
+    counts = scan(names, tmp_path, jobs=2, timeout=30, check=FAKE, progress=False)
+    assert sum(counts.values()) == len(names) - len(first)
+    assert set(load_results(tmp_path)) == set(names)
+    recorded = [r["name"] for r in map(json.loads, results.read_text().splitlines()[:len(first)])]
+    assert recorded == first  # earlier records are kept, none is checked twice
+    runs = [json.loads(line) for line in (tmp_path / "scan_runs.jsonl").read_text().splitlines()]
+    assert [r["interrupted"] for r in runs] == [True, False]
+    # retry re-checks the chosen statuses only
+    assert scan(names + ["boom_x"], tmp_path, jobs=1, timeout=30, check=FAKE, progress=False) == {"failed": 1}
+    assert scan(names + ["boom_x"], tmp_path, jobs=1, timeout=30, check=FAKE, progress=False, retry=["failed"]) == {"failed": 1}
+
+
+class _FakeTimm:
+    """Just what the timm oracle reads: forward_features and timm's metadata."""
+
+    def __init__(self, out, output_fmt="NCHW", num_prefix_tokens=None, reduction=None):
+        self.out, self.output_fmt = out, output_fmt
+        if num_prefix_tokens is not None:  # some timm models do not say (pit, coat)
+            self.num_prefix_tokens = num_prefix_tokens
+        self.feature_info = [{"reduction": reduction}] if reduction else None
+
+    def forward_features(self, x):
+        return self.out
+
+
+def test_the_timm_oracle_normalises_layouts_and_names_the_known_differences():
+    import torch
+
+    from autocut.scan.oracles import Differs, OracleError, timm_expected
+
+    x = torch.empty(3, 3, 224, 224, device="meta")
+    t = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    assert timm_expected(_FakeTimm(t(3, 512, 7, 7)), x) == (3, 512, 7, 7)
+    assert timm_expected(_FakeTimm(t(3, 7, 7, 768), output_fmt="NHWC"), x) == (3, 768, 7, 7)  # swin
+    assert timm_expected(_FakeTimm(t(3, 197, 192), num_prefix_tokens=1), x) == (3, 192, 14, 14)  # vit
+    assert timm_expected(_FakeTimm(t(3, 196 + 5, 192), num_prefix_tokens=5), x) == (3, 192, 14, 14)  # registers
+    assert timm_expected(_FakeTimm(t(3, 28, 64), reduction=32), torch.empty(3, 3, 128, 224)) == (3, 64, 4, 7)
+    with pytest.raises(Differs) as cls_only:  # pit: the class (and distillation) tokens only
+        timm_expected(_FakeTimm(t(3, 2, 256)), x)
+    assert cls_only.value.reason == "cls-only features" and cls_only.value.channels == 256
+    with pytest.raises(Differs, match="list features"):  # crossvit, coat
+        timm_expected(_FakeTimm([t(3, 401, 96), t(3, 197, 192)]), x)
+    assert timm_expected(_FakeTimm(t(3, 50, 320)), x) == (3, 320, 7, 7)  # coat-lite: a class token, undeclared
+    with pytest.raises(OracleError, match="no grid"):
+        timm_expected(_FakeTimm(t(3, 99, 64), num_prefix_tokens=0), x)
+
+
+def test_a_small_real_scan_writes_results_model_meta_and_report(tmp_path):
+    from autocut.cli import main
+
+    argv = ["scan", "--zoo", "all", "--filter", "resnet18", "squeezenet1_1", "pit_ti_224", "--jobs", "1",
+            "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    records = {r["name"]: r for r in _lines(tmp_path)}
+    assert set(records) == {"resnet18", "torchvision:resnet18", "torchvision:squeezenet1_1", "pit_ti_224"}
+    tv = records["torchvision:resnet18"]
+    assert tv["status"] == "ok" and tv["family"] == "resnet" and tv["zoo"] == "torchvision"
+    assert tv["where"].startswith("layer4") and tv["nf"] == 512 and tv["stride"] == 32 and tv["n_groups"] == 3
+    assert tv["expected_shape"] == tv["body_shape"] == [3, 512, 7, 7] and tv["method"] == "fx"
+    assert tv["peak_mb"] >= tv["base_mb"] > 0 and tv["times"]["total"] > 0
+    assert records["pit_ti_224"]["status"] == "differs" and records["pit_ti_224"]["reason"] == "cls-only features"
+    assert records["resnet18"]["family"] == "resnet" and records["resnet18"]["zoo"] == "timm"
+    meta = json.loads((tmp_path / "model_meta.json").read_text())
+    assert meta["torchvision:squeezenet1_1"]["nf"] == 512 and meta["pit_ti_224"]["differs"] == "cls-only features"
+    assert meta["resnet18"]["groups"][0][0] == "conv1" and meta["resnet18"]["groups"][-1] == ["head", "head"]
+    report = (tmp_path / "report.md").read_text()
+    assert "autocut scan --zoo all --filter 'resnet18'" in report and "| timm | pit |" in report
+    assert (tmp_path / "time_vs_params.png").stat().st_size > 1000 and (tmp_path / "memory_vs_params.png").exists()
+    # a second run finds everything recorded and checks nothing
+    assert main(argv) == 0 and len(_lines(tmp_path)) == 4
