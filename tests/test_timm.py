@@ -43,7 +43,7 @@ def _normalise(model, feats, size):
         fmt = str(getattr(model, "output_fmt", "NCHW"))
         return feats.permute(0, 3, 1, 2) if fmt.endswith("NHWC") else feats
     assert feats.ndim == 3, feats.shape
-    prefix = getattr(model, "num_prefix_tokens", 0) if not getattr(model, "no_embed_class", False) or True else 0
+    prefix = getattr(model, "num_prefix_tokens", 0)
     b, n, c = feats.shape
     tokens = n - prefix
     red = model.feature_info[-1]["reduction"] if getattr(model, "feature_info", None) else None
