@@ -15,7 +15,7 @@ from autocut.channels import set_input_channels
 from autocut.cut import Cut
 from autocut.discover import discover_module, _input_size
 from autocut.errors import CutError
-from autocut.groups import norm_parameter_names
+from autocut.groups import group_summary, norm_parameter_names
 from autocut.layers import create_head
 
 __all__ = ["create_body", "adapt", "AdaptedModel", "apply_init"]
@@ -213,4 +213,10 @@ def adapt(
         raise CutError(f"head options {sorted(head_options)} do nothing with custom_head: pass one or the other")
     head = custom_head if custom_head is not None else create_head(found.nf, n_out, **head_options)
     apply_init(head, init)
-    return AdaptedModel(body, head, found).train()
+    adapted = AdaptedModel(body, head, found).train()
+    try:
+        summary = group_summary(adapted)
+    except Exception:  # the groups are a description: a model they fail on still adapts
+        summary = []
+    adapted.cut = dataclasses.replace(found, groups=tuple((g["first"], g["last"], g["params"]) for g in summary))
+    return adapted

@@ -59,6 +59,8 @@ class Cut:
             hooks, for models fx cannot trace) or ``"user"`` (given by the caller).
         input_size: ``(C, H, W)`` the model was probed with.
         dropped: modules with parameters that the body leaves out (the original head).
+        groups: for an adapted model's cut, the default layer groups as ``(first module, last
+            module, parameter count)`` (see :func:`autocut.layer_groups`); empty otherwise.
     """
 
     arch: str
@@ -71,6 +73,7 @@ class Cut:
     method: str
     input_size: tuple[int, int, int]
     dropped: tuple[str, ...] = ()
+    groups: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -86,6 +89,9 @@ class Cut:
             + ("" if self.layout == "NCHW" else " -> body returns NCHW"),
             f"  dropped    {', '.join(self.dropped) if self.dropped else '(nothing with parameters)'}",
         ]
+        for i, (first, last, count) in enumerate(self.groups):
+            span = first if first == last else f"{first} .. {last}"
+            lines.append(f"  group {i}    {span} ({count:,} parameters)")
         return "\n".join(lines)
 
 

@@ -13,6 +13,9 @@ def test_adapt_builds_body_and_head_with_fastai_init():
     model = autocut.adapt("resnet18", n_out=37, input_size=(3, 64, 64))
     assert isinstance(model, nn.Sequential) and len(model) == 2
     assert model.cut.nf == 512 and model.cut.arch == "resnet18"
+    assert [g[:2] for g in model.cut.groups] == [("conv1", "layer2"), ("layer3", "layer4"), ("head", "head")]
+    assert sum(g[2] for g in model.cut.groups) == sum(p.numel() for p in model.parameters())
+    assert "group 1    layer3 .. layer4" in str(model.cut)
     assert model.training
     head = model[1]
     bns = [m for m in head if isinstance(m, nn.BatchNorm1d)]
