@@ -23,6 +23,7 @@ __all__ = [
     "create_body",
     "create_head",
     "discover",
+    "finetune",
     "group_summary",
     "layer_groups",
     "param_groups",
@@ -30,3 +31,5 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+from autocut.finetune import finetune  # noqa: E402  (last: it uses the API above)

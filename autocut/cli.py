@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), help="probe size (default: the model's)")
     inspect.add_argument("--json", action="store_true", help="print the cut as JSON")
     inspect.set_defaults(func=_inspect)
+    from autocut.finetune.cli import add_parsers
+
+    add_parsers(sub)  # finetune, predict
     from autocut.scan.cli import add_parser as add_scan_parser
 
     add_scan_parser(sub)  # scan

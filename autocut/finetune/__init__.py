@@ -1,0 +1,13 @@
+"""Fine-tune any backbone end to end: ``finetune`` (one process or ``torchrun``), checkpoints
+that load without unpickling (``load_model``), and ``predict``.
+
+>>> from autocut.finetune import finetune, predict
+>>> model, history = finetune("resnet18", "digits", out="runs/digits")
+>>> predict("runs/digits", ["seven.png"], top_k=3)
+"""
+
+from autocut.finetune.checkpoint import load_model
+from autocut.finetune.predict import predict
+from autocut.finetune.train import Options, finetune
+
+__all__ = ["finetune", "load_model", "predict", "Options"]

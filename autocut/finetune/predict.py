@@ -1,0 +1,60 @@
+"""``predict``: top-k classes of images, from a fine-tuning checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from autocut.data import eval_transform, image_mode
+from autocut.finetune.checkpoint import load_model
+
+__all__ = ["predict", "read_image"]
+
+
+def read_image(path: str | os.PathLike, n_in: int = 3):
+    """A PIL image with ``n_in`` channels; a ``ValueError`` naming the file if it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert(image_mode(n_in))
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err})") from err
+
+
+@torch.no_grad()
+def predict(
+    checkpoint: str | os.PathLike | tuple[torch.nn.Module, dict[str, Any]],
+    images: Sequence[Any],
+    top_k: int = 5,
+    bs: int = 64,
+) -> list[list[tuple[str, float]]]:
+    """The ``top_k`` classes and probabilities of each image, best first.
+
+    Args:
+        checkpoint: a run folder, its ``model.json``/``model.safetensors``, or the
+            ``(model, meta)`` pair :func:`~autocut.finetune.load_model` returns.
+        images: file paths or PIL images; resized, centre-cropped and normalised as in
+            validation.
+        top_k: how many classes per image (at most the number of classes).
+
+    Example:
+        >>> predict("runs/resnet18", ["seven.png"], top_k=2)
+        [[('7', 0.97), ('1', 0.02)]]
+    """
+    model, meta = load_model(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    n_in, size = meta["input_size"][0], meta["input_size"][-1]
+    tfm = eval_transform(size, meta["normalization"]["mean"], meta["normalization"]["std"])
+    device = next(model.parameters()).device
+    model.eval()
+    classes, k = meta["classes"], max(1, min(top_k, len(meta["classes"])))
+    results = []
+    for start in range(0, len(images), bs):
+        chunk = [read_image(im, n_in) if isinstance(im, (str, Path)) else im.convert(image_mode(n_in)) for im in images[start:start + bs]]
+        probs = model(torch.stack([tfm(im) for im in chunk]).to(device)).float().softmax(-1)
+        values, indices = probs.topk(k, dim=-1)
+        results += [[(classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist())] for v, ix in zip(values, indices)]
+    return results

@@ -1,0 +1,379 @@
+"""``finetune``: fastai's fine-tuning recipe as one small loop.
+
+Train the head (and the body's norms) with the body frozen for ``freeze_epochs``, then the
+whole model with discriminative learning rates over the layer groups; each phase is a one-cycle
+schedule (``OneCycleLR``, per-group ``max_lr``) with AdamW. On CUDA: bf16 autocast and
+channels_last. Under ``torchrun``: ``DistributedDataParallel``, the same global batch as one
+process (``bs / world_size`` each) and batch norm over all of it.
+
+Reproducible by construction: the model is built from ``seed``, and every epoch reseeds torch,
+numpy, ``random``, the sampler and the augmentations from ``(seed, epoch, rank)``, so resuming
+at an epoch boundary (weights, optimiser, scheduler restored) repeats an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from autocut import adapt, param_groups, zoo
+from autocut.data import Data, Tensors, channel_stats, load_data, sample_seed
+from autocut.finetune import checkpoint
+from autocut.finetune.distributed import Processes, all_sum, setup, synced_batch_norm, teardown
+from autocut.finetune.report import Report
+
+__all__ = ["finetune", "Options", "DEFAULT_ARCH", "DEFAULT_EPOCHS", "DEFAULT_LR", "DIGITS_SIZE"]
+
+DEFAULT_ARCH = "resnet10t"
+DEFAULT_EPOCHS = 4
+DEFAULT_LR = 3e-3
+DIGITS_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Options:
+    """What defines a run's result; saved with its checkpoints, and ``resume`` must agree."""
+
+    arch: str
+    data: str
+    size: int
+    epochs: int
+    freeze_epochs: int
+    lr: float
+    lr_mult: float
+    bs: int
+    pretrained: bool
+    weights: str | None
+    n_in: int
+    seed: int
+    ps: float
+    weight_decay: float
+    valid_pct: float
+    augment: bool
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
+def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, procs: Processes, advance: Callable) -> float:
+    """One pass over the training data; the mean loss over every process's samples."""
+    net.train()
+    total, count = 0.0, 0
+    for x, y in loader:
+        x, y = _to_device(x, procs.device), y.to(procs.device, non_blocking=True)
+        with _autocast(procs.device):
+            loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        value = loss.item()
+        total, count = total + value * len(y), count + len(y)
+        advance(value)
+    total, count = all_sum(torch.tensor([total, count], dtype=torch.float64), procs).tolist()
+    return total / count
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, loader: DataLoader, procs: Processes) -> tuple[float, float]:
+    """``(loss, accuracy)`` over the whole validation set (each process scores its share)."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for x, y in loader:
+        x, y = _to_device(x, procs.device), y.to(procs.device, non_blocking=True)
+        with _autocast(procs.device):
+            out = model(x).float()
+        sums += torch.tensor([F.cross_entropy(out, y, reduction="sum").item(), (out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+    loss, correct, count = all_sum(sums, procs).tolist()
+    return loss / count, correct / count
+
+
+def _loaders(data: Data, bs: int, seed: int, workers: int | None, procs: Processes) -> tuple[DataLoader, DataLoader]:
+    """Training batches of ``bs / world_size`` from one seeded permutation per epoch (the same
+    global batches for any number of processes; the last partial batch is dropped), and each
+    process's share of the validation set."""
+    if bs % procs.world_size:
+        raise ValueError(f"bs={bs} does not split over {procs.world_size} processes: pass a multiple of {procs.world_size}")
+    if workers is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", procs.world_size))
+        workers = 0 if isinstance(data.train, Tensors) else min(8, max(1, (os.cpu_count() or 1) // local))
+    per_process = bs // procs.world_size
+    sampler = DistributedSampler(data.train, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=seed, drop_last=True)
+    common = dict(num_workers=workers, pin_memory=procs.device.type == "cuda")
+    train = DataLoader(data.train, batch_size=per_process, sampler=sampler, drop_last=True,
+                       generator=torch.Generator().manual_seed(seed), **common)
+    if len(train) == 0:
+        raise ValueError(f"bs={bs} is more than the {len(data.train)} training images: pass a smaller bs")
+    share = Subset(data.valid, range(procs.rank, len(data.valid), procs.world_size))
+    valid = DataLoader(share, batch_size=per_process * 2, shuffle=False, **common)
+    return train, valid
+
+
+def _build_model(options: Options, n_out: int, procs: Processes) -> nn.Module:
+    if options.pretrained and not procs.main:
+        procs.barrier()  # rank 0 downloads the weights first; the others read its cache
+    _seed_everything(options.seed)
+    model = adapt(
+        options.arch,
+        n_out=n_out,
+        pretrained=options.pretrained,
+        weights=options.weights,
+        input_size=(zoo.default_input_size(zoo.resolve(options.arch))[0], options.size, options.size),
+        n_in=options.n_in,
+        ps=options.ps,
+    )
+    if options.pretrained and procs.main:
+        procs.barrier()
+    model = model.to(procs.device)
+    if procs.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _model_meta(model: nn.Module, options: Options, data: Data, history: list[dict], interrupted: bool = False) -> dict[str, Any]:
+    mean, std = zoo.normalization(zoo.resolve(options.arch))
+    return {
+        "arch": model.cut.arch,
+        "cut": asdict(model.cut),
+        "n_in": options.n_in,
+        "head_options": {"ps": options.ps},
+        "classes": data.classes,
+        "input_size": [options.n_in, options.size, options.size],
+        "normalization": {"mean": channel_stats(mean, options.n_in), "std": channel_stats(std, options.n_in)},
+        "epoch": len(history),
+        "epochs": options.freeze_epochs + options.epochs,
+        "interrupted": interrupted,
+        "history": history,
+        "options": asdict(options),
+    }
+
+
+def _check_resumable(saved: dict[str, Any], options: Options, out: Path) -> None:
+    mine = asdict(options)
+    differ = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items() if saved.get(k) != v]
+    if differ:
+        raise ValueError(f"cannot resume the run in {out} with other options: it ran with {', '.join(differ)}")
+
+
+def finetune(
+    arch: str = DEFAULT_ARCH,
+    data: str | os.PathLike | Data = "digits",
+    *,
+    size: int | None = None,
+    epochs: int = DEFAULT_EPOCHS,
+    freeze_epochs: int | None = None,
+    lr: float = DEFAULT_LR,
+    lr_mult: float | None = None,
+    bs: int = 64,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    n_in: int = 3,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    ps: float = 0.5,
+    weight_decay: float = 0.01,
+    valid_pct: float = 0.2,
+    augment: bool = True,
+    workers: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Fine-tune ``arch`` on ``data``, end to end; returns ``(model, history)``.
+
+    Args:
+        arch: a timm name or ``"torchvision:NAME"``.
+        data: ``"digits"`` (scikit-learn's 8x8 digits, embedded), a folder of class sub-folders
+            (with ``train/`` and ``valid/`` inside, or split by ``valid_pct``), or a :class:`Data`.
+        size: image side in pixels; default 32 for digits, else the model's own input size.
+        epochs: epochs with the whole model training, after ``freeze_epochs`` with the body
+            frozen (norms trainable) and the head training; ``freeze_epochs`` defaults to 1
+            with pretrained weights, else 0.
+        lr: the head's peak learning rate; the layer groups get ``slice(lr / lr_mult, lr)``
+            spread geometrically; ``lr_mult`` defaults to 100 with pretrained weights, else 1.
+        bs: global batch size (``bs / world_size`` per process under ``torchrun``).
+        pretrained, weights: the zoo's pretrained weights (needs the network) or a local
+            checkpoint of the original model.
+        n_in: input channels (1 for grey images).
+        out: folder for checkpoints (weights + JSON after every epoch and on Ctrl-C); ``None``
+            writes nothing.
+        resume: continue the run in ``out`` from its last finished epoch (same options);
+            starts afresh when ``out`` holds none.
+        seed: seeds the split, the model's initialisation and every epoch's randomness.
+        ps: dropout of the head; with dropout, runs on different numbers of processes agree in
+            distribution, not bit for bit.
+        augment: random crops and flips for folders (digits are never augmented).
+        workers: data-loading processes; default 0 for in-memory data, else up to 8.
+        progress: show bars and the results table (main process only).
+        on_epoch_end: called with each epoch's record after its checkpoint is written.
+
+    Returns:
+        The trained model (eval mode) and one record per epoch: ``epoch``, ``phase``,
+        ``train_loss``, ``valid_loss``, ``accuracy``, ``error_rate``, ``time`` (seconds).
+
+    Raises:
+        KeyboardInterrupt: after saving the current weights to ``out``.
+
+    Example:
+        >>> model, history = finetune("resnet18", "digits", epochs=3, out="runs/digits")
+        >>> history[-1]["accuracy"] > 0.95
+        True
+    """
+    procs = setup(device)
+    try:
+        return _finetune(procs, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights, n_in,
+                         out, resume, seed, ps, weight_decay, valid_pct, augment, workers, progress, on_epoch_end)
+    finally:
+        teardown(procs)
+
+
+def _finetune(procs, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights, n_in,
+              out, resume, seed, ps, weight_decay, valid_pct, augment, workers, progress, on_epoch_end):
+    if epochs < 0 or (freeze_epochs or 0) < 0 or bs < 1 or lr <= 0 or seed < 0:
+        raise ValueError(f"need epochs >= 0, freeze_epochs >= 0, bs >= 1, lr > 0 and seed >= 0 "
+                         f"(got {epochs}, {freeze_epochs}, {bs}, {lr}, {seed})")
+    if pretrained and weights is not None:
+        raise ValueError("pass pretrained=True or weights=PATH, not both")
+    if resume and out is None:
+        raise ValueError("resume needs out=, the folder of the run to resume")
+    spec = zoo.resolve(arch)
+    tuned = pretrained or weights is not None
+    if size is None:
+        size = DIGITS_SIZE if str(data) == "digits" else zoo.default_input_size(spec)[-1]
+    report = Report(show=progress and procs.main)
+    if not isinstance(data, Data):
+        mean, std = zoo.normalization(spec)
+        with warnings.catch_warnings():
+            if not procs.main:  # one warning about skipped files, not one per process
+                warnings.simplefilter("ignore")
+            data = load_data(data, size, n_in, mean, std, valid_pct, seed, augment)
+    options = Options(
+        arch=str(spec), data=data.source, size=size, epochs=epochs,
+        freeze_epochs=(1 if tuned else 0) if freeze_epochs is None else freeze_epochs,
+        lr=lr, lr_mult=(100.0 if tuned else 1.0) if lr_mult is None else float(lr_mult), bs=bs,
+        pretrained=pretrained, weights=None if weights is None else str(weights), n_in=n_in, seed=seed, ps=ps,
+        weight_decay=weight_decay, valid_pct=valid_pct, augment=augment,
+    )
+    model = _build_model(options, len(data.classes), procs)
+    out = None if out is None else Path(out)
+    state = checkpoint.load_state(out) if resume else None
+    history: list[dict[str, Any]] = []
+    if state is not None:
+        _check_resumable(state["meta"]["options"], options, out)
+        model.load_state_dict(state["model"])
+        history = state["meta"]["history"]
+        report.line(f"resuming {out} after epoch {len(history) - 1}")
+    elif resume:
+        report.line(f"nothing to resume in {out}: starting afresh")
+    train_loader, valid_loader = _loaders(data, bs, seed, workers, procs)
+    cut = model.cut
+    report.line(
+        f"{cut.arch} cut at {cut.where!r} ({cut.nf} channels, {cut.feature_shape[1]}x{cut.feature_shape[2]}) -> "
+        f"{len(data.classes)} classes | {data.source}: {len(data.train)} train, {len(data.valid)} valid, {size}px | "
+        f"{procs.device.type}, {procs.world_size} process{'es' if procs.world_size > 1 else ''}, bs {bs}"
+    )
+
+    def save(interrupted: bool = False) -> None:
+        if out is not None and procs.main:
+            checkpoint.save_model(out, model, _model_meta(model, options, data, history, interrupted))
+
+    try:
+        first = 0
+        for phase, length in (("frozen", options.freeze_epochs), ("unfrozen", options.epochs)):
+            last = first + length
+            if len(history) < last:
+                resumed = state if state is not None and state["meta"]["phase"] == phase and len(history) > first else None
+                _fit_phase(model, phase, first, last, options, data, train_loader, valid_loader, procs,
+                           report, history, resumed, out, save, on_epoch_end)
+            first = last
+    except KeyboardInterrupt:
+        save(interrupted=True)
+        if out is not None:
+            after = f"from the end of epoch {len(history) - 1}" if history else "from scratch (no epoch finished)"
+            report.line(f"interrupted: saved the current weights to {out / checkpoint.MODEL_WEIGHTS}; --resume continues {after}")
+        raise
+    return model.eval(), history
+
+
+def _fit_phase(model, phase, first, last, options, data, train_loader, valid_loader, procs, report, history,
+               resumed, out, save, on_epoch_end) -> None:
+    """Epochs ``first``..``last - 1`` of one phase: one optimiser, one one-cycle schedule."""
+    frozen = phase == "frozen"
+    if frozen:
+        model.freeze()  # all but the head; the body's norms still train
+    else:
+        model.unfreeze()
+    lrs = options.lr if frozen or options.lr_mult == 1 else slice(options.lr / options.lr_mult, options.lr)
+    groups = [g for g in param_groups(model, lrs, weight_decay=options.weight_decay) if g["params"]]
+    optimizer = torch.optim.AdamW(groups)
+    steps = (last - first) * len(train_loader)
+    if steps < 2:
+        raise ValueError(f"a one-cycle schedule needs 2 steps or more, this phase has {steps}: pass a smaller bs")
+    # OneCycleLR divides by zero unless the warm-up ends strictly inside (0, steps - 1)
+    pct_start = min(max(0.99 if frozen else 0.25, 1.5 / steps), 1 - 0.5 / steps)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=pct_start
+    )
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+    what = "body frozen (norms train), head training" if frozen else f"whole model, lr {_fmt_lr(lrs)}"
+    report.line(f"epochs {max(first, len(history))}-{last - 1}: {what}, one-cycle AdamW")
+    report.header()
+    with synced_batch_norm(model, procs):
+        net = model
+        if procs.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+        for epoch in range(max(first, len(history)), last):
+            _seed_everything(sample_seed(options.seed, epoch, procs.rank, stream=1))
+            train_loader.sampler.set_epoch(epoch)
+            if hasattr(data.train, "set_epoch"):
+                data.train.set_epoch(epoch)
+            start = time.perf_counter()
+            with report.bar(len(train_loader), f"epoch {epoch}") as advance:
+                train_loss = _train_epoch(net, train_loader, optimizer, scheduler, procs, advance)
+            valid_loss, accuracy = _validate(model, valid_loader, procs)
+            record = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "valid_loss": valid_loss,
+                      "accuracy": accuracy, "error_rate": 1 - accuracy, "time": time.perf_counter() - start}
+            history.append(record)
+            report.row(record)
+            if out is not None and procs.main:
+                checkpoint.save_state(out, model, optimizer, scheduler,
+                                      {"epoch": len(history), "phase": phase, "options": asdict(options), "history": history})
+                save()
+            procs.barrier()
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+
+
+def _fmt_lr(lrs) -> str:
+    return f"slice({lrs.start:.3g}, {lrs.stop:.3g})" if isinstance(lrs, slice) else f"{lrs:.3g}"

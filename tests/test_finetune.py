@@ -1,0 +1,351 @@
+"""autocut finetune / predict: the default command, resume, data errors, checkpoints, DDP."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autocut import cli, discover, zoo
+from autocut.data import Data, Tensors, digits, image_folder
+from autocut.finetune import finetune, load_model, predict
+from autocut.finetune import checkpoint
+from autocut.finetune.train import DEFAULT_ARCH
+
+SIZE = 16  # small enough for a CPU test run
+ARCH = DEFAULT_ARCH
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """pytest-xdist already runs a process per core: more threads per process only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_digits() -> Data:
+    """256 training and 64 validation digits at 16 px."""
+    full = digits(size=SIZE)
+    return Data(Tensors(full.train.x[:256], full.train.y[:256]), Tensors(full.valid.x[:64], full.valid.y[:64]),
+                full.classes, "digits[:256]")
+
+
+def _digit_pngs(folder: Path, per_class: int, classes=(0, 1, 2)) -> list[tuple[Path, int]]:
+    """Digits written as 8x8 grey PNGs (as digits() draws them), in class sub-folders."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    files = []
+    for c in classes:
+        (folder / str(c)).mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(bunch.target == c)[:per_class]:
+            path = folder / str(c) / f"{i}.png"
+            Image.fromarray(np.round(bunch.images[i] * 255 / 16).astype(np.uint8), "L").save(path)
+            files.append((path, c))
+    return files
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / checkpoint.MODEL_WEIGHTS))
+
+
+# --- the default command ---------------------------------------------------------------------
+
+
+def test_default_command_end_to_end(tmp_path, capsys):
+    """``autocut finetune`` with its defaults (digits, the default arch) but 2 epochs at 16 px, then
+    ``autocut predict`` on PNGs of digits."""
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--epochs", "2", "--size", str(SIZE), "--out", str(out)]) == 0
+    meta = json.loads((out / checkpoint.MODEL_META).read_text())
+    assert meta["arch"] == ARCH and meta["classes"] == [str(i) for i in range(10)]
+    assert meta["input_size"] == [3, SIZE, SIZE]
+    assert meta["cut"]["where"] == discover(ARCH, input_size=(3, SIZE, SIZE)).where
+    mean, std = zoo.normalization(zoo.resolve(ARCH))
+    assert meta["normalization"] == {"mean": list(mean), "std": list(std)}
+    assert [r["epoch"] for r in meta["history"]] == [0, 1] and not meta["interrupted"]
+    assert meta["history"][-1]["accuracy"] > 0.8  # chance is 0.1
+    assert (out / checkpoint.STATE).is_file()
+
+    files = _digit_pngs(tmp_path / "pngs", per_class=4, classes=range(10))
+    capsys.readouterr()
+    assert cli.main(["predict", str(out), *map(str, (p for p, _ in files)), "--top-k", "3", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in records] == [str(p) for p, _ in files]
+    for r in records:
+        probs = [t["probability"] for t in r["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    right = sum(r["top"][0]["class"] == str(c) for r, (_, c) in zip(records, files))
+    assert right >= 0.75 * len(files)
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    good = files[0][0]
+    assert cli.main(["predict", str(out), str(bad), str(good), "--top-k", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "cannot read image" in captured.err and captured.out.startswith(f"{good}: 0 (")
+
+
+# --- checkpoints and phases ----------------------------------------------------------------------
+
+
+def test_frozen_phase_table_and_checkpoint_round_trip(tmp_path, small_digits, capsys):
+    from autocut.adapt import adapt
+
+    torch.manual_seed(0)  # finetune seeds the same way before building the model
+    initial = adapt(ARCH, n_out=10, input_size=(3, SIZE, SIZE)).state_dict()
+    after_frozen = {}
+
+    def keep_frozen_epoch(record):
+        if record["phase"] == "frozen":
+            after_frozen.update(_state(tmp_path))
+
+    model, history = finetune(ARCH, small_digits, size=SIZE, epochs=1, freeze_epochs=1, bs=32, out=tmp_path,
+                              on_epoch_end=keep_frozen_epoch)
+    assert [r["phase"] for r in history] == ["frozen", "unfrozen"]
+    # the frozen epoch trained the head and the body's norms, nothing else
+    norms = {f"0.{name}.{p}" for name, m in model[0].named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+             for p in ("weight", "bias")}
+    body = [k for k, _ in model[0].named_parameters(prefix="0")]
+    assert norms and all(torch.equal(after_frozen[k], initial[k]) for k in body if k not in norms)
+    assert sum(not torch.equal(after_frozen[k], initial[k]) for k in norms) > len(norms) // 2
+    head = [k for k, _ in model[1].named_parameters(prefix="1")]
+    assert all(not torch.equal(after_frozen[k], initial[k]) for k in head)
+
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["epoch"])
+    assert lines[header].split() == ["epoch", "train_loss", "valid_loss", "accuracy", "error_rate", "time"]
+    cells = lines[header + 1].split()
+    assert cells[0] == "0" and 0 <= float(cells[3]) <= 1 and abs(float(cells[3]) + float(cells[4]) - 1) < 1e-5
+
+    loaded, meta = load_model(tmp_path)
+    assert loaded.cut == model.cut and meta["classes"] == small_digits.classes
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    x = small_digits.valid.x[:8]
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    top = predict((loaded, meta), [Image.new("L", (8, 8))], top_k=20)[0]
+    assert len(top) == 10 and abs(sum(p for _, p in top) - 1) < 1e-5
+    # nothing to unpickle: tensors in safetensors, the rest in JSON
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors", "state.safetensors"]
+
+
+def test_load_model_refuses_other_files(tmp_path):
+    (tmp_path / "model.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not an autocut finetune checkpoint"):
+        load_model(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "nowhere")
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, small_digits):
+    # interrupted inside a phase: the optimiser, the scheduler and the RNG (dropout) must come back
+    options = dict(size=SIZE, epochs=2, bs=32, progress=False)
+    straight, straight_history = finetune(ARCH, small_digits, out=tmp_path / "a", **options)
+
+    def ctrl_c(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(ARCH, small_digits, out=tmp_path / "b", on_epoch_end=ctrl_c, **options)
+    meta = json.loads((tmp_path / "b" / checkpoint.MODEL_META).read_text())
+    assert meta["interrupted"] and meta["epoch"] == 1
+    resumed, resumed_history = finetune(ARCH, small_digits, out=tmp_path / "b", resume=True, **options)
+    assert len(resumed_history) == 2
+    for a, b in zip(straight_history, resumed_history):
+        assert a["train_loss"] == b["train_loss"] and a["valid_loss"] == b["valid_loss"]
+    mine, theirs = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    saved = _state(tmp_path / "b")
+    assert all(torch.equal(saved[k], theirs[k].cpu()) for k in saved)
+    with pytest.raises(ValueError, match="cannot resume.*lr="):
+        finetune(ARCH, small_digits, out=tmp_path / "b", resume=True, **{**options, "lr": 1e-2})
+
+
+def test_ctrl_c_in_the_command_saves_and_exits_non_zero(tmp_path, small_digits, monkeypatch, capsys):
+    from autocut.finetune import train  # works whether or not autocut.finetune is rebound to the function
+
+    original = train.finetune
+
+    def ctrl_c(record):
+        raise KeyboardInterrupt
+
+    def on_small_digits(arch, data, **options):
+        return original(arch, small_digits, **{**options, "on_epoch_end": ctrl_c})
+
+    monkeypatch.setattr(train, "finetune", on_small_digits)
+    rc = cli.main(["finetune", "--size", str(SIZE), "--epochs", "2", "--bs", "32", "--out", str(tmp_path), "--quiet"])
+    assert rc == 130 and "--resume" in capsys.readouterr().err
+    meta = json.loads((tmp_path / checkpoint.MODEL_META).read_text())
+    assert meta["interrupted"] and meta["epoch"] == 1
+
+
+# --- folders: corrupt files, empty folders and classes -------------------------------------------
+
+
+def _colour_folder(root: Path, per_class: int = 6) -> None:
+    """Two classes of 20x20 PNGs, red and blue with noise."""
+    rng = np.random.default_rng(0)
+    for name, channel in (("blue", 2), ("red", 0)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (20, 20, 3), dtype=np.uint8)
+            pixels[..., channel] = 200
+            Image.fromarray(pixels, "RGB").save(root / name / f"{i}.png")
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    _colour_folder(tmp_path)
+    (tmp_path / "red" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "blue" / "empty.jpg").write_bytes(b"")
+    full = (tmp_path / "red" / "0.png").read_bytes()
+    (tmp_path / "red" / "cut.png").write_bytes(full[: len(full) // 2])
+    (tmp_path / "red" / "notes.txt").write_text("not an image, not counted")
+    with pytest.warns(UserWarning, match="skipped 3 unreadable image"):
+        data = image_folder(tmp_path, size=SIZE, valid_pct=0.25)
+    assert data.classes == ["blue", "red"] and data.skipped == 3
+    assert len(data.train) + len(data.valid) == 12 and len(data.valid) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, history = finetune(ARCH, tmp_path, size=SIZE, epochs=1, bs=4, workers=0, progress=False)
+    assert len(history) == 1 and model(torch.zeros(1, 3, SIZE, SIZE)).shape == (1, 2)
+
+
+def test_an_image_that_fails_only_when_decoded_is_replaced(tmp_path):
+    _colour_folder(tmp_path, per_class=3)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise, "RGB").save(buffer, "JPEG")
+    # the header is whole, so PIL's verify() passes; the pixels are cut short
+    (tmp_path / "red" / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10])
+    data = image_folder(tmp_path, size=SIZE, valid_pct=0.25, augment=False)
+    dataset = next(d for d in (data.train, data.valid) if any(p.name == "truncated.jpg" for p, _ in d.samples))
+    index = next(i for i, (p, _) in enumerate(dataset.samples) if p.name == "truncated.jpg")
+    with pytest.warns(UserWarning, match="skipping unreadable image .*truncated.jpg"):
+        x, label = dataset[index]
+    assert x.shape == (3, SIZE, SIZE)
+
+
+def test_train_and_valid_folders_are_used_as_given(tmp_path):
+    _colour_folder(tmp_path / "train", per_class=4)
+    _colour_folder(tmp_path / "valid", per_class=2)
+    data = image_folder(tmp_path, size=SIZE)
+    assert (len(data.train), len(data.valid)) == (8, 4)
+    assert all("valid" in str(p) for p, _ in data.valid.samples)
+    (tmp_path / "valid" / "green").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "valid" / "green" / "0.png")
+    with pytest.raises(ValueError, match="classes the training folder lacks: green"):
+        image_folder(tmp_path, size=SIZE)
+
+
+def test_empty_folders_and_classes_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        image_folder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no class folders"):
+        image_folder(tmp_path)
+    Image.new("RGB", (4, 4)).save(tmp_path / "loose.png")
+    with pytest.raises(ValueError, match="lie directly in it"):
+        image_folder(tmp_path)
+    (tmp_path / "loose.png").unlink()
+    _colour_folder(tmp_path, per_class=2)
+    (tmp_path / "green").mkdir()
+    with pytest.raises(ValueError, match="class 'green' is empty"):
+        image_folder(tmp_path)
+    (tmp_path / "green" / "bad.png").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="class 'green' has no readable images"):
+        image_folder(tmp_path)
+    assert cli.main(["finetune", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "class 'green'" in capsys.readouterr().err
+
+
+# --- more than one process ----------------------------------------------------------------------
+
+
+def _ddp_gradients(rank, world, init_file, out):
+    """One DDP step of a batch-norm network on this process's half of a batch; rank 0 saves the
+    gradients and batch-norm buffers."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from autocut.finetune.distributed import Processes, synced_batch_norm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model, (x, y) = _bn_net(), _batch()
+    with synced_batch_norm(model, Processes(rank, world, torch.device("cpu"))):
+        net = DistributedDataParallel(model)  # held: its gradient hooks die with it
+        torch.nn.functional.cross_entropy(net(x[rank::world]), y[rank::world]).backward()
+    if rank == 0:
+        torch.save({**{n: p.grad for n, p in model.named_parameters()}, **dict(model.named_buffers())}, out)
+    dist.destroy_process_group()
+
+
+def _bn_net():
+    import autocut
+
+    torch.manual_seed(0)
+    return autocut.adapt(ARCH, n_out=3, input_size=(3, SIZE, SIZE), ps=0)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, 3, SIZE, SIZE, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+@pytest.mark.slow
+def test_batch_norm_over_two_processes_gives_one_process_gradients(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_gradients, args=(2, str(tmp_path / "init"), str(tmp_path / "got.pt")), nprocs=2)
+    got = torch.load(tmp_path / "got.pt", weights_only=True)
+    model, (x, y) = _bn_net(), _batch()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    want = {**{n: p.grad for n, p in model.named_parameters()}, **dict(model.named_buffers())}
+    assert got.keys() == want.keys()
+    for key, expected in want.items():  # float noise only: sums over 8 + 8 samples instead of 16
+        scale = expected.float().abs().max().item()
+        assert (got[key].float() - expected.float()).abs().max().item() <= 1e-5 * scale + 1e-7, key
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    data = tmp_path / "data"
+    _digit_pngs(data, per_class=32)  # 96 images, 3 classes; augmentation on (seeded per sample)
+    # a low lr: Adam turns the float noise of near-zero gradients into noise of size ~lr
+    args = ["finetune", "--data", str(data), "--size", str(SIZE), "--epochs", "2", "--bs", "16", "--ps", "0",
+            "--lr", "3e-4", "--workers", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "autocut",
+         *args, "--out", str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0  # one thread, as each torchrun process
+    one, ddp = _state(tmp_path / "one"), _state(tmp_path / "ddp")
+    assert one.keys() == ddp.keys()
+    for key in one:
+        if one[key].is_floating_point():
+            torch.testing.assert_close(ddp[key], one[key], rtol=1e-3, atol=5e-4, msg=key)
+        else:
+            assert torch.equal(ddp[key], one[key]), key  # num_batches_tracked: the same steps
+    history = [json.loads((tmp_path / d / checkpoint.MODEL_META).read_text())["history"] for d in ("one", "ddp")]
+    assert len(history[0]) == len(history[1]) == 2
+    for a, b in zip(*history):
+        assert a["accuracy"] == b["accuracy"]
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 and abs(a["valid_loss"] - b["valid_loss"]) < 1e-4
