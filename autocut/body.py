@@ -65,8 +65,41 @@ def _truncate(graph: fx.Graph, qualname: dict[fx.Node, str], cut: Cut, train_onl
     return graph
 
 
+# what GraphModule.recompile sets on the instance (the forward itself goes on its own class)
+_COMPILED_ATTRS = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
+
+
 class GraphBody(DualGraphModule):
-    """A body made from the model's train and eval graphs; ``.train()``/``.eval()`` switch."""
+    """A body made from the model's train and eval graphs; ``.train()``/``.eval()`` switch.
+
+    Each graph's Python code is generated once: DualGraphModule regenerates and re-executes it
+    on every switch (25-50 ms on a ViT or a Swin), which adds up in loops that toggle modes.
+    Edit a graph with ``body.graph`` while it is the active one, then call ``body.recompile()``.
+
+    ``module_calls``, when discovery's trace made the body: ``((H, W), ((module path, output
+    shape), ...))``, each module call of the eval graph in order, at that input size (what the
+    layer groups read instead of running a forward).
+    """
+
+    def recompile(self):
+        code = super().recompile()
+        compiled = {k: self.__dict__[k] for k in _COMPILED_ATTRS if k in self.__dict__}
+        self.__dict__.setdefault("_compiled", {})[id(self._graph)] = (self._graph, type(self).forward, compiled)
+        return code
+
+    def train(self, mode: bool = True):
+        graph = self.train_graph if mode else self.eval_graph
+        current = self.__dict__.get("_graph")
+        if current is not None and current is not graph:
+            cached = self.__dict__.get("_compiled", {}).get(id(graph))
+            if cached is None:
+                self.graph = graph  # generates the code, and recompile caches it
+            else:
+                self._graph = graph
+                graph.owning_module = self
+                type(self).forward = cached[1]
+                self.__dict__.update(cached[2])
+        return nn.Module.train(self, mode)
 
     def __deepcopy__(self, memo):
         # GraphModule's deepcopy re-runs __init__, which resets every training flag to True
@@ -74,7 +107,7 @@ class GraphBody(DualGraphModule):
         for mine, theirs in zip(self.modules(), res.modules()):
             theirs.training = mine.training
         res.graph = res.train_graph if self.training else res.eval_graph
-        for attr in ("cut", "norm_parameter_names"):  # set by create_body; __init__ drops them
+        for attr in ("cut", "norm_parameter_names", "module_calls"):  # set by create_body; __init__ drops them
             if attr in self.__dict__:
                 setattr(res, attr, self.__dict__[attr])
         return res
@@ -96,6 +129,9 @@ def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Mod
         train_graph, train_tracer, _ = trace_graph(model, training=False)
         _truncate(train_graph, train_tracer.node_to_qualname, cut)
     body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body")
+    if traced is not None:  # what each module call returns, for the layer groups (no forward needed)
+        body.module_calls = (tuple(traced.input_shape[2:]), tuple(
+            (n.target, traced.shapes.get(n)) for n in eval_graph.nodes if n.op == "call_module"))
     _match_persistence(body, set(model.state_dict(keep_vars=True)))
     body.train(model.training)
     return body

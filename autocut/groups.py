@@ -58,32 +58,69 @@ class Unit:
 
 def _module_strides(body: nn.Module, input_size: tuple[int, int, int]) -> tuple[dict[str, float], dict[str, int]]:
     """Output stride and first-call order of every module of ``body``, from one forward on fake
-    (or meta) tensors with hooks; modules whose output is not a feature map get no stride."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    (or meta) tensors with hooks; modules whose output is not a feature map get no stride.
 
+    A graph body made by ``create_body`` from discovery's trace carries the output shape of each
+    module call at that size (``body.module_calls``): no forward is needed then."""
     in_hw = tuple(input_size[1:])
     strides: dict[str, float] = {}
     order: dict[str, int] = {}
     grids: list[tuple[int, int]] = []
-    handles = []
 
-    def hook(path):
-        def fn(module, args, output):
-            order.setdefault(path, len(order))
-            out = output[0] if isinstance(output, (tuple, list)) and output else output
-            if path in strides or not isinstance(out, torch.Tensor):
-                return
-            feat = feature_of(tuple(out.shape), in_hw, grids[::-1])
-            if feat is not None:
-                if feat.layout != "NLC":
-                    grids.append(feat.grid)
-                strides[path] = max(input_size[1] / feat.grid[0], input_size[2] / feat.grid[1])
+    def record(path: str, shape: Any) -> None:
+        order.setdefault(path, len(order))
+        if isinstance(shape, list):  # a tuple or list output: its first value
+            shape = shape[0] if shape else None
+        if path in strides or not isinstance(shape, tuple):
+            return
+        feat = feature_of(shape, in_hw, grids[::-1])
+        if feat is not None:
+            if feat.layout != "NLC":
+                grids.append(feat.grid)
+            strides[path] = max(input_size[1] / feat.grid[0], input_size[2] / feat.grid[1])
 
-        return fn
+    calls = getattr(body, "module_calls", None)
+    if calls is not None and calls[0] == in_hw:
+        for path, shape in calls[1]:
+            record(path, shape)
+    else:
+        _hooked_forward(body, input_size, record, (strides, order, grids))
+    # A graph body calls leaf modules directly, never their containers: a container runs from
+    # its first descendant's call to its last, at the stride of its last one.
+    first: dict[str, int] = {}
+    last_stride: dict[str, float] = {}
+    for path, i in sorted(order.items(), key=lambda kv: kv[1]):
+        parts = path.split(".")
+        for k in range(1, len(parts)):
+            container = ".".join(parts[:k])
+            if container not in order:
+                first.setdefault(container, i)
+                if path in strides:
+                    last_stride[container] = strides[path]
+    order.update(first)
+    for container, stride in last_stride.items():
+        strides.setdefault(container, stride)
+    return strides, order
 
-    for path, module in body.named_modules():
-        if path:
-            handles.append(module.register_forward_hook(hook(path)))
+
+def _shape(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return [_shape(v) for v in value]
+    return None
+
+
+def _hooked_forward(body: nn.Module, input_size: tuple[int, int, int], record, state: tuple) -> None:
+    """One eval forward of ``body`` with a hook on every module that calls ``record(path, shape)``
+    (on meta tensors, else fake ones, else one small real input); ``state`` is cleared on a retry."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    handles = [
+        module.register_forward_hook(lambda m, args, out, path=path: record(path, _shape(out)))
+        for path, module in body.named_modules()
+        if path
+    ]
     device = next((p.device for p in body.parameters()), torch.device("cpu"))
     was_training = body.training
     body.eval()
@@ -96,25 +133,13 @@ def _module_strides(body: nn.Module, input_size: tuple[int, int, int]) -> tuple[
                     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                         body(mode.from_tensor(torch.empty(PROBE_BATCH, *input_size, device=device)))
                 except Exception:  # value-dependent control flow: one small real forward
-                    strides.clear(), order.clear(), grids.clear()
+                    for s in state:
+                        s.clear()
                     body(torch.zeros(1, *input_size, device=device))
     finally:
         body.train(was_training)
         for h in handles:
             h.remove()
-    # A graph body calls leaf modules directly, never their containers: a container runs from
-    # its first descendant's call to its last, at the stride of its last one.
-    leaf_order = sorted(order.items(), key=lambda kv: kv[1])
-    for path, _ in body.named_modules():
-        if not path or path in order:
-            continue
-        inside = [(p, i) for p, i in leaf_order if p.startswith(path + ".")]
-        if inside:
-            order[path] = inside[0][1]
-            last_with_stride = [p for p, _ in inside if p in strides]
-            if last_with_stride:
-                strides[path] = strides[last_with_stride[-1]]
-    return strides, order
 
 
 def _has_params(module: nn.Module) -> bool:

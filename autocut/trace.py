@@ -8,6 +8,8 @@ weights. Models that cannot be traced are probed with module hooks instead (:fun
 
 from __future__ import annotations
 
+import contextlib
+import dis
 import inspect
 import math
 import re
@@ -74,6 +76,62 @@ class _ScopeTracer(tv_fx.NodePathTracer):
         self.node_scope[proxy.node] = self.current_module_qualname
         return proxy
 
+    def trace(self, root, concrete_args=None):
+        # fx finds a tensor's attribute name by scanning all of the root's parameters or
+        # buffers each time one is used; a dict made once per trace gives the same first name
+        self._tensors: dict[int, tuple[str, torch.Tensor]] = {}
+        if isinstance(root, nn.Module):
+            for named in (root.named_parameters(), root.named_buffers()):
+                for qualname, t in named:
+                    self._tensors.setdefault(id(t), (qualname, t))
+        with _cached_bytecode():
+            return super().trace(root, concrete_args)
+
+    def create_arg(self, a: Any):
+        if isinstance(a, torch.Tensor):
+            found = self._tensors.get(id(a))
+            if found is not None and found[1] is a and _attribute(self.root, found[0]) is a:
+                return self.create_node("get_attr", found[0], (), {})
+        return super().create_arg(a)
+
+
+def _attribute(root: nn.Module, qualname: str) -> Any:
+    value: Any = root
+    for part in qualname.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+class _CachedDis:
+    """``dis`` for fx's proxies while autocut traces: ``x, y = proxy`` makes fx disassemble the
+    calling function, once per unpacking (a fifth of a Swin trace); here once per function."""
+
+    def __init__(self):
+        self._cache: dict[Any, list] = {}
+
+    def get_instructions(self, code, *args, **kwargs):
+        if args or kwargs:
+            return dis.get_instructions(code, *args, **kwargs)
+        found = self._cache.get(code)
+        if found is None:
+            found = self._cache[code] = list(dis.get_instructions(code))
+        return iter(found)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(dis, name)
+
+
+@contextlib.contextmanager
+def _cached_bytecode():
+    from torch.fx import proxy as fx_proxy
+
+    saved = fx_proxy.dis
+    fx_proxy.dis = _CachedDis()
+    try:
+        yield
+    finally:
+        fx_proxy.dis = saved
+
 
 def concrete_args_of(model: nn.Module) -> dict[str, Any]:
     """Fix every optional forward argument to its default (``mask=None``, ``is_causal=False``):
@@ -102,8 +160,10 @@ def _shape_of(value: Any) -> Any:
 class _ShapeRecorder(fx.Interpreter):
     # Values are kept (garbage_collect_values=False): levit and efficientformer cache attention
     # biases across calls, and meta/fake values cost no memory.
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm, garbage_collect_values=False)
+    def __init__(self, root: nn.Module, graph: fx.Graph):
+        # run the graph against the traced model itself: a GraphModule would be built (and its
+        # code generated) only to be thrown away
+        super().__init__(root, garbage_collect_values=False, graph=graph)
         self.shapes: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
@@ -179,7 +239,6 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
     back to :func:`probe_modules`.
     """
     graph, tracer, concrete = trace_graph(model, training=False)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     device = _model_device(model)
     shape = (batch, *input_size)
     was_training = model.training
@@ -187,7 +246,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
     try:
         with torch.no_grad():
             if device.type == "meta":
-                recorder = _ShapeRecorder(gm)
+                recorder = _ShapeRecorder(tracer.root, graph)
                 recorder.run(torch.empty(shape, device="meta"))
                 method = "meta"
             else:
@@ -195,7 +254,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
 
                 with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                     x = mode.from_tensor(torch.empty(shape, device=device))
-                    recorder = _ShapeRecorder(gm)
+                    recorder = _ShapeRecorder(tracer.root, graph)
                     recorder.run(x)
                 method = "fake"
     finally:

@@ -78,6 +78,17 @@ def test_stage_boundaries_are_timm_group_matcher_boundaries(name):
         assert name_of[id(stage[0])] in timm_starts, name_of[id(stage[0])]
 
 
+@pytest.mark.parametrize("name", ["torchvision:densenet121", "convnext_atto", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "hrnet_w18_small"])
+def test_groups_read_from_the_trace_equal_groups_from_a_hooked_forward(name):
+    spec = zoo.resolve(name)
+    meta = zoo.build(spec, device="meta")
+    model = autocut.adapt(meta, n_out=3, input_size=tuple(zoo.default_input_size(spec, meta)))
+    assert model[0].module_calls, "a discovered body carries its module calls"
+    from_trace = [_ids(g) for g in autocut.layer_groups(model, n=None)]
+    del model[0].module_calls, model._autocut_units  # now one forward with hooks on every module
+    assert [_ids(g) for g in autocut.layer_groups(model, n=None)] == from_trace
+
+
 @given(model_and_size())
 def test_groups_partition_the_parameters_in_order(name_size):
     name, size = name_size

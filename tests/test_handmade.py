@@ -77,6 +77,15 @@ def test_body_follows_train_and_eval_graphs():
     torch.testing.assert_close(body(x), model.conv(x) * 2)
     body.eval()
     torch.testing.assert_close(body(x), model.conv(x))
+    for _ in range(2):  # each mode's compiled code is kept: switching back must not mix them up
+        body.train()
+        torch.testing.assert_close(body(x), model.conv(x) * 2)
+        body.eval()
+        torch.testing.assert_close(body(x), model.conv(x))
+    clone = copy.deepcopy(body)
+    assert not clone.training
+    torch.testing.assert_close(clone(x), model.conv(x))
+    torch.testing.assert_close(clone.train()(x), model.conv(x) * 2)
 
 
 def test_body_survives_deepcopy_state_dict_round_trip_and_compile():
