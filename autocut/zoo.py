@@ -3,6 +3,7 @@ read their default input size and normalisation, and load local checkpoints safe
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import os
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from autocut.errors import CutError
 
@@ -101,9 +103,62 @@ def _build_torchvision(name: str, pretrained: bool) -> nn.Module:
     return torchvision.models.get_model(name, weights=weights)
 
 
+# in-place ops that change a tensor's shape, strides or flags, not just its values
+_METADATA_OPS = frozenset({
+    "resize_", "resize_as_", "set_", "as_strided_", "squeeze_", "unsqueeze_", "t_", "transpose_", "swapdims_",
+    "swapaxes_", "requires_grad_", "detach_", "rename_", "sparse_resize_", "sparse_resize_and_clear_",
+})
+
+
+class _SkipInitOnMeta(TorchFunctionMode):
+    """In-place ops on meta tensors return their tensor untouched. Weight initialisation
+    (``normal_``, ``trunc_normal_``'s ``uniform_``/``erfinv_``/``clamp_``, ``zero_``, ...) only
+    sets values, which meta tensors do not have, yet it is most of a meta build's time: torch's
+    meta kernels for elementwise ops run in Python. Ops that change metadata still run."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("_") and name not in _METADATA_OPS:
+            # torch.nn.init passes the tensor by keyword
+            target = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _registered_on_meta():
+    """Build on the CPU, but move each parameter and buffer to meta as it is registered (the way
+    ``accelerate.init_empty_weights`` does), so a constructor that computes its configuration
+    with tensor ops meta has no kernel for (regnets' ``unique``, ``.item()``) still allocates no
+    weights and initialises nothing."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def on_meta_parameter(module, name, param):
+        register_parameter(module, name, param)
+        if param is not None and not param.is_meta:
+            extra = {k: v for k, v in vars(param).items()}
+            moved = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+            moved.__dict__.update(extra)
+            module._parameters[name] = moved
+
+    def on_meta_buffer(module, name, tensor, persistent=True):
+        register_buffer(module, name, tensor, persistent)
+        if tensor is not None and not tensor.is_meta:
+            module._buffers[name] = tensor.to("meta")
+
+    nn.Module.register_parameter, nn.Module.register_buffer = on_meta_parameter, on_meta_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
 def build(spec: ModelSpec, device: str | torch.device = "meta", pretrained: bool = False) -> nn.Module:
-    """Build ``spec`` in eval mode. On ``"meta"`` no weight memory is used; models whose
-    constructors cannot run on meta (regnets) are built on the CPU and moved to meta.
+    """Build ``spec`` in eval mode. On ``"meta"`` no weight memory is used and no weights are
+    initialised; models whose constructors cannot run on meta (regnets) are built on the CPU
+    with each parameter moved to meta as it is made.
 
     ``pretrained=True`` downloads weights through timm's or torchvision's own loader and fails
     with a ``RuntimeError`` that says so when they cannot be fetched (no network).
@@ -124,11 +179,13 @@ def build(spec: ModelSpec, device: str | torch.device = "meta", pretrained: bool
         return model.to(device).eval()
     if device.type == "meta":
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), _SkipInitOnMeta():
                 return builder(spec.name, False).eval()
         except Exception:
-            # e.g. regnets: aten::_unique2 has no meta kernel, torchvision's copy out of meta
-            return builder(spec.name, False).to("meta").eval()
+            # e.g. regnets: aten::_unique2 has no meta kernel; gemma4 calls .item()
+            with _registered_on_meta(), _SkipInitOnMeta():
+                model = builder(spec.name, False)
+            return model.to("meta").eval()  # anything not registered the usual way
     with torch.device(device):
         return builder(spec.name, False).eval()
 

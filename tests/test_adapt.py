@@ -1,5 +1,8 @@
 """adapt / create_body on zoo models: heads, init, checkpoints, errors."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchvision
@@ -109,12 +112,41 @@ def test_cut_prints_what_a_user_asks_for():
     assert "densenet121" in text and "1024 channels" in text and "stride 32" in text and "classifier" in text
 
 
-def test_meta_discovery_allocates_no_weights():
-    import tracemalloc
+def test_meta_builds_and_discovery_allocate_no_weights():
+    # in a fresh process, whose peak resident memory is what these calls cost (tracemalloc
+    # cannot see torch's allocator)
+    code = """
+import resource, autocut
+from autocut import zoo
+autocut.discover("resnet18")  # imports and caches
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+autocut.discover("vit_large_patch16_224")  # 300M parameters: 1.2 GB if materialised
+model = zoo.build(zoo.resolve("regnety_1280"))  # 645M, and its constructor needs the CPU
+assert {p.device.type for p in model.parameters()} == {"meta"}
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) < 300, f"{out.stdout.split()[-1]} MB"
 
-    autocut.discover("resnet18")  # warm imports and caches
-    tracemalloc.start()
-    autocut.discover("vit_large_patch16_224")  # 300M parameters: 1.2 GB if materialised
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert peak < 100 * 2**20
+
+def _layout(model):
+    """Every module's type and every parameter's and buffer's shape, dtype, flags and device."""
+    out = []
+    for path, module in model.named_modules():
+        out.append((path, type(module).__name__, module.training))
+        for name, p in module._parameters.items():
+            out.append((path, name, type(p).__name__, p is None or (p.shape, p.dtype, p.requires_grad, p.device.type)))
+        for name, b in module._buffers.items():
+            out.append((path, name, b is None or (b.shape, b.dtype, b.device.type, name in module._non_persistent_buffers_set)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "efficientnet_b0", "regnetx_002", "torchvision:regnet_y_400mf"])
+def test_meta_builds_skip_init_but_keep_every_tensors_layout(name):
+    from autocut import zoo
+
+    spec = zoo.resolve(name)
+    builder = zoo._build_timm if spec.source == zoo.TIMM else zoo._build_torchvision
+    reference = builder(spec.name, False).to("meta").eval()  # built and initialised on the CPU
+    assert _layout(zoo.build(spec)) == _layout(reference)

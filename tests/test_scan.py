@@ -161,3 +161,31 @@ def test_a_small_real_scan_writes_results_model_meta_and_report(tmp_path):
     assert (tmp_path / "time_vs_params.png").stat().st_size > 1000 and (tmp_path / "memory_vs_params.png").exists()
     # a second run finds everything recorded and checks nothing
     assert main(argv) == 0 and len(_lines(tmp_path)) == 4
+
+
+def test_a_model_whose_real_probe_runs_out_of_memory_is_checked_again_smaller(monkeypatch):
+    from autocut.scan import check
+    from autocut.scan.report import render_report
+
+    sizes = []
+
+    def fake(name, size, real):
+        sizes.append(size)
+        if size is None:
+            real.append("the real copy")  # built by the first attempt: the second reuses it
+            return {"input_size": [3, 768, 768], "status": "oom", "phase": "cut", "error_class": "CutError",
+                    "error": "could not probe ... can't allocate memory", "times": {"total": 2.0}}
+        assert real == ["the real copy"]
+        return {"name": name, "input_size": list(size), "status": "ok", "times": {"total": 1.0}}
+
+    monkeypatch.setattr(check, "_check", fake)
+    rec = check.check_model("big_vit")
+    assert sizes == [None, (3, 224, 224)]
+    assert rec["status"] == "ok" and rec["input_size"] == [3, 224, 224] and rec["reduced_from"] == [3, 768, 768]
+    assert "CutError at 768x768" in rec["reduced_because"] and rec["times"]["total"] == 3.0
+    report = render_report({"big_vit": {**rec, "zoo": "timm", "family": "vit"}}, [], plots=False)
+    assert "| big_vit | 768x768 | 224x224 | ok |" in report
+    # an out-of-memory that a smaller input cannot help (already small, or not in the cut) stays as it is
+    monkeypatch.setattr(check, "_check", lambda name, size, real: {"input_size": [3, 224, 224], "status": "oom",
+                                                                   "phase": "cut", "times": {"total": 1.0}})
+    assert check.check_model("small_vit")["status"] == "oom"

@@ -30,6 +30,9 @@ STATUSES = ("ok", "differs", "mismatch", "failed", "timeout", "crashed", "oom")
 
 META_BATCH = 3  # as the zoo tests: not 1, so a dropped batch dimension shows
 REAL_BATCH = 1  # real tensors only where the meta device cannot run the model: keep them cheap
+# where a model can only be probed with a real forward and that forward does not fit in memory at
+# the model's own input size (gemma4's encoders at 768 px), it is verified at this size instead
+REDUCED_SIZE = 224
 
 
 def _expected(spec: zoo.ModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch.Size:
@@ -58,11 +61,29 @@ def check_model(name: str) -> dict[str, Any]:
     (``autocut.adapt(meta_model, n_out=2, input_size=size)``, falling back to :func:`autocut.discover`'s
     real-copy probe where the meta model cannot be probed); the body's output against the oracle
     (on meta tensors, else real CPU tensors of batch 1); the layer groups of the adapted model.
+    A model that only a real forward can probe, and whose real forward at its own input size
+    runs out of memory, is checked again at ``REDUCED_SIZE`` (``reduced_from`` and
+    ``reduced_because`` in the record say so).
 
     Example:
         >>> check_model("resnet18")["status"], check_model("resnet18")["where"]
         ('ok', 'layer4.1.act2')
     """
+    real: list[torch.nn.Module] = []  # the real CPU copy, built once for both attempts
+    rec = _check(name, None, real)
+    size = rec.get("input_size")
+    if rec.get("status") == "oom" and rec.get("phase") == "cut" and size and min(size[1:]) > REDUCED_SIZE:
+        # only a real forward can probe it (value-dependent code), and at its own size that forward
+        # does not fit: verify it at a smaller size, and say so
+        retry = _check(name, (size[0], REDUCED_SIZE, REDUCED_SIZE), real)
+        retry["reduced_from"] = size
+        retry["reduced_because"] = f"{rec['error_class']} at {size[1]}x{size[2]}: {rec['error'][:300]}"
+        retry["times"]["total"] = round(retry["times"]["total"] + rec["times"]["total"], 4)
+        return retry
+    return rec
+
+
+def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Module]) -> dict[str, Any]:
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -77,13 +98,12 @@ def check_model(name: str) -> dict[str, Any]:
     try:
         spec = zoo.resolve(name)
         meta = zoo.build(spec, device="meta")
-        size = tuple(zoo.default_input_size(spec, meta))
+        size = tuple(size or zoo.default_input_size(spec, meta))
     except Exception as err:
         return {**rec, **error_record("build", err)}
     rec["input_size"] = list(size)
     rec["params"] = sum(p.numel() for p in meta.parameters())
     lap("build")
-    real: list[torch.nn.Module] = []
 
     def rebuild() -> torch.nn.Module:
         if not real:

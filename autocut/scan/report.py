@@ -195,6 +195,13 @@ def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
         md.append(f"\n## Layer groups not computed ({len(no_groups)})\n\nThe cut is verified; "
                   "`autocut.layer_groups` failed on the adapted model (meta, then CPU):\n\n")
         md.append(_table(["model", "error"], [[r["name"], r["groups_error"][:300]] for r in no_groups]))
+    reduced = [r for r in recs if r.get("reduced_from")]
+    if reduced:
+        md.append(f"\nVerified at a smaller input than the model's own ({len(reduced)}): only a real forward can probe "
+                  "them, and at their own size it ran out of the scan's memory limit.\n\n")
+        md.append(_table(["model", "own size", "verified at", "status", "first attempt"],
+                         [[r["name"], "x".join(map(str, r["reduced_from"][1:])), "x".join(map(str, r["input_size"][1:])),
+                           r["status"], r.get("reduced_because", "")[:160]] for r in reduced]))
     real = [r["name"] for r in recs if r.get("verified_on") == "cpu"]
     if real:
         md.append(f"\nVerified on real CPU tensors (batch 1) because the meta device cannot run them "
