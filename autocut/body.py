@@ -128,6 +128,8 @@ def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Mod
         # the train graph lacks the cut or cannot be traced: use the eval graph in both modes
         train_graph, train_tracer, _ = trace_graph(model, training=False)
         _truncate(train_graph, train_tracer.node_to_qualname, cut)
+    if _same_graph(train_graph, eval_graph):  # most models: one graph, one compile, free .train()/.eval()
+        train_graph = eval_graph
     body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body")
     if traced is not None:  # what each module call returns, for the layer groups (no forward needed)
         body.module_calls = (tuple(traced.input_shape[2:]), tuple(
@@ -135,6 +137,24 @@ def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Mod
     _match_persistence(body, set(model.state_dict(keep_vars=True)))
     body.train(model.training)
     return body
+
+
+def _same_graph(a: fx.Graph, b: fx.Graph) -> bool:
+    """Whether two graphs run the same ops on the same inputs, node for node."""
+    nodes_a, nodes_b = list(a.nodes), list(b.nodes)
+    if len(nodes_a) != len(nodes_b):
+        return False
+    same_as: dict[fx.Node, fx.Node] = {}
+    try:
+        for x, y in zip(nodes_a, nodes_b):
+            if x.op != y.op or x.target != y.target:
+                return False
+            same_as[y] = x
+            if fx.node.map_arg((y.args, y.kwargs), lambda n: same_as.get(n)) != (x.args, x.kwargs):
+                return False
+    except Exception:  # arguments that cannot be compared: keep both graphs
+        return False
+    return True
 
 
 def _match_persistence(body: nn.Module, model_keys: set[str]) -> None:

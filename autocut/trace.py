@@ -88,11 +88,20 @@ class _ScopeTracer(tv_fx.NodePathTracer):
             return super().trace(root, concrete_args)
 
     def create_arg(self, a: Any):
+        # the commonest arguments first: fx checks each against parameters, tensors, modules and
+        # a registry of opaque types (weak-dict lookups along the MRO) before it reaches them
+        if isinstance(a, fx.Proxy):
+            return a.node
+        if type(a) in _PLAIN_TYPES:
+            return a
         if isinstance(a, torch.Tensor):
             found = self._tensors.get(id(a))
             if found is not None and found[1] is a and _attribute(self.root, found[0]) is a:
                 return self.create_node("get_attr", found[0], (), {})
         return super().create_arg(a)
+
+
+_PLAIN_TYPES = frozenset({int, float, bool, str, type(None)})
 
 
 def _attribute(root: nn.Module, qualname: str) -> Any:
@@ -224,10 +233,14 @@ def _purge_proxies(model: nn.Module) -> None:
     """Drop fx proxies that a trace left in module caches (levit's and efficientformer's
     attention-bias caches): a later trace would reuse a node of the old graph."""
     for module in model.modules():
-        for value in list(vars(module).values()):
-            if isinstance(value, dict):
+        for name, value in list(vars(module).items()):
+            # nn.Module's own dicts (parameters, buffers, submodules, hooks) never hold proxies
+            if isinstance(value, dict) and name not in _MODULE_INTERNALS:
                 for key in [k for k, v in value.items() if isinstance(v, fx.Proxy)]:
                     del value[key]
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE_BATCH) -> Traced:

@@ -86,6 +86,12 @@ def test_body_follows_train_and_eval_graphs():
     assert not clone.training
     torch.testing.assert_close(clone(x), model.conv(x))
     torch.testing.assert_close(clone.train()(x), model.conv(x) * 2)
+    assert body.train_graph is not body.eval_graph
+    # a model whose forward is the same in both modes gets one graph for both
+    plain = autocut.create_body(FunctionalPoolNet(), input_size=SIZE)
+    assert plain.train_graph is plain.eval_graph
+    plain_clone = copy.deepcopy(plain)
+    assert plain_clone.train_graph is plain_clone.eval_graph
 
 
 def test_body_survives_deepcopy_state_dict_round_trip_and_compile():

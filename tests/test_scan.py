@@ -180,12 +180,24 @@ def test_a_model_whose_real_probe_runs_out_of_memory_is_checked_again_smaller(mo
 
     monkeypatch.setattr(check, "_check", fake)
     rec = check.check_model("big_vit")
-    assert sizes == [None, (3, 224, 224)]
-    assert rec["status"] == "ok" and rec["input_size"] == [3, 224, 224] and rec["reduced_from"] == [3, 768, 768]
+    assert sizes == [None, (3, 96, 96)]  # halved, so sizes that must divide by 48 still do
+    assert rec["status"] == "ok" and rec["input_size"] == [3, 96, 96] and rec["reduced_from"] == [3, 768, 768]
     assert "CutError at 768x768" in rec["reduced_because"] and rec["times"]["total"] == 3.0
     report = render_report({"big_vit": {**rec, "zoo": "timm", "family": "vit"}}, [], plots=False)
-    assert "| big_vit | 768x768 | 224x224 | ok |" in report
+    assert "| big_vit | 768x768 | 96x96 | ok |" in report
     # an out-of-memory that a smaller input cannot help (already small, or not in the cut) stays as it is
-    monkeypatch.setattr(check, "_check", lambda name, size, real: {"input_size": [3, 224, 224], "status": "oom",
+    monkeypatch.setattr(check, "_check", lambda name, size, real: {"input_size": [3, 112, 112], "status": "oom",
                                                                    "phase": "cut", "times": {"total": 1.0}})
     assert check.check_model("small_vit")["status"] == "oom"
+
+
+def test_the_report_states_whole_zoo_runs_against_the_speed_target():
+    from autocut.scan.report import render_report
+
+    run = {"argv": ["autocut", "scan", "--zoo", "timm", "--jobs", "2"], "names": 1317, "todo": 1317, "jobs": 2,
+           "wall_s": 866.3, "counts": {"ok": 1317}, "interrupted": False}
+    partial = {**run, "argv": ["autocut", "scan", "--zoo", "timm", "--filter", "vit_*"], "wall_s": 60.0}
+    resumed = {**run, "todo": 100, "wall_s": 50.0}
+    report = render_report({}, [run, partial, resumed], plots=False)
+    assert "- timm: 1317 models in 14.4 min (0.66 s of wall time per model, 2 jobs)" in report
+    assert report.count("- timm:") == 1

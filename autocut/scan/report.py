@@ -128,6 +128,13 @@ def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
         md.append(_table(["command", "started", "models checked", "wall (s)", "machine", "load average", "run"], rows))
         md.append(f"\nVersions: {versions}. Load average is the machine's (1 min) at start and end: other work "
                   "running at the same time slows every timing below.\n")
+        whole = [run for run in runs if _whole_zoo(run)]
+        if whole:
+            md.append("\nWhole-zoo runs, from scratch (the speed target for timm is 15 minutes with 2 jobs on 2 cores):\n\n")
+            for run in whole:
+                wall = float(run["wall_s"])
+                md.append(f"- {run['argv'][run['argv'].index('--zoo') + 1]}: {run['todo']} models in {wall / 60:.1f} min "
+                          f"({wall / run['todo']:.2f} s of wall time per model, {run['jobs']} jobs)\n")
 
     md.append("## Summary\n")
     zoos = sorted({r.get("zoo", "?") for r in recs})
@@ -241,6 +248,13 @@ def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
                      [[r["name"], r["status"], r.get("reason") or cause_of(r)] for r in missing]) if missing else "None.\n")
     md = [m if m.endswith("\n") else m + "\n" for m in md]
     return _tidy("".join(md))
+
+
+def _whole_zoo(run: dict[str, Any]) -> bool:
+    """A complete run over a whole zoo (no --filter, no --retry) that checked every name."""
+    argv = run.get("argv") or []
+    return ("--zoo" in argv and "--filter" not in argv and "--retry" not in argv and not run.get("interrupted")
+            and run.get("todo") == run.get("names") and bool(run.get("todo")) and run.get("wall_s") is not None)
 
 
 def _tidy(text: str) -> str:
