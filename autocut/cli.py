@@ -59,15 +59,20 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _groups_of(name: str, cut) -> list[dict]:
-    """The default layer groups, on a meta-device copy (no weights allocated)."""
+    """The default layer groups, on a meta-device copy (no weights allocated), else on a CPU copy
+    for models the meta device cannot run (efficientvit's autocast)."""
     from autocut import adapt, group_summary, zoo
 
-    try:
-        model = zoo.build(zoo.resolve(name), device="meta")
-        return group_summary(adapt(model, n_out=2, input_size=cut.input_size))
-    except Exception as err:  # groups are extra information: say why they are missing
-        print(f"(no layer groups: {type(err).__name__}: {err})", file=sys.stderr)
-        return []
+    spec = zoo.resolve(name)
+    errors = []
+    for device in ("meta", "cpu"):
+        try:
+            model = zoo.build(spec, device=device)
+            return group_summary(adapt(model, n_out=2, input_size=cut.input_size, cut=None if device == "meta" else cut))
+        except Exception as err:  # groups are extra information: say why they are missing
+            errors.append(f"{device}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    print(f"(no layer groups: {'; '.join(errors)})", file=sys.stderr)
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:

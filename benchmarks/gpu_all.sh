@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Everything the kernels need checked on a GPU, in one go, in under 6 minutes on an H200:
+# Everything that needs checking on a GPU, in one go, in under 8 minutes on an H200:
 #   1. tests/test_kernels.py on CUDA (the grid, dispatch, torch.compile, CUDA graphs, real sizes);
 #   2. benchmarks/concat_pool.py (grid + ResNet-50 step), torch.compile at the ResNet-50 shape;
-#   3. benchmarks/head.py (eval head).
+#   3. benchmarks/head.py (eval head);
+#   4. `autocut finetune` on CUDA (issue 6: bf16 autocast, channels_last), the default run, then one
+#      epoch under torchrun on the NCCL backend.
 # Runs from the repository root without installing autocut (PYTHONPATH=.). Everything lands in
 # $OUT (default benchmarks/reports/kernels). Each step has a time limit; the benchmarks also stop
 # starting new shapes at their --budget-s and still write what they measured.
@@ -45,6 +47,9 @@ else
 fi
 step concat_pool 190 "$PY" benchmarks/concat_pool.py --out "$OUT" --compile target --budget-s 130 --warmup 3 --rep 15 --e2e-warmup 400 --e2e-rep 1500
 step head 50 "$PY" benchmarks/head.py --out "$OUT" --budget-s 25 --warmup 3 --rep 15
+step finetune 120 "$PY" -m autocut finetune --device cuda --out "$OUT/finetune"
+step finetune_nccl 90 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m autocut finetune \
+    --epochs 1 --freeze-epochs 0 --out "$OUT/finetune_nccl"
 
 echo "=== done in $((SECONDS - start))s; status $status; files in $OUT ==="
 ls -la "$OUT"

@@ -30,3 +30,12 @@ def test_inspect_unknown_model_fails_with_close_matches():
     proc = _run("inspect", "resnet343")
     assert proc.returncode == 2
     assert "close matches" in proc.stderr and "resnet34" in proc.stderr
+
+
+def test_inspect_shows_groups_for_a_model_the_meta_device_cannot_run():
+    # efficientvit's attention runs under torch.autocast, which meta tensors refuse: a CPU copy
+    proc = _run("inspect", "efficientvit_b0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    groups = json.loads(proc.stdout)["groups"]
+    assert [(g["first"], g["last"]) for g in groups] == [("stem", "stages.1"), ("stages.2", "stages.3"), ("head", "head")]
+    assert "no layer groups" not in proc.stderr
