@@ -33,6 +33,7 @@ def _inspect(args: argparse.Namespace) -> int:
     stride = cut.stride if not isinstance(cut.stride, tuple) else "x".join(map(str, cut.stride))
     rows = [
         ("cut at", cut.where),
+        ("end of module", cut.after or "- (the model's own forward, between modules)"),
         ("found by", cut.method),
         ("nf (channels)", str(cut.nf)),
         ("feature map", f"{cut.feature_shape[0]} x {cut.feature_shape[1]} x {cut.feature_shape[2]}"),

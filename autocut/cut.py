@@ -61,6 +61,9 @@ class Cut:
         dropped: modules with parameters that the body leaves out (the original head).
         groups: for an adapted model's cut, the default layer groups as ``(first module, last
             module, parameter count)`` (see :func:`autocut.layer_groups`); empty otherwise.
+        after: the outermost module the body ends with, where the cut is the last thing that
+            module computes (``"layer4"`` for a ResNet, fastai's way of saying it); ``""`` where
+            the cut is made by the model's own forward between modules.
     """
 
     arch: str
@@ -74,6 +77,7 @@ class Cut:
     input_size: tuple[int, int, int]
     dropped: tuple[str, ...] = ()
     groups: tuple[tuple[str, str, int], ...] = ()
+    after: str = ""
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -82,7 +86,8 @@ class Cut:
     def __str__(self) -> str:
         stride = "x".join(_fmt(s) for s in self.stride) if isinstance(self.stride, tuple) else _fmt(self.stride)
         lines = [
-            f"Cut of {self.arch} at {self.where!r} (found by {self.method})",
+            f"Cut of {self.arch} at {self.where!r}" + (f", the end of {self.after!r}" if self.after and self.after != self.where
+                                                       else "") + f" (found by {self.method})",
             f"  features   {self.nf} channels, {self.feature_shape[1]}x{self.feature_shape[2]} "
             f"(stride {stride}) for input {tuple(self.input_size)}",
             f"  layout     {self.layout}" + (f", {self.prefix_tokens} prefix tokens dropped" if self.prefix_tokens else "")
@@ -401,7 +406,28 @@ def _cut_at(traced: Traced, node: fx.Node, feat: Feature, arch: str, method: str
         method=method,
         input_size=tuple(traced.input_shape[1:]),
         dropped=_dropped(traced.model, used),
+        after=_module_ending_at(traced, node),
     )
+
+
+def _module_ending_at(traced: Traced, node: fx.Node) -> str:
+    """The outermost module whose every node comes at or before ``node`` in the graph, among the
+    modules ``node`` was made in; ``""`` when ``node`` belongs to the model's own forward."""
+    last: dict[str, int] = {}
+    at = -1
+    for i, n in enumerate(traced.graph.nodes):
+        if n is node:
+            at = i
+        scope = traced.scope.get(n, "")
+        parts = scope.split(".") if scope else []
+        for k in range(1, len(parts) + 1):
+            last[".".join(parts[:k])] = i
+    scope = traced.scope.get(node, "")
+    parts = scope.split(".") if scope else []
+    for k in range(1, len(parts) + 1):
+        if last.get(".".join(parts[:k])) == at:
+            return ".".join(parts[:k])
+    return ""
 
 
 def cut_at_node(traced: Traced, name: str, arch: str, method: str = "user") -> Cut:
@@ -550,6 +576,7 @@ def find_cut_by_hooks(model: nn.Module, calls: list[ModuleCall], input_size: tup
         method="hooks",
         input_size=tuple(input_size),
         dropped=_dropped(model, used),
+        after="" if ":" in where else where,
     )
 
 

@@ -2,8 +2,9 @@
 number of input channels.
 
 fastai keeps a hand-written splitter per architecture (``_resnet_split``: ``body[:6]``,
-``body[6:]``, head). autocut reads the stride every module's output runs at (one forward on fake
-tensors with module hooks) and splits where the stride changes:
+``body[6:]``, head). autocut reads the stride every module's output runs at (from the shapes
+discovery's trace recorded for each module call, else one forward on fake tensors with module
+hooks) and splits where the stride changes:
 
 - a *unit* is the coarsest module whose children all run at one stride (``layer3`` of a ResNet,
   ``features.denseblock2`` of a DenseNet); units in execution order make the body;

@@ -15,6 +15,7 @@ def test_inspect_prints_the_cut_and_the_groups():
     out = proc.stdout
     assert "layer4" in out and "512" in out and "fc" in out and "1024 (concat pool" in out
     assert "layer3" in out and "layer groups" in out
+    assert "end of module" in out
 
 
 def test_inspect_json_is_machine_readable():
@@ -22,7 +23,7 @@ def test_inspect_json_is_machine_readable():
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["nf"] == 192 and record["layout"] == "NLC" and record["prefix_tokens"] == 1
-    assert record["feature_shape"] == [192, 14, 14]
+    assert record["feature_shape"] == [192, 14, 14] and record["after"] == "norm"
     assert [g["first"] for g in record["groups"]][-1] == "head" and len(record["groups"]) == 3
 
 

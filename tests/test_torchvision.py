@@ -126,9 +126,12 @@ def test_agrees_with_fastai_model_meta_or_improves_on_it(name):
     body = autocut.create_body(model, input_size=(3, 96, 96)).eval()
     with torch.no_grad():
         ours, theirs = body(x), fastai_body(x)
+    last_kept = list(dict(model.named_children()))[FASTAI_CUTS[name] - 1]
     if name.startswith("densenet"):
         # fastai's cut loses the ReLU that densenet's forward applies after `features`
         assert (theirs < 0).any()
         torch.testing.assert_close(ours, F.relu(theirs))
+        assert body.cut.after == ""  # the ReLU belongs to no module
     else:
         torch.testing.assert_close(ours, theirs)
+        assert body.cut.after == last_kept  # "the end of layer4": fastai's last kept child
