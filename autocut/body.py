@@ -125,9 +125,8 @@ def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Mod
         train_graph, train_tracer, _ = trace_graph(model, training=True)
         _truncate(train_graph, train_tracer.node_to_qualname, cut, train_only=eval_names)
     except Exception:
-        # the train graph lacks the cut or cannot be traced: use the eval graph in both modes
-        train_graph, train_tracer, _ = trace_graph(model, training=False)
-        _truncate(train_graph, train_tracer.node_to_qualname, cut)
+        # the train graph lacks the cut or cannot be traced: the eval graph serves both modes
+        train_graph = eval_graph
     if _same_graph(train_graph, eval_graph):  # most models: one graph, one compile, free .train()/.eval()
         train_graph = eval_graph
     body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body")

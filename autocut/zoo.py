@@ -138,9 +138,8 @@ def _registered_on_meta():
     def on_meta_parameter(module, name, param):
         register_parameter(module, name, param)
         if param is not None and not param.is_meta:
-            extra = {k: v for k, v in vars(param).items()}
             moved = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-            moved.__dict__.update(extra)
+            moved.__dict__.update(vars(param))
             module._parameters[name] = moved
 
     def on_meta_buffer(module, name, tensor, persistent=True):
