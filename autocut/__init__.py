@@ -10,7 +10,7 @@ from autocut.cut import Cut
 from autocut.discover import discover
 from autocut.errors import CutError
 from autocut.groups import group_summary, layer_groups, param_groups, splitter
-from autocut.layers import AdaptiveConcatPool2d, SigmoidRange, create_head
+from autocut.layers import AdaptiveConcatPool2d, SigmoidRange, create_head, fuse_bn_dropout
 
 __all__ = [
     "AdaptedModel",
@@ -24,6 +24,7 @@ __all__ = [
     "create_head",
     "discover",
     "finetune",
+    "fuse_bn_dropout",
     "group_summary",
     "layer_groups",
     "param_groups",

@@ -15,9 +15,12 @@ from torch import nn
 
 __all__ = [
     "AdaptiveConcatPool2d",
+    "BatchNormDropout1d",
     "SigmoidRange",
     "adaptive_concat_pool2d",
+    "batch_norm_dropout",
     "create_head",
+    "fuse_bn_dropout",
     "nhwc_to_nchw",
     "tokens_to_nchw",
 ]
@@ -111,6 +114,123 @@ class SigmoidRange(nn.Module):
 
     def extra_repr(self) -> str:
         return f"low={self.low}, high={self.high}"
+
+
+# --- normalisation and dropout --------------------------------------------------------------
+
+
+def batch_norm_dropout(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    p: float,
+) -> torch.Tensor:
+    """``F.dropout(F.batch_norm(x, ...), p, training)``, the two layers of each block of the head.
+
+    In training on CUDA with Triton, for a ``(B, F)`` input with affine parameters and running
+    statistics, both run as one fused kernel forward and one backward, dropout's mask regenerated
+    from a seed instead of saved (see :mod:`autocut.kernels.bn_dropout`); everywhere else it is
+    PyTorch's own ops. The arguments are ``F.batch_norm``'s, with ``momentum`` the resolved
+    exponential-average factor, plus dropout's ``p``.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(8)
+        >>> y = batch_norm_dropout(torch.randn(4, 8), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+        ...                        training=True, momentum=0.1, eps=1e-5, p=0.25)
+        >>> y.shape
+        torch.Size([4, 8])
+    """
+    if training and None not in (running_mean, running_var, weight, bias):
+        from autocut.kernels import fused_bn_dropout, fused_bn_dropout_available
+
+        if fused_bn_dropout_available(x):
+            return fused_bn_dropout(x, weight, bias, running_mean, running_var, momentum, eps, p)
+    return F.dropout(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps), p, training)
+
+
+class BatchNormDropout1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` followed by ``nn.Dropout(p)``, as one module (and one fused kernel on CUDA).
+
+    Its parameters and buffers are a BatchNorm1d's, under the same names, so state dicts move
+    between the two; it *is* a BatchNorm1d (``isinstance``), so freezing rules and
+    :func:`autocut.kernels.head.fold_head` treat it as one. In eval mode dropout is the identity.
+    Build one with :func:`fuse_bn_dropout` rather than by hand.
+
+    Args:
+        num_features: ``F`` of the ``(B, F)`` input.
+        p: dropout probability after the normalisation.
+        **kwargs: ``nn.BatchNorm1d``'s (``eps``, ``momentum``, ``affine``, ...).
+
+    Example:
+        >>> m = BatchNormDropout1d(8, p=0.5)
+        >>> m(torch.randn(4, 8)).shape
+        torch.Size([4, 8])
+    """
+
+    def __init__(self, num_features: int, p: float = 0.5, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        self.p = p
+
+    @classmethod
+    def from_pair(cls, bn: nn.BatchNorm1d, p: float) -> BatchNormDropout1d:
+        """One module holding ``bn``'s very parameters and buffers (an optimiser built on them keeps working)."""
+        new = cls(bn.num_features, p, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                  track_running_stats=bn.track_running_stats, device="meta")
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(new, name, getattr(bn, name))
+        return new.train(bn.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm1d does
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return batch_norm_dropout(x, self.running_mean if track else None, self.running_var if track else None,
+                                  self.weight, self.bias, use_batch_stats, factor, self.eps,
+                                  self.p if self.training else 0.0)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.p}"
+
+
+def fuse_bn_dropout(module: nn.Module) -> nn.Module:
+    """In place: each ``BatchNorm1d`` directly followed by a ``Dropout`` in an ``nn.Sequential``
+    becomes one :class:`BatchNormDropout1d`, the Dropout's slot an ``nn.Identity``.
+
+    Indices, parameter names and the parameters themselves stay (an optimiser or layer groups built
+    before keep working; state dicts load both ways), so this can be called on a whole adapted
+    model at any time. It pays on CUDA, where each pair then runs as one kernel each way; on the
+    CPU the result computes exactly what the pairs did. Hooks registered on the replaced modules
+    are not carried over.
+
+    Args:
+        module: a head from :func:`create_head`, or any model containing one.
+
+    Returns:
+        ``module`` itself.
+
+    Example:
+        >>> head = fuse_bn_dropout(create_head(512, 10))
+        >>> [type(m).__name__ for m in head][2:5]
+        ['BatchNormDropout1d', 'Identity', 'Linear']
+    """
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            bn, drop = seq[i], seq[i + 1]
+            if type(bn) is nn.BatchNorm1d and type(drop) is nn.Dropout:
+                seq[i], seq[i + 1] = BatchNormDropout1d.from_pair(bn, drop.p), nn.Identity()
+    return module
 
 
 # --- head -----------------------------------------------------------------------------------

@@ -1,12 +1,23 @@
-"""Benchmark the eval head: create_head's head unfolded vs folded (fused pool + two GEMMs), on a GPU.
+"""Benchmark the head on a GPU: eval (unfolded vs folded) and training (eager vs fused kernels).
 
-Implementations, all under ``torch.inference_mode``:
+Eval implementations, all under ``torch.inference_mode``:
 
 * ``pool_eager`` / ``pool_fused``: the concat pool alone, PyTorch's two ops or the fused kernel;
 * ``head_eager``: the head in eval mode with ``AUTOCUT_DISABLE_KERNELS=1`` (all PyTorch);
 * ``head_eval``: the head in eval mode with the fused pool (BatchNorm, Linear, ReLU unfolded);
 * ``head_folded``: :func:`autocut.kernels.head.fold_head` (pool, GEMM+ReLU, GEMM);
 * ``head_compiled``: ``torch.compile`` of the eager head (at the ResNet-50 shape only).
+
+Training implementations, forward and backward (grads of the input and every parameter), in train
+mode with dropout on:
+
+* ``train_eager``: the head with ``AUTOCUT_DISABLE_KERNELS=1``;
+* ``train_pool_fused``: the fused pool, BatchNorm and Dropout as PyTorch's modules;
+* ``train_fused``: the fused pool and :func:`autocut.layers.fuse_bn_dropout` (one kernel each
+  way per BatchNorm-dropout pair);
+* ``train_compiled``: ``torch.compile`` of the eager head (at the ResNet-50 shape only).
+
+Before timing, the fused training head is checked against the eager one with dropout off.
 
 Target: ``head_folded`` within 5 us of ``pool_fused``. Writes ``head_<gpu>_<date>.{csv,md,png}``
 into ``--out`` (default ``$OUT`` or ``benchmarks/reports/kernels``). Nothing runs without CUDA.
@@ -72,6 +83,83 @@ def randomised_head(c: int, n_out: int, dtype, device) -> torch.nn.Module:
     return head.to(device, dtype).eval()
 
 
+def train_step(head: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
+    """One forward and backward, returning the grads (nothing accumulates between timed calls)."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    return lambda: torch.autograd.grad(head(x), [x, *params], g)
+
+
+def check_fused_training(head: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor) -> float:
+    """Max error of the fused training head's output and grads against eager, dropout off, relative to scale."""
+    import copy
+
+    from autocut.layers import BatchNormDropout1d
+
+    a, b = copy.deepcopy(head), copy.deepcopy(fused)  # keep the timed heads' running statistics
+    for m in list(a.modules()) + list(b.modules()):
+        if isinstance(m, (torch.nn.Dropout, BatchNormDropout1d)):
+            m.p = 0.0
+    g = torch.randn(x.shape[0], head[-1].out_features, device=x.device, dtype=x.dtype)
+    with kernels_disabled(True):
+        want = train_step(a, x, g)()
+    got = train_step(b, x, g)()
+    return max(((u.float() - v.float()).abs().max() / v.float().abs().max().clamp_min(1e-12)).item()
+               for u, v in zip(got, want))
+
+
+def run_train(args) -> tuple[list[dict], str]:
+    import copy
+
+    import torch._dynamo
+
+    from autocut.layers import fuse_bn_dropout
+
+    rows, stopped, started = [], "", time.time()
+    grid = cases(args.quick)
+    for n, (b, c, h, w, dname, layout) in enumerate(grid):
+        if args.budget_s and time.time() - started > args.budget_s:
+            stopped = f"training head stopped by --budget-s {args.budget_s:.0f} after {n} of {len(grid)} shapes"
+            print(stopped)
+            break
+        dtype = DTYPES[dname]
+        x = make_input((b, c, h, w), dtype, layout).requires_grad_()
+        head = randomised_head(c, args.n_out, dtype, x.device).train()
+        fused = fuse_bn_dropout(copy.deepcopy(head))
+        g = torch.randn(b, args.n_out, device=x.device, dtype=dtype)
+        rel_err = check_fused_training(head, fused, x)
+        if rel_err > (1e-3 if dtype == torch.float32 else 5e-2):
+            print(f"  WARNING: fused training head differs from eager by {rel_err:.2e} of its scale")
+        impls = {
+            "train_eager": (train_step(head, x, g), True),
+            "train_pool_fused": (train_step(head, x, g), False),
+            "train_fused": (train_step(fused, x, g), False),
+        }
+        compile_s = ""
+        if (b, c, h, w) == TARGET and args.compile:
+            torch._dynamo.reset()
+            compiled = torch.compile(head, dynamic=False)
+            with kernels_disabled(True):
+                t0 = time.time()
+                train_step(compiled, x, g)()
+                torch.cuda.synchronize()
+                compile_s = round(time.time() - t0, 1)
+            impls["train_compiled"] = (train_step(compiled, x, g), True)
+        print(f"[train {n + 1}/{len(grid)}] B={b} C={c} {h}x{w} {dname} {layout}", flush=True)
+        for name, (fn, disable) in impls.items():
+            with kernels_disabled(disable):
+                med, p20, p80 = bench(fn, args.warmup, args.rep)
+                launches = count_launches(fn)
+            rows.append({"impl": name, "B": b, "C": c, "H": h, "W": w, "dtype": dname, "layout": layout,
+                         "n_out": args.n_out, "median_us": round(med, 2), "p20_us": round(p20, 2),
+                         "p80_us": round(p80, 2), "launches": launches,
+                         "compile_s": compile_s if name == "train_compiled" else "",
+                         "rel_err": f"{rel_err:.2e}" if name == "train_fused" else ""})
+            print(f"  {name:16s} {med:9.1f} us  launches {launches}", flush=True)
+        write_csv(rows, args.csv_path)
+        del x, head, fused
+    return rows, stopped
+
+
 def run(args) -> tuple[list[dict], str]:
     import torch._dynamo
 
@@ -123,7 +211,7 @@ def run(args) -> tuple[list[dict], str]:
                          "n_out": args.n_out, "median_us": round(med, 2), "p20_us": round(p20, 2),
                          "p80_us": round(p80, 2), "launches": launches,
                          "compile_s": compile_s if name == "head_compiled" else "",
-                         "folded_rel_err": f"{rel_err:.2e}" if name == "head_folded" else ""})
+                         "rel_err": f"{rel_err:.2e}" if name == "head_folded" else ""})
             print(f"  {name:14s} {med:9.1f} us  launches {launches}", flush=True)
         write_csv(rows, args.csv_path)
         del x, head, folded
@@ -146,24 +234,40 @@ def write_report(args, env, rows, stopped, path: Path, figure: str | None) -> No
     extra = {"do_bench": f"warmup {args.warmup} ms, rep {args.rep} ms, L2 cleared, median (p20/p80 in CSV)",
              "head": f"create_head(C, {args.n_out}): pool, BN, Dropout, Linear, ReLU, BN, Dropout, Linear",
              "grid": "quick" if args.quick else "full"}
-    text = [f"# Eval head: {env['gpu']}, {env['date']}", "", env_section(env, extra), ""]
+    text = [f"# Head (eval and training): {env['gpu']}, {env['date']}", "", env_section(env, extra), ""]
     if stopped:
         text += [f"**Incomplete:** {stopped}.", ""]
     v = verdicts(rows)
     overall = "UNMEASURED" if not v else ("PASS" if all(r[-1] == "PASS" for r in v) else "FAIL")
     text += [f"## Target: folded eval head <= fused pool + {SLACK_US:.0f} us: {overall}", "",
              md_table(["shape", "pool_fused us", "head_folded us", "difference us", "verdict"], v), ""]
+    eval_rows = [r for r in rows if not r["impl"].startswith("train_")]
+    train_rows = [r for r in rows if r["impl"].startswith("train_")]
+    text += ["## Eval head: median us (GPU launches)", "", launches_table(eval_rows), ""]
+    if train_rows:
+        text += ["## Training head, forward + backward: median us (GPU launches)", "",
+                 "Dropout on; grads of the input and every parameter. `speed-up` is train_eager / "
+                 "train_fused; the last column is the fused head's largest error against eager with "
+                 "dropout off, relative to scale.", "", launches_table(train_rows, speedup=("train_eager", "train_fused")), ""]
+    if figure:
+        text += [f"![{figure}]({figure})", ""]
+    path.write_text("\n".join(text))
+
+
+def launches_table(rows: list[dict], speedup: tuple[str, str] | None = None) -> str:
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     shapes = list(dict.fromkeys((r["B"], r["C"], r["H"], r["W"], r["dtype"], r["layout"]) for r in rows))
     body = []
     for s in shapes:
         by = {r["impl"]: r for r in rows if (r["B"], r["C"], r["H"], r["W"], r["dtype"], r["layout"]) == s}
-        body.append([f"B={s[0]} C={s[1]} {s[2]}x{s[3]} {s[4]} {s[5]}"]
-                    + [f"{fmt(by[i]['median_us'])} ({by[i]['launches']})" if i in by else "" for i in impls])
-    text += ["## Median us (GPU launches)", "", md_table(["shape"] + impls, body), ""]
-    if figure:
-        text += [f"![{figure}]({figure})", ""]
-    path.write_text("\n".join(text))
+        line = [f"B={s[0]} C={s[1]} {s[2]}x{s[3]} {s[4]} {s[5]}"]
+        line += [f"{fmt(by[i]['median_us'])} ({by[i]['launches']})" if i in by else "" for i in impls]
+        if speedup:
+            base, new = (by.get(k) for k in speedup)
+            line += [f"{base['median_us'] / new['median_us']:.2f}x" if base and new else "",
+                     new["rel_err"] if new else ""]
+        body.append(line)
+    return md_table(["shape"] + impls + (["speed-up", "error"] if speedup else []), body)
 
 
 def plot(rows: list[dict], out: Path, stem: str) -> str | None:
@@ -192,7 +296,7 @@ def plot(rows: list[dict], out: Path, stem: str) -> str | None:
     ax.set_ylabel("median us")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    ax.set_title("Eval head, 7x7 map")
+    ax.set_title("Head, 7x7 map: eval (inference), train_* (forward + backward)")
     fig.tight_layout()
     name = f"{stem}.png"
     fig.savefig(out / name, dpi=110)
@@ -208,7 +312,8 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=float, default=20.0, help="do_bench repetition time, ms (default %(default)s)")
     p.add_argument("--n-out", type=int, default=1000, help="classes of the head (default %(default)s)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the eager head")
-    p.add_argument("--budget-s", type=float, default=None, help="stop starting new shapes after this many seconds")
+    p.add_argument("--no-train", dest="train", action="store_false", help="skip the training head")
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new shapes after this many seconds (each part)")
     return p.parse_args(argv)
 
 
@@ -222,6 +327,10 @@ def main(argv=None) -> None:
     args.csv_path = out / f"{stem}.csv"
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     rows, stopped = run(args)
+    if args.train:
+        train_rows, train_stopped = run_train(args)
+        rows += train_rows
+        stopped = "; ".join(x for x in (stopped, train_stopped) if x)
     write_csv(rows, args.csv_path)
     figure = plot(rows, out, stem)
     write_report(args, env, rows, stopped, out / f"{stem}.md", figure)

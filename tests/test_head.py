@@ -79,3 +79,98 @@ def test_lin_first_blocks():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="nf >= 1"):
         create_head(0, 3)
+
+
+# --- BatchNorm + dropout as one module (fused on CUDA; PyTorch's ops here) --------------------
+
+
+def _trained_pairs(head: nn.Sequential) -> None:
+    """Give the head's BatchNorms non-default parameters, so sharing them is visible."""
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+
+
+def test_fuse_bn_dropout_keeps_parameters_names_and_outputs():
+    from autocut.layers import BatchNormDropout1d, fuse_bn_dropout
+
+    torch.manual_seed(0)
+    head = create_head(16, 5)
+    _trained_pairs(head)
+    reference = create_head(16, 5)
+    reference.load_state_dict(head.state_dict())
+    params_before = list(head.parameters())
+    keys_before = list(head.state_dict())
+
+    assert fuse_bn_dropout(head) is head
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["AdaptiveConcatPool2d", "Flatten", "BatchNormDropout1d", "Identity", "Linear", "ReLU",
+                     "BatchNormDropout1d", "Identity", "Linear"]
+    assert [m.p for m in head if isinstance(m, BatchNormDropout1d)] == [0.25, 0.5]
+    assert all(a is b for a, b in zip(head.parameters(), params_before, strict=True))
+    assert list(head.state_dict()) == keys_before
+    reference.load_state_dict(head.state_dict())  # and back
+
+    x = torch.randn(8, 16, 3, 3)
+    for train in (True, False):
+        head.train(train), reference.train(train)
+        torch.manual_seed(1)
+        got = head(x)
+        torch.manual_seed(1)
+        want = reference(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(head.buffers(), reference.buffers(), strict=True):  # running stats, batch counts
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert head[2].num_batches_tracked.item() == 1
+
+
+def test_fuse_bn_dropout_on_a_whole_model_and_an_existing_optimiser():
+    from autocut.layers import BatchNormDropout1d, fuse_bn_dropout
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), create_head(8, 3, lin_ftrs=[6], ps=[0.0, 0.5]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fuse_bn_dropout(model)
+    head = model[1]
+    # p=0 builds no Dropout, so the first BatchNorm has no pair and stays as it is.
+    assert type(head[2]) is nn.BatchNorm1d and isinstance(head[5], BatchNormDropout1d) and head[5].p == 0.5
+    before = head[5].weight.detach().clone()
+    loss = model(torch.randn(4, 3, 5, 5)).square().sum()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(head[5].weight, before), "the optimiser built before fusing must still train it"
+
+
+def test_batch_norm_dropout_module_matches_batchnorm_options():
+    from autocut.layers import BatchNormDropout1d
+
+    x = torch.randn(6, 4)
+    for kwargs in (dict(momentum=None), dict(affine=False), dict(track_running_stats=False)):
+        bn, fused = nn.BatchNorm1d(4, **kwargs), BatchNormDropout1d(4, p=0.0, **kwargs)
+        for _ in range(2):
+            torch.testing.assert_close(fused(x), bn(x))
+        for a, b in zip(fused.buffers(), bn.buffers(), strict=True):
+            torch.testing.assert_close(a, b)
+        fused.eval(), bn.eval()
+        torch.testing.assert_close(fused(x), bn(x))
+    assert "p=0.0" in repr(BatchNormDropout1d(4, p=0.0))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        BatchNormDropout1d(4, p=1.5)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchNormDropout1d(4)(torch.randn(1, 4))
+
+
+def test_fused_pairs_fold_like_the_originals():
+    from autocut.kernels.head import fold_head
+    from autocut.layers import fuse_bn_dropout
+
+    torch.manual_seed(0)
+    head = create_head(8, 4)
+    _trained_pairs(head)
+    head.train()(torch.randn(16, 8, 2, 2))  # non-trivial running statistics
+    head.eval()
+    x = torch.randn(3, 8, 2, 2)
+    want = head(x)
+    torch.testing.assert_close(fold_head(fuse_bn_dropout(head))(x), want, rtol=1e-5, atol=1e-5)

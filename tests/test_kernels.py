@@ -1,4 +1,5 @@
-"""The fused concat pool against PyTorch's reference, and the folded eval head against the head.
+"""The fused concat pool and the fused training BatchNorm-dropout against PyTorch's reference, and
+the folded eval head against the head.
 
 Without CUDA the Triton kernels run under the interpreter (``TRITON_INTERPRET=1``), which must be
 set before the kernel module is imported; when another test module imported it first, the grid
@@ -26,9 +27,10 @@ from torch import nn  # noqa: E402
 
 tl = pytest.importorskip("triton.language")
 from autocut import kernels  # noqa: E402
+from autocut.kernels import bn_dropout as bd  # noqa: E402
 from autocut.kernels import concat_pool as cp  # noqa: E402
 from autocut.kernels.head import FoldedHead, FoldedLinear, fold_head  # noqa: E402
-from autocut.layers import adaptive_concat_pool2d, create_head  # noqa: E402
+from autocut.layers import BatchNormDropout1d, adaptive_concat_pool2d, create_head, fuse_bn_dropout  # noqa: E402
 
 INTERPRETED = all(type(f).__name__ == "InterpretedFunction" for f in (cp._concat_pool_fwd_kernel, tl.zeros))
 RUNNABLE = CUDA or INTERPRETED
@@ -404,6 +406,178 @@ def test_fold_head_says_what_it_cannot_fold():
     with pytest.raises(TypeError, match="nn.Sequential"):
         fold_head(nn.Linear(4, 4))
     assert isinstance(fold_head(nn.Sequential(nn.Linear(4, 4))), FoldedHead)
+
+
+# --- training BatchNorm + dropout -----------------------------------------------------------
+
+# (B, F): F below, at and above one feature block (32); B above one batch block (128).
+BN_SHAPES = [(2, 3), (37, 70), (130, 33), (5, 1)]
+# Sums over the batch in another order than PyTorch's: a few fp32 ulps of the sum.
+BN_TOL = {**TOL, torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+def bn_inputs(shape, dtype, layout="contiguous", seed=0):
+    """``x`` (off-centre, so the two-pass variance matters), BatchNorm parameters and running stats."""
+    g = torch.Generator().manual_seed(seed)
+    b, f = shape
+    x = torch.randn(b, f, generator=g) * 3 + 5
+    x = x.t().contiguous().t() if layout == "column_major" else x
+    x = x.to(DEVICE, dtype).requires_grad_()
+    w = (torch.rand(f, generator=g) + 0.5).to(DEVICE).requires_grad_()
+    bias = torch.randn(f, generator=g).to(DEVICE).requires_grad_()
+    return x, w, bias, torch.randn(f, generator=g).to(DEVICE), (torch.rand(f, generator=g) + 0.5).to(DEVICE)
+
+
+def check_bn_dropout(shape, dtype, p, layout="contiguous", momentum=0.1):
+    """Forward, running statistics and every gradient against ``F.batch_norm`` then the same mask,
+    computed in float64 from the very same (rounded) inputs."""
+    x, w, bias, rm, rv = bn_inputs(shape, dtype, layout)
+    rm_ref, rv_ref = rm.double(), rv.double()
+    y = bd.bn_dropout_train(x, w, bias, rm, rv, momentum, 1e-5, p)
+    assert y.shape == x.shape and y.dtype == dtype
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, bias)]
+    ref = F.batch_norm(leaves[0], rm_ref, rv_ref, leaves[1], leaves[2], True, momentum, 1e-5)
+    # The mask is Philox's, not PyTorch's: read it off the output (a kept value is never exactly 0).
+    keep = (y != 0).double()
+    if p == 0:
+        assert keep.all()
+    want = ref * keep / (1 - p)
+    torch.testing.assert_close(y.double(), want, **BN_TOL[dtype])
+    torch.testing.assert_close(rm.double(), rm_ref, **BN_TOL[torch.float32])
+    torch.testing.assert_close(rv.double(), rv_ref, **BN_TOL[torch.float32])
+    # The backward regenerates the mask from the seed: a different mask would show in every grad.
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    got = torch.autograd.grad(y, (x, w, bias), g)
+    ref_grads = torch.autograd.grad(want, leaves, g.double())
+    for a, b, tol in zip(got, ref_grads, (BN_TOL[dtype], BN_TOL[torch.float32], BN_TOL[torch.float32])):
+        torch.testing.assert_close(a.double(), b, **tol)
+    return y
+
+
+@needs_kernel
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bn_dropout_grid(shape, dtype, p):
+    check_bn_dropout(shape, dtype, p)
+
+
+@needs_kernel
+def test_bn_dropout_strided_input_and_momentum_one():
+    check_bn_dropout((9, 40), torch.float32, 0.5, layout="column_major", momentum=1.0)
+
+
+@needs_kernel
+def test_bn_dropout_mask_rate_and_seeding():
+    x, w, bias, rm, rv = bn_inputs((64, 96), torch.float32)
+    x = x.detach()
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return bd.bn_dropout_train(x, w.detach(), bias.detach(), rm.clone(), rv.clone(), 0.1, 1e-5, 0.3) == 0
+
+    first, again, other = run(0), run(0), run(1)
+    assert torch.equal(first, again), "torch.manual_seed must make the mask repeatable"
+    assert not torch.equal(first, other)
+    assert abs(first.float().mean().item() - 0.3) < 0.03  # 6,144 draws: sd 0.006
+    # No stripes: every row and column sees drops.
+    assert first.any(0).all() and first.any(1).all()
+
+
+@needs_kernel
+def test_bn_dropout_drops_everything_at_p_one():
+    x, w, bias, rm, rv = bn_inputs((4, 6), torch.float32)
+    y = bd.bn_dropout_train(x, w, bias, rm, rv, 0.1, 1e-5, 1.0)
+    assert torch.equal(y, torch.zeros_like(y))
+    gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, bias))
+    assert not gx.abs().sum() and not gw.abs().sum() and not gb.abs().sum()
+
+
+def test_bn_dropout_refuses_what_pytorch_refuses():
+    x, w, bias, rm, rv = bn_inputs((1, 4), torch.float32)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bd.bn_dropout_forward(x, w, bias, rm, rv, 0.1, 1e-5, 0.5, bd.dropout_seed(DEVICE))
+    x, w, bias, rm, rv = bn_inputs((3, 4), torch.float32)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        bd.bn_dropout_forward(x, w, bias, rm, rv, 0.1, 1e-5, -0.1, bd.dropout_seed(DEVICE))
+    with pytest.raises(ValueError, match=r"\(B, F\)"):
+        bd.bn_dropout_forward(x[None], w, bias, rm, rv, 0.1, 1e-5, 0.5, bd.dropout_seed(DEVICE))
+    with pytest.raises(TypeError, match="float32"):
+        bd.bn_dropout_forward(x.double(), w, bias, rm, rv, 0.1, 1e-5, 0.5, bd.dropout_seed(DEVICE))
+    with pytest.raises(ValueError, match="do not match 4 features"):
+        bd.bn_dropout_forward(x, w[:3], bias, rm, rv, 0.1, 1e-5, 0.5, bd.dropout_seed(DEVICE))
+
+
+@needs_kernel
+def test_bn_dropout_opcheck_and_compile():
+    x, w, bias, rm, rv = bn_inputs((6, 5), torch.float32)
+    seed = bd.dropout_seed(DEVICE)
+    torch.library.opcheck(torch.ops.autocut.bn_dropout.default, (x.detach(), w.detach(), bias.detach(), rm, rv, 0.1, 1e-5, 0.5, seed))
+    grad = torch.randn(6, 5, device=DEVICE)
+    _, mean, rstd = bd.bn_dropout_forward(x.detach(), w.detach(), bias.detach(), rm.clone(), rv.clone(), 0.1, 1e-5, 0.5, seed)
+    torch.library.opcheck(torch.ops.autocut.bn_dropout_backward.default, (grad, x.detach(), w.detach(), mean, rstd, seed, 0.5))
+
+    def step(t):
+        return bd.bn_dropout_train(t, w, bias, rm, rv, 0.1, 1e-5, 0.5).square().sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(3)
+    got = torch.autograd.grad(compiled(x), (x, w, bias))
+    torch.manual_seed(3)
+    want = torch.autograd.grad(step(x), (x, w, bias))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@needs_kernel
+def test_bn_dropout_module_takes_the_kernel_where_available(monkeypatch):
+    """The module's own logic (batch counting, momentum=None) in front of the kernel, against nn.BatchNorm1d."""
+    calls = []
+    real = bd.bn_dropout_train
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "fused_bn_dropout_available", lambda x: x.dim() == 2)
+    monkeypatch.setattr(bd, "bn_dropout_train", counting)
+    torch.manual_seed(0)
+    x = torch.randn(12, 10, device=DEVICE) * 2 + 1
+    for momentum in (0.1, None):
+        fused, bn = BatchNormDropout1d(10, p=0.0, momentum=momentum).to(DEVICE), nn.BatchNorm1d(10, momentum=momentum).to(DEVICE)
+        for _ in range(3):
+            torch.testing.assert_close(fused(x), bn(x), **TOL[torch.float32])
+        torch.testing.assert_close(fused.running_var, bn.running_var)
+        assert fused.num_batches_tracked.item() == 3
+    assert len(calls) == 6
+    fused.eval()
+    fused(x)
+    assert len(calls) == 6, "eval mode uses the running statistics: PyTorch's ops, no kernel"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_fused_training_head_matches_eager(dtype):
+    """A training step of a fused head on the GPU (dropout off, so the two are comparable) equals the
+    eager head's: output, every gradient, the running statistics; with dropout, the real sizes."""
+    torch.manual_seed(0)
+    eager = randomise_bn(create_head(2048, 10)).cuda().train()
+    fused = fuse_bn_dropout(randomise_bn(create_head(2048, 10)).cuda().train())
+    fused.load_state_dict(eager.state_dict())
+    for m in list(eager) + list(fused):
+        if isinstance(m, (nn.Dropout, BatchNormDropout1d)):
+            m.p = 0.0
+    x = torch.randn(256, 2048, 7, 7, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got, want = fused(x), eager(x)
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+    got.float().square().mean().backward()
+    want.float().square().mean().backward()
+    for (name, a), b in zip(fused.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    for a, b in zip(fused.buffers(), eager.buffers()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+    check_bn_dropout((256, 4096), dtype, 0.25)
 
 
 # --- the interpreter grid in a clean process ------------------------------------------------

@@ -1,7 +1,9 @@
 """Fused GPU kernels for the head. Chosen here, in one place, and nowhere else.
 
 :func:`fused_concat_pool_available` is the one decision between the Triton kernel and PyTorch's
-ops; :func:`autocut.layers.adaptive_concat_pool2d` asks it. The kernel serves CUDA tensors when
+ops; :func:`autocut.layers.adaptive_concat_pool2d` asks it. :func:`fused_bn_dropout_available`
+is the same decision for the training head's BatchNorm-dropout pairs
+(:func:`autocut.layers.batch_norm_dropout`). The kernel serves CUDA tensors when
 Triton imports; ``AUTOCUT_DISABLE_KERNELS=1`` forces the PyTorch path everywhere.
 
 Triton is imported only when a CUDA tensor asks, so CPU users never pay for it.
@@ -19,7 +21,13 @@ import os
 
 import torch
 
-__all__ = ["fused_concat_pool_available", "fused_concat_pool2d", "kernels_disabled"]
+__all__ = [
+    "fused_bn_dropout",
+    "fused_bn_dropout_available",
+    "fused_concat_pool2d",
+    "fused_concat_pool_available",
+    "kernels_disabled",
+]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # concat_pool.SUPPORTED_DTYPES, without importing triton
 _triton_ready: bool | None = None  # None until the first CUDA tensor asks
@@ -34,7 +42,8 @@ def _load() -> bool:
     global _triton_ready
     if _triton_ready is None:
         try:
-            import autocut.kernels.concat_pool  # noqa: F401  (imports triton, registers the ops)
+            import autocut.kernels.bn_dropout  # noqa: F401  (imports triton, registers the ops)
+            import autocut.kernels.concat_pool  # noqa: F401
         except ImportError:
             _triton_ready = False
         else:
@@ -62,3 +71,25 @@ def fused_concat_pool2d(x: torch.Tensor) -> torch.Tensor:
     from autocut.kernels.concat_pool import concat_pool2d
 
     return concat_pool2d(x)
+
+
+def fused_bn_dropout_available(x: torch.Tensor) -> bool:
+    """Whether the fused training BatchNorm-dropout kernel serves ``x``: a 2-D ``(B, F)``
+    float32/float16/bfloat16 CUDA tensor, Triton importable, ``AUTOCUT_DISABLE_KERNELS`` unset.
+
+    Example:
+        >>> fused_bn_dropout_available(torch.randn(4, 8))  # CPU: PyTorch's ops serve it
+        False
+    """
+    if not x.is_cuda or x.dim() != 2 or x.dtype not in _DTYPES or kernels_disabled():
+        return False
+    return _load()
+
+
+def fused_bn_dropout(x, weight, bias, running_mean, running_var, momentum: float, eps: float, p: float) -> torch.Tensor:
+    """Training BatchNorm1d then dropout in one kernel; see
+    :func:`autocut.kernels.bn_dropout.bn_dropout_train`. Ask :func:`fused_bn_dropout_available`
+    first (:func:`autocut.layers.batch_norm_dropout` does)."""
+    from autocut.kernels.bn_dropout import bn_dropout_train
+
+    return bn_dropout_train(x, weight, bias, running_mean, running_var, momentum, eps, p)
