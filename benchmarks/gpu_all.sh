@@ -48,6 +48,15 @@ fi
 step concat_pool 180 "$PY" benchmarks/concat_pool.py --out "$OUT" --compile target --budget-s 120 --warmup 3 --rep 15 --e2e-warmup 400 --e2e-rep 1500
 step head 90 "$PY" benchmarks/head.py --out "$OUT" --budget-s 25 --warmup 3 --rep 15
 step finetune 100 "$PY" -m autocut finetune --device cuda --out "$OUT/finetune"
+# Issue 6's CUDA path: what ran (the start line) and the default's accuracy bar (>= 95%).
+grep -q "cuda, bf16 autocast, channels_last" "$OUT/finetune.log" \
+    || { echo "!!! finetune did not report 'cuda, bf16 autocast, channels_last'"; status=1; }
+"$PY" - "$OUT/finetune.log" <<'PY' || status=1
+import re, sys
+found = re.findall(r"^accuracy ([0-9.]+);", open(sys.argv[1]).read(), re.M)
+print(f"finetune accuracy: {found[-1] if found else 'not found'} (needs >= 0.95)")
+sys.exit(0 if found and float(found[-1]) >= 0.95 else 1)
+PY
 step finetune_nccl 80 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m autocut finetune \
     --epochs 1 --freeze-epochs 0 --out "$OUT/finetune_nccl"
 

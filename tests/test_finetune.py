@@ -195,6 +195,71 @@ def test_ctrl_c_in_the_command_saves_and_exits_non_zero(tmp_path, small_digits, 
     assert meta["interrupted"] and meta["epoch"] == 1
 
 
+# --- precision and memory format -----------------------------------------------------------------
+
+
+def test_precision_and_channels_last_flags(monkeypatch):
+    from autocut.finetune import train
+
+    got = []
+    monkeypatch.setattr(train, "finetune", lambda arch, data, **options: got.append(options) or (None, []))
+    assert cli.main(["finetune", "--quiet", "--precision", "bf16", "--channels-last"]) == 0
+    assert cli.main(["finetune", "--quiet", "--no-channels-last"]) == 0
+    assert cli.main(["finetune", "--quiet"]) == 0
+    assert [(o["precision"], o["channels_last"]) for o in got] == [("bf16", True), ("auto", False), ("auto", None)]
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--precision", "fp16"])
+
+
+def test_compute_defaults_follow_the_device():
+    from autocut.finetune.train import _Compute
+
+    cpu = _Compute.choose(torch.device("cpu"), "auto", None)
+    cuda = _Compute.choose(torch.device("cuda", 0), "auto", None)  # no GPU needed to decide
+    assert (cpu.bf16, cpu.channels_last) == (False, False) and cpu.describe() == "cpu"
+    assert (cuda.bf16, cuda.channels_last) == (True, True) and cuda.describe() == "cuda, bf16 autocast, channels_last"
+    assert _Compute.choose(torch.device("cuda", 0), "fp32", False).describe() == "cuda"
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):
+        _Compute.choose(torch.device("cpu"), "fp16", None)
+
+
+def test_bf16_autocast_and_channels_last_on_request(tmp_path, small_digits, monkeypatch, capsys):
+    """What CUDA gets by default, asked for on the CPU: the same code path, observed from inside,
+    and training like the fp32 run does."""
+    from autocut.finetune import train
+
+    options = dict(size=SIZE, epochs=2, bs=32, channels_last=True, device="cpu")
+    _, fp32 = finetune(ARCH, small_digits, precision="fp32", progress=False, **options)
+
+    seen = {"input_channels_last": [], "logits": [], "params": set()}
+    build = train._build_model
+
+    def observed(*args):
+        model = build(*args)
+        model.register_forward_pre_hook(lambda m, inp: seen["input_channels_last"].append(
+            inp[0].is_contiguous(memory_format=torch.channels_last)))
+        model.register_forward_hook(lambda m, inp, out: seen["logits"].append(out.dtype))
+        seen["conv_weight_channels_last"] = next(p for p in model.parameters() if p.dim() == 4).is_contiguous(
+            memory_format=torch.channels_last)
+        seen["model"] = model
+        return model
+
+    monkeypatch.setattr(train, "_build_model", observed)
+    _, bf16 = finetune(ARCH, small_digits, out=tmp_path, precision="bf16", **options)
+    assert "cpu, bf16 autocast, channels_last" in capsys.readouterr().out
+    assert seen["conv_weight_channels_last"] and all(seen["input_channels_last"])
+    assert set(seen["logits"]) == {torch.bfloat16}  # training and validation batches
+    assert {p.dtype for p in seen["model"].parameters()} == {torch.float32}  # autocast, not a bf16 model
+    meta = json.loads((tmp_path / checkpoint.MODEL_META).read_text())
+    assert meta["options"]["precision"] == "bf16"
+    # bf16 rounding changes the numbers, not the course: the loss falls as the fp32 run's does.
+    assert bf16[-1]["train_loss"] < bf16[0]["train_loss"] / 2
+    for a, b in zip(bf16, fp32, strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.3 * b["train_loss"], (bf16, fp32)
+    with pytest.raises(ValueError, match="cannot resume.*precision='bf16' \\(now 'fp32'\\)"):
+        finetune(ARCH, small_digits, size=SIZE, epochs=2, bs=32, out=tmp_path, resume=True, progress=False)
+
+
 # --- folders: corrupt files, empty folders and classes -------------------------------------------
 
 

@@ -20,7 +20,7 @@ def _finetune(args: argparse.Namespace) -> int:
             lr_mult=args.lr_mult, bs=args.bs, pretrained=args.pretrained, weights=args.weights, n_in=args.n_in,
             out=args.out, resume=args.resume, seed=args.seed, ps=args.ps, weight_decay=args.wd,
             valid_pct=args.valid_pct, augment=not args.no_augment, workers=args.workers, device=args.device,
-            progress=not args.quiet,
+            precision=args.precision, channels_last=args.channels_last, progress=not args.quiet,
         )
     except KeyboardInterrupt:
         print(f"autocut finetune: interrupted; rerun with --resume --out {args.out} to continue", file=sys.stderr)
@@ -61,7 +61,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``finetune`` and ``predict`` to ``autocut``'s subcommands."""
-    from autocut.finetune.train import DEFAULT_ARCH, DEFAULT_EPOCHS, DEFAULT_LR, DIGITS_SIZE
+    from autocut.finetune.train import DEFAULT_ARCH, DEFAULT_EPOCHS, DEFAULT_LR, DIGITS_SIZE, PRECISIONS
 
     ft = sub.add_parser(
         "finetune",
@@ -91,6 +91,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--no-augment", action="store_true", help="no random crops and flips for folders")
     ft.add_argument("--workers", type=int, help="data-loading processes (default 0 for digits, else up to 8)")
     ft.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cuda:LOCAL_RANK when there is a GPU)")
+    ft.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="bf16: bf16 autocast (fp32 weights); fp32: none; auto (default): bf16 on CUDA, fp32 elsewhere")
+    ft.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="model and batches in channels_last memory (default: on CUDA only)")
     ft.add_argument("--quiet", action="store_true", help="no bars and no table")
     ft.set_defaults(func=_finetune_with_out)
 

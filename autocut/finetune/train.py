@@ -2,8 +2,8 @@
 
 Train the head (and the body's norms) with the body frozen for ``freeze_epochs``, then the
 whole model with discriminative learning rates over the layer groups; each phase is a one-cycle
-schedule (``OneCycleLR``, per-group ``max_lr``) with AdamW. On CUDA: bf16 autocast and
-channels_last. Under ``torchrun``: ``DistributedDataParallel``, the same global batch as one
+schedule (``OneCycleLR``, per-group ``max_lr``) with AdamW. On CUDA by default (anywhere on
+request): bf16 autocast and channels_last. Under ``torchrun``: ``DistributedDataParallel``, the same global batch as one
 process (``bs / world_size`` each) and batch norm over all of it.
 
 Reproducible by construction: the model is built from ``seed``, and every epoch reseeds torch,
@@ -35,12 +35,13 @@ from autocut.finetune import checkpoint
 from autocut.finetune.distributed import Processes, all_sum, setup, synced_batch_norm, teardown
 from autocut.finetune.report import Report
 
-__all__ = ["finetune", "Options", "DEFAULT_ARCH", "DEFAULT_EPOCHS", "DEFAULT_LR", "DIGITS_SIZE"]
+__all__ = ["finetune", "Options", "DEFAULT_ARCH", "DEFAULT_EPOCHS", "DEFAULT_LR", "DIGITS_SIZE", "PRECISIONS"]
 
 DEFAULT_ARCH = "resnet10t"
 DEFAULT_EPOCHS = 4
 DEFAULT_LR = 3e-3
 DIGITS_SIZE = 32
+PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 autocast on CUDA, fp32 elsewhere
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Options:
     weight_decay: float
     valid_pct: float
     augment: bool
+    precision: str
 
 
 def _seed_everything(seed: int) -> None:
@@ -71,23 +73,42 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+@dataclass(frozen=True)
+class _Compute:
+    """How batches run: on ``device``, under bf16 autocast or not, in channels_last or not."""
+
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+
+    @classmethod
+    def choose(cls, device: torch.device, precision: str, channels_last: bool | None) -> _Compute:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        cuda = device.type == "cuda"
+        return cls(device, precision == "bf16" or (precision == "auto" and cuda), cuda if channels_last is None else channels_last)
+
+    def autocast(self):
+        # Weights stay fp32; matmuls and convolutions run in bf16 (no loss scaling needed, unlike fp16).
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return x.to(self.device, non_blocking=True)
+
+    def describe(self) -> str:
+        return ", ".join([self.device.type] + ["bf16 autocast"] * self.bf16 + ["channels_last"] * self.channels_last)
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda" and x.dim() == 4:
-        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return x.to(device, non_blocking=True)
-
-
-def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, procs: Processes, advance: Callable) -> float:
+def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, procs: Processes, compute: _Compute,
+                 advance: Callable) -> float:
     """One pass over the training data; the mean loss over every process's samples."""
     net.train()
     total, count = 0.0, 0
     for x, y in loader:
-        x, y = _to_device(x, procs.device), y.to(procs.device, non_blocking=True)
-        with _autocast(procs.device):
+        x, y = compute.to_device(x), y.to(procs.device, non_blocking=True)
+        with compute.autocast():
             loss = F.cross_entropy(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -101,13 +122,13 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, procs
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, loader: DataLoader, procs: Processes) -> tuple[float, float]:
+def _validate(model: nn.Module, loader: DataLoader, procs: Processes, compute: _Compute) -> tuple[float, float]:
     """``(loss, accuracy)`` over the whole validation set (each process scores its share)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     for x, y in loader:
-        x, y = _to_device(x, procs.device), y.to(procs.device, non_blocking=True)
-        with _autocast(procs.device):
+        x, y = compute.to_device(x), y.to(procs.device, non_blocking=True)
+        with compute.autocast():
             out = model(x).float()
         sums += torch.tensor([F.cross_entropy(out, y, reduction="sum").item(), (out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
     loss, correct, count = all_sum(sums, procs).tolist()
@@ -135,7 +156,7 @@ def _loaders(data: Data, bs: int, seed: int, workers: int | None, procs: Process
     return train, valid
 
 
-def _build_model(options: Options, n_out: int, procs: Processes) -> nn.Module:
+def _build_model(options: Options, n_out: int, procs: Processes, compute: _Compute) -> nn.Module:
     if options.pretrained and not procs.main:
         procs.barrier()  # rank 0 downloads the weights first; the others read its cache
     _seed_everything(options.seed)
@@ -151,7 +172,7 @@ def _build_model(options: Options, n_out: int, procs: Processes) -> nn.Module:
     if options.pretrained and procs.main:
         procs.barrier()
     model = model.to(procs.device)
-    if procs.device.type == "cuda":
+    if compute.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -203,6 +224,8 @@ def finetune(
     augment: bool = True,
     workers: int | None = None,
     device: str | torch.device | None = None,
+    precision: str = "auto",
+    channels_last: bool | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
@@ -231,6 +254,11 @@ def finetune(
             distribution, not bit for bit.
         augment: random crops and flips for folders (digits are never augmented).
         workers: data-loading processes; default 0 for in-memory data, else up to 8.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default ``cuda:LOCAL_RANK`` when there
+            is a GPU, else the CPU.
+        precision: ``"bf16"`` trains and validates under bf16 autocast (fp32 weights),
+            ``"fp32"`` without; ``"auto"`` is bf16 on CUDA, fp32 elsewhere.
+        channels_last: model and batches in channels_last memory; default on CUDA only.
         progress: show bars and the results table (main process only).
         on_epoch_end: called with each epoch's record after its checkpoint is written.
 
@@ -248,13 +276,14 @@ def finetune(
     """
     procs = setup(device)
     try:
-        return _finetune(procs, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights, n_in,
-                         out, resume, seed, ps, weight_decay, valid_pct, augment, workers, progress, on_epoch_end)
+        compute = _Compute.choose(procs.device, precision, channels_last)
+        return _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights,
+                         n_in, out, resume, seed, ps, weight_decay, valid_pct, augment, workers, progress, on_epoch_end)
     finally:
         teardown(procs)
 
 
-def _finetune(procs, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights, n_in,
+def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights, n_in,
               out, resume, seed, ps, weight_decay, valid_pct, augment, workers, progress, on_epoch_end):
     if epochs < 0 or (freeze_epochs or 0) < 0 or bs < 1 or lr <= 0 or seed < 0:
         raise ValueError(f"need epochs >= 0, freeze_epochs >= 0, bs >= 1, lr > 0 and seed >= 0 "
@@ -279,9 +308,9 @@ def _finetune(procs, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, p
         freeze_epochs=(1 if tuned else 0) if freeze_epochs is None else freeze_epochs,
         lr=lr, lr_mult=(100.0 if tuned else 1.0) if lr_mult is None else float(lr_mult), bs=bs,
         pretrained=pretrained, weights=None if weights is None else str(weights), n_in=n_in, seed=seed, ps=ps,
-        weight_decay=weight_decay, valid_pct=valid_pct, augment=augment,
+        weight_decay=weight_decay, valid_pct=valid_pct, augment=augment, precision="bf16" if compute.bf16 else "fp32",
     )
-    model = _build_model(options, len(data.classes), procs)
+    model = _build_model(options, len(data.classes), procs, compute)
     out = None if out is None else Path(out)
     state = checkpoint.load_state(out) if resume else None
     history: list[dict[str, Any]] = []
@@ -297,7 +326,7 @@ def _finetune(procs, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, p
     report.line(
         f"{cut.arch} cut at {cut.where!r} ({cut.nf} channels, {cut.feature_shape[1]}x{cut.feature_shape[2]}) -> "
         f"{len(data.classes)} classes | {data.source}: {len(data.train)} train, {len(data.valid)} valid, {size}px | "
-        f"{procs.device.type}, {procs.world_size} process{'es' if procs.world_size > 1 else ''}, bs {bs}"
+        f"{compute.describe()}, {procs.world_size} process{'es' if procs.world_size > 1 else ''}, bs {bs}"
     )
 
     def save(interrupted: bool = False) -> None:
@@ -310,7 +339,7 @@ def _finetune(procs, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, p
             last = first + length
             if len(history) < last:
                 resumed = state if state is not None and state["meta"]["phase"] == phase and len(history) > first else None
-                _fit_phase(model, phase, first, last, options, data, train_loader, valid_loader, procs,
+                _fit_phase(model, phase, first, last, options, data, train_loader, valid_loader, procs, compute,
                            report, history, resumed, out, save, on_epoch_end)
             first = last
     except KeyboardInterrupt:
@@ -322,7 +351,7 @@ def _finetune(procs, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, p
     return model.eval(), history
 
 
-def _fit_phase(model, phase, first, last, options, data, train_loader, valid_loader, procs, report, history,
+def _fit_phase(model, phase, first, last, options, data, train_loader, valid_loader, procs, compute, report, history,
                resumed, out, save, on_epoch_end) -> None:
     """Epochs ``first``..``last - 1`` of one phase: one optimiser, one one-cycle schedule."""
     frozen = phase == "frozen"
@@ -360,8 +389,8 @@ def _fit_phase(model, phase, first, last, options, data, train_loader, valid_loa
                 data.train.set_epoch(epoch)
             start = time.perf_counter()
             with report.bar(len(train_loader), f"epoch {epoch}") as advance:
-                train_loss = _train_epoch(net, train_loader, optimizer, scheduler, procs, advance)
-            valid_loss, accuracy = _validate(model, valid_loader, procs)
+                train_loss = _train_epoch(net, train_loader, optimizer, scheduler, procs, compute, advance)
+            valid_loss, accuracy = _validate(model, valid_loader, procs, compute)
             record = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "valid_loss": valid_loss,
                       "accuracy": accuracy, "error_rate": 1 - accuracy, "time": time.perf_counter() - start}
             history.append(record)
