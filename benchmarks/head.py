@@ -83,6 +83,15 @@ def randomised_head(c: int, n_out: int, dtype, device) -> torch.nn.Module:
     return head.to(device, dtype).eval()
 
 
+def over_budget(budget_s: float | None, started: float, done: int, total: int, what: str) -> str:
+    """The message to stop with once ``budget_s`` seconds have passed since ``started``, else ``''``."""
+    if not budget_s or time.time() - started <= budget_s:
+        return ""
+    message = f"{what} stopped by --budget-s {budget_s:.0f} after {done} of {total} shapes"
+    print(message)
+    return message
+
+
 def train_step(head: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
     """One forward and backward, returning the grads (nothing accumulates between timed calls)."""
     params = [p for p in head.parameters() if p.requires_grad]
@@ -117,9 +126,7 @@ def run_train(args) -> tuple[list[dict], str]:
     rows, stopped, started = [], "", time.time()
     grid = cases(args.quick)
     for n, (b, c, h, w, dname, layout) in enumerate(grid):
-        if args.budget_s and time.time() - started > args.budget_s:
-            stopped = f"training head stopped by --budget-s {args.budget_s:.0f} after {n} of {len(grid)} shapes"
-            print(stopped)
+        if stopped := over_budget(args.budget_s, started, n, len(grid), "training head"):
             break
         dtype = DTYPES[dname]
         x = make_input((b, c, h, w), dtype, layout).requires_grad_()
@@ -169,9 +176,7 @@ def run(args) -> tuple[list[dict], str]:
     rows, stopped, started = [], "", time.time()
     grid = cases(args.quick)
     for n, (b, c, h, w, dname, layout) in enumerate(grid):
-        if args.budget_s and time.time() - started > args.budget_s:
-            stopped = f"stopped by --budget-s {args.budget_s:.0f} after {n} of {len(grid)} shapes"
-            print(stopped)
+        if stopped := over_budget(args.budget_s, started, n, len(grid), "eval head"):
             break
         dtype = DTYPES[dname]
         x = make_input((b, c, h, w), dtype, layout)

@@ -46,6 +46,15 @@ def _drop(v, seed, offs_b, offs_f, F, p, scale):
 
 
 @triton.jit
+def _tile(ptr, start, offs_f, mask_f, B, stride_b, stride_f, BLOCK_B: tl.constexpr):
+    """Rows ``start .. start+BLOCK_B`` of a ``(B, F)`` matrix at ``offs_f``: ``(offs_b, mask, fp32 values)``, 0 outside."""
+    offs_b = start + tl.arange(0, BLOCK_B)
+    m = (offs_b[:, None] < B) & mask_f[None, :]
+    v = tl.load(ptr + offs_b[:, None] * stride_b + offs_f[None, :] * stride_f, mask=m, other=0.0)
+    return offs_b, m, v.to(tl.float32)
+
+
+@triton.jit
 def _bn_dropout_fwd_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, mean_ptr, rstd_ptr, seed_ptr,
     B, F,
@@ -60,17 +69,13 @@ def _bn_dropout_fwd_kernel(
     # Two passes for the variance (mean first): no cancellation when |mean| >> std.
     acc = tl.zeros([BLOCK_F], tl.float32)
     for start in range(0, B, BLOCK_B):
-        offs_b = start + tl.arange(0, BLOCK_B)
-        m = (offs_b[:, None] < B) & mask_f[None, :]
-        v = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_f[None, :] * stride_xf, mask=m, other=0.0)
-        acc += tl.sum(v.to(tl.float32), axis=0)
+        _, m, v = _tile(x_ptr, start, offs_f, mask_f, B, stride_xb, stride_xf, BLOCK_B)
+        acc += tl.sum(v, axis=0)
     mean = acc / B
     acc = tl.zeros([BLOCK_F], tl.float32)
     for start in range(0, B, BLOCK_B):
-        offs_b = start + tl.arange(0, BLOCK_B)
-        m = (offs_b[:, None] < B) & mask_f[None, :]
-        v = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_f[None, :] * stride_xf, mask=m, other=0.0)
-        d = tl.where(m, v.to(tl.float32) - mean[None, :], 0.0)
+        _, m, v = _tile(x_ptr, start, offs_f, mask_f, B, stride_xb, stride_xf, BLOCK_B)
+        d = tl.where(m, v - mean[None, :], 0.0)
         acc += tl.sum(d * d, axis=0)
     var = acc / B
     rstd = 1.0 / tl.sqrt(var + eps)
@@ -91,10 +96,8 @@ def _bn_dropout_fwd_kernel(
     c = bias - mean * a
     seed = tl.load(seed_ptr)
     for start in range(0, B, BLOCK_B):
-        offs_b = start + tl.arange(0, BLOCK_B)
-        m = (offs_b[:, None] < B) & mask_f[None, :]
-        v = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_f[None, :] * stride_xf, mask=m, other=0.0)
-        y = v.to(tl.float32) * a[None, :] + c[None, :]
+        offs_b, m, v = _tile(x_ptr, start, offs_f, mask_f, B, stride_xb, stride_xf, BLOCK_B)
+        y = v * a[None, :] + c[None, :]
         if APPLY_DROPOUT:
             y = _drop(y, seed, offs_b, offs_f, F, p, scale)
         tl.store(y_ptr + offs_b[:, None] * stride_yb + offs_f[None, :] * stride_yf, y.to(y_ptr.dtype.element_ty), mask=m)
@@ -116,15 +119,14 @@ def _bn_dropout_bwd_kernel(
     w = tl.load(w_ptr + offs_f, mask=mask_f, other=0.0).to(tl.float32)
     seed = tl.load(seed_ptr)
 
+    # Pass 1: the two sums over the batch (they are also dbias and dweight); pass 2: dx.
     sum_g = tl.zeros([BLOCK_F], tl.float32)
     sum_gx = tl.zeros([BLOCK_F], tl.float32)
     for start in range(0, B, BLOCK_B):
-        offs_b = start + tl.arange(0, BLOCK_B)
-        m = (offs_b[:, None] < B) & mask_f[None, :]
-        g = tl.load(g_ptr + offs_b[:, None] * stride_gb + offs_f[None, :] * stride_gf, mask=m, other=0.0).to(tl.float32)
+        offs_b, m, g = _tile(g_ptr, start, offs_f, mask_f, B, stride_gb, stride_gf, BLOCK_B)
         if APPLY_DROPOUT:
             g = _drop(g, seed, offs_b, offs_f, F, p, scale)
-        v = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_f[None, :] * stride_xf, mask=m, other=0.0).to(tl.float32)
+        _, _, v = _tile(x_ptr, start, offs_f, mask_f, B, stride_xb, stride_xf, BLOCK_B)
         xhat = tl.where(m, (v - mean[None, :]) * rstd[None, :], 0.0)
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * xhat, axis=0)
@@ -135,12 +137,10 @@ def _bn_dropout_bwd_kernel(
     mean_gx = sum_gx / B
     k = w * rstd
     for start in range(0, B, BLOCK_B):
-        offs_b = start + tl.arange(0, BLOCK_B)
-        m = (offs_b[:, None] < B) & mask_f[None, :]
-        g = tl.load(g_ptr + offs_b[:, None] * stride_gb + offs_f[None, :] * stride_gf, mask=m, other=0.0).to(tl.float32)
+        offs_b, m, g = _tile(g_ptr, start, offs_f, mask_f, B, stride_gb, stride_gf, BLOCK_B)
         if APPLY_DROPOUT:
             g = _drop(g, seed, offs_b, offs_f, F, p, scale)
-        v = tl.load(x_ptr + offs_b[:, None] * stride_xb + offs_f[None, :] * stride_xf, mask=m, other=0.0).to(tl.float32)
+        _, _, v = _tile(x_ptr, start, offs_f, mask_f, B, stride_xb, stride_xf, BLOCK_B)
         xhat = (v - mean[None, :]) * rstd[None, :]
         dx = k[None, :] * (g - mean_g[None, :] - xhat * mean_gx[None, :])
         tl.store(dx_ptr + offs_b[:, None] * stride_dxb + offs_f[None, :] * stride_dxf, dx.to(dx_ptr.dtype.element_ty), mask=m)
