@@ -133,7 +133,7 @@ def batch_norm_dropout(
     """``F.dropout(F.batch_norm(x, ...), p, training)``, the two layers of each block of the head.
 
     In training on CUDA with Triton, for a ``(B, F)`` input with affine parameters and running
-    statistics, both run as one fused kernel forward and one backward, dropout's mask regenerated
+    statistics (contiguous vectors, as a module's are), both run as one fused kernel forward and one backward, dropout's mask regenerated
     from a seed instead of saved (see :mod:`autocut.kernels.bn_dropout`); everywhere else it is
     PyTorch's own ops. The arguments are ``F.batch_norm``'s, with ``momentum`` the resolved
     exponential-average factor, plus dropout's ``p``.
@@ -148,7 +148,7 @@ def batch_norm_dropout(
     if training and None not in (running_mean, running_var, weight, bias):
         from autocut.kernels import fused_bn_dropout, fused_bn_dropout_available
 
-        if fused_bn_dropout_available(x):
+        if fused_bn_dropout_available(x, weight, bias, running_mean, running_var):
             return fused_bn_dropout(x, weight, bias, running_mean, running_var, momentum, eps, p)
     return F.dropout(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps), p, training)
 
@@ -160,6 +160,11 @@ class BatchNormDropout1d(nn.BatchNorm1d):
     between the two; it *is* a BatchNorm1d (``isinstance``), so freezing rules and
     :func:`autocut.kernels.head.fold_head` treat it as one. In eval mode dropout is the identity.
     Build one with :func:`fuse_bn_dropout` rather than by hand.
+
+    One mode serves both halves: putting the module in eval mode (as fastai's ``BnFreeze`` does to
+    every BatchNorm) also switches its dropout off. ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    would replace it by a plain SyncBatchNorm, without the dropout; ``autocut finetune`` syncs its
+    statistics over processes itself and keeps the dropout.
 
     Args:
         num_features: ``F`` of the ``(B, F)`` input.

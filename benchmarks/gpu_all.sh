@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything that needs checking on a GPU, in one go, in under 9 minutes on an H200:
+# Everything that needs checking on a GPU, in one go, in under 10 minutes on an H200 (the step
+# limits add up to 570 s):
 #   1. tests/test_kernels.py on CUDA (the grid, dispatch, torch.compile, CUDA graphs, real sizes);
 #   2. benchmarks/concat_pool.py (grid + ResNet-50 step), torch.compile at the ResNet-50 shape;
 #   3. benchmarks/head.py (eval head, folded; training head, fused BatchNorm-dropout);
@@ -40,14 +41,19 @@ PY
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/environment.txt" 2>&1 || true
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-    step tests 100 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -rs --junitxml="$OUT/tests.xml"
+    # pyproject's addopts ask for pytest-xdist; where it is installed, 8 workers compile the Triton
+    # variants in parallel (the grid is mostly compile time), else one process.
+    workers=()
+    "$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
+    step tests 150 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -o addopts="" ${workers[@]+"${workers[@]}"} -rs \
+        --junitxml="$OUT/tests.xml"
 else
     echo "pytest is not installed: kernel tests skipped (the benchmarks still check every fused result against eager)" | tee "$OUT/tests.log"
     status=1
 fi
-step concat_pool 180 "$PY" benchmarks/concat_pool.py --out "$OUT" --compile target --budget-s 120 --warmup 3 --rep 15 --e2e-warmup 400 --e2e-rep 1500
-step head 90 "$PY" benchmarks/head.py --out "$OUT" --budget-s 25 --warmup 3 --rep 15
-step finetune 100 "$PY" -m autocut finetune --device cuda --out "$OUT/finetune"
+step concat_pool 170 "$PY" benchmarks/concat_pool.py --out "$OUT" --compile target --budget-s 110 --warmup 3 --rep 15 --e2e-warmup 400 --e2e-rep 1500
+step head 100 "$PY" benchmarks/head.py --out "$OUT" --budget-s 25 --warmup 3 --rep 15
+step finetune 80 "$PY" -m autocut finetune --device cuda --out "$OUT/finetune"
 # Issue 6's CUDA path: what ran (the start line) and the default's accuracy bar (>= 95%).
 grep -q "cuda, bf16 autocast, channels_last" "$OUT/finetune.log" \
     || { echo "!!! finetune did not report 'cuda, bf16 autocast, channels_last'"; status=1; }
@@ -57,7 +63,7 @@ found = re.findall(r"^accuracy ([0-9.]+);", open(sys.argv[1]).read(), re.M)
 print(f"finetune accuracy: {found[-1] if found else 'not found'} (needs >= 0.95)")
 sys.exit(0 if found and float(found[-1]) >= 0.95 else 1)
 PY
-step finetune_nccl 80 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m autocut finetune \
+step finetune_nccl 70 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m autocut finetune \
     --epochs 1 --freeze-epochs 0 --out "$OUT/finetune_nccl"
 
 echo "=== done in $((SECONDS - start))s; status $status; files in $OUT ==="

@@ -116,14 +116,16 @@ def check_fused_training(head: torch.nn.Module, fused: torch.nn.Module, x: torch
                for u, v in zip(got, want))
 
 
-def run_train(args) -> tuple[list[dict], str]:
+def run_train(args, rows: list[dict]) -> str:
+    """Append the training head's rows to ``rows`` (the CSV is rewritten with all of them after
+    each shape); returns why it stopped early, or ``''``."""
     import copy
 
     import torch._dynamo
 
     from autocut.layers import fuse_bn_dropout
 
-    rows, stopped, started = [], "", time.time()
+    stopped, started = "", time.time()
     grid = cases(args.quick)
     for n, (b, c, h, w, dname, layout) in enumerate(grid):
         if stopped := over_budget(args.budget_s, started, n, len(grid), "training head"):
@@ -164,7 +166,7 @@ def run_train(args) -> tuple[list[dict], str]:
             print(f"  {name:16s} {med:9.1f} us  launches {launches}", flush=True)
         write_csv(rows, args.csv_path)
         del x, head, fused
-    return rows, stopped
+    return stopped
 
 
 def run(args) -> tuple[list[dict], str]:
@@ -332,9 +334,14 @@ def main(argv=None) -> None:
     args.csv_path = out / f"{stem}.csv"
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     rows, stopped = run(args)
+    write_csv(rows, args.csv_path)
+    write_report(args, env, rows, stopped, out / f"{stem}.md", None)  # kept if the training part is killed
     if args.train:
-        train_rows, train_stopped = run_train(args)
-        rows += train_rows
+        try:
+            train_stopped = run_train(args, rows)
+        except Exception as e:  # a failing training part must not cost the eval report
+            train_stopped = f"training head failed: {e!r:.300}"
+            print(train_stopped)
         stopped = "; ".join(x for x in (stopped, train_stopped) if x)
     write_csv(rows, args.csv_path)
     figure = plot(rows, out, stem)

@@ -177,6 +177,18 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, small_digits):
         finetune(ARCH, small_digits, out=tmp_path / "b", resume=True, **{**options, "lr": 1e-2})
 
 
+def test_resume_accepts_a_run_saved_before_an_option_existed(tmp_path):
+    import dataclasses
+
+    from autocut.finetune.train import Options, _check_resumable
+
+    values = {f.name: i for i, f in enumerate(dataclasses.fields(Options))}
+    older = {k: v for k, v in values.items() if k != "precision"}  # saved before --precision existed
+    _check_resumable(older, Options(**values), tmp_path)
+    with pytest.raises(ValueError, match=r"cannot resume.*seed="):
+        _check_resumable({**older, "seed": -1}, Options(**values), tmp_path)
+
+
 def test_ctrl_c_in_the_command_saves_and_exits_non_zero(tmp_path, small_digits, monkeypatch, capsys):
     from autocut.finetune import train  # works whether or not autocut.finetune is rebound to the function
 
@@ -341,7 +353,7 @@ def test_empty_folders_and_classes_are_clear_errors(tmp_path, capsys):
 # --- more than one process ----------------------------------------------------------------------
 
 
-def _ddp_gradients(rank, world, init_file, out):
+def _ddp_gradients(rank, world, init_file, out, fused):
     """One DDP step of a batch-norm network on this process's half of a batch; rank 0 saves the
     gradients and batch-norm buffers."""
     import torch.distributed as dist
@@ -351,7 +363,7 @@ def _ddp_gradients(rank, world, init_file, out):
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model, (x, y) = _bn_net(), _batch()
+    model, (x, y) = _bn_net(fused), _batch()
     with synced_batch_norm(model, Processes(rank, world, torch.device("cpu"))):
         net = DistributedDataParallel(model)  # held: its gradient hooks die with it
         torch.nn.functional.cross_entropy(net(x[rank::world]), y[rank::world]).backward()
@@ -360,11 +372,20 @@ def _ddp_gradients(rank, world, init_file, out):
     dist.destroy_process_group()
 
 
-def _bn_net():
+def _bn_net(fused=False):
+    """The default arch adapted without dropout; ``fused``: the head's BatchNorm1d as BatchNormDropout1d (p=0)."""
     import autocut
+    from autocut.layers import BatchNormDropout1d
 
     torch.manual_seed(0)
-    return autocut.adapt(ARCH, n_out=3, input_size=(3, SIZE, SIZE), ps=0)
+    model = autocut.adapt(ARCH, n_out=3, input_size=(3, SIZE, SIZE), ps=0)
+    if fused:
+        head = model[1]
+        for i, m in enumerate(head):
+            if type(m) is torch.nn.BatchNorm1d:
+                head[i] = BatchNormDropout1d.from_pair(m, 0.0)
+        assert any(isinstance(m, BatchNormDropout1d) for m in head)
+    return model
 
 
 def _batch():
@@ -373,10 +394,11 @@ def _batch():
 
 
 @pytest.mark.slow
-def test_batch_norm_over_two_processes_gives_one_process_gradients(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["batchnorm", "batchnorm_dropout"])
+def test_batch_norm_over_two_processes_gives_one_process_gradients(tmp_path, fused):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_gradients, args=(2, str(tmp_path / "init"), str(tmp_path / "got.pt")), nprocs=2)
+    mp.spawn(_ddp_gradients, args=(2, str(tmp_path / "init"), str(tmp_path / "got.pt"), fused), nprocs=2)
     got = torch.load(tmp_path / "got.pt", weights_only=True)
     model, (x, y) = _bn_net(), _batch()
     torch.nn.functional.cross_entropy(model(x), y).backward()

@@ -504,8 +504,14 @@ def test_bn_dropout_refuses_what_pytorch_refuses():
         bd.bn_dropout_forward(x[None], w, bias, rm, rv, 0.1, 1e-5, 0.5, bd.dropout_seed(DEVICE))
     with pytest.raises(TypeError, match="float32"):
         bd.bn_dropout_forward(x.double(), w, bias, rm, rv, 0.1, 1e-5, 0.5, bd.dropout_seed(DEVICE))
-    with pytest.raises(ValueError, match="do not match 4 features"):
-        bd.bn_dropout_forward(x, w[:3], bias, rm, rv, 0.1, 1e-5, 0.5, bd.dropout_seed(DEVICE))
+    for bad in (dict(weight=w.detach()[:3]), dict(bias=torch.zeros(4, 2, device=DEVICE)[:, 0]), dict(running_var=rv[:3])):
+        args = {**dict(weight=w, bias=bias, running_mean=rm, running_var=rv), **bad}
+        with pytest.raises(ValueError, match="contiguous vectors of 4 features"):
+            bd.bn_dropout_forward(x, momentum=0.1, eps=1e-5, p=0.5, seed=bd.dropout_seed(DEVICE), **args)
+    # The module-facing check sends such vectors to PyTorch instead (strided, short, elsewhere).
+    assert kernels.vectors_fit(x, w, bias, rm, rv)
+    assert not kernels.vectors_fit(x, torch.zeros(4, 2)[:, 0]) and not kernels.vectors_fit(x, rm[:3])
+    assert not kernels.vectors_fit(x, torch.zeros(4, device="meta"))
 
 
 @needs_kernel
@@ -523,10 +529,16 @@ def test_bn_dropout_opcheck_and_compile():
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     torch.manual_seed(3)
     got = torch.autograd.grad(compiled(x), (x, w, bias))
+    stats = rm.clone(), rv.clone()  # a lost in-place update would show here
     torch.manual_seed(3)
     want = torch.autograd.grad(step(x), (x, w, bias))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+    rm_ref, rv_ref = stats[0].clone(), stats[1].clone()
+    bd.bn_dropout_forward(x.detach(), w.detach(), bias.detach(), rm_ref, rv_ref, 0.1, 1e-5, 0.5, seed)
+    torch.testing.assert_close(rm, rm_ref)  # the eager call after the compiled one updated them once more
+    torch.testing.assert_close(rv, rv_ref)
+    assert not torch.equal(stats[0], rm_ref)
 
 
 @needs_kernel
@@ -539,7 +551,7 @@ def test_bn_dropout_module_takes_the_kernel_where_available(monkeypatch):
         calls.append(args[0].shape)
         return real(*args)
 
-    monkeypatch.setattr(kernels, "fused_bn_dropout_available", lambda x: x.dim() == 2)
+    monkeypatch.setattr(kernels, "fused_bn_dropout_available", lambda x, *vectors: x.dim() == 2)
     monkeypatch.setattr(bd, "bn_dropout_train", counting)
     torch.manual_seed(0)
     x = torch.randn(12, 10, device=DEVICE) * 2 + 1
@@ -553,6 +565,42 @@ def test_bn_dropout_module_takes_the_kernel_where_available(monkeypatch):
     fused.eval()
     fused(x)
     assert len(calls) == 6, "eval mode uses the running statistics: PyTorch's ops, no kernel"
+    # With dropout: what survives is the normalised value scaled by 1/(1-p), at about 1-p of the places.
+    fused, bn = BatchNormDropout1d(10, p=0.5).to(DEVICE), nn.BatchNorm1d(10).to(DEVICE)
+    x = torch.randn(256, 10, device=DEVICE)
+    y, want = fused(x), bn(x)
+    kept = y != 0
+    assert len(calls) == 7 and abs(kept.float().mean().item() - 0.5) < 0.05
+    torch.testing.assert_close(y[kept], 2 * want[kept], **BN_TOL[torch.float32])
+
+
+@needs_cuda
+def test_cuda_bn_dropout_graph_replays_draw_fresh_masks():
+    x, w, bias, rm, rv = bn_inputs((64, 96), torch.float32)
+    g = torch.randn(64, 96, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (Triton compiles) off the capture
+        for _ in range(2):
+            torch.autograd.grad(bd.bn_dropout_train(x, w, bias, rm, rv, 0.1, 1e-5, 0.5), x, g)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = bd.bn_dropout_train(x, w, bias, rm, rv, 0.1, 1e-5, 0.5)
+        (gx,) = torch.autograd.grad(y, x, g)
+    masks, grads = [], []
+    for _ in range(2):
+        graph.replay()
+        masks.append((y != 0).clone())
+        grads.append(gx.clone())
+    assert not torch.equal(masks[0], masks[1]), "each replay must draw a new mask"
+    # Each replay's gradient is the one of its own mask (regenerated from that replay's seed).
+    for mask, grad in zip(masks, grads):
+        keep = mask.double()
+        leaf = x.detach().double().requires_grad_()
+        ref = F.batch_norm(leaf, None, None, w.detach().double(), bias.detach().double(), True) * keep / 0.5
+        (want,) = torch.autograd.grad(ref, leaf, g.double())
+        torch.testing.assert_close(grad.double(), want, **BN_TOL[torch.float32])
 
 
 @needs_cuda

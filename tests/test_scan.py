@@ -156,6 +156,8 @@ def test_a_small_real_scan_writes_results_model_meta_and_report(tmp_path):
     meta = json.loads((tmp_path / "model_meta.json").read_text())
     assert meta["torchvision:squeezenet1_1"]["nf"] == 512 and meta["pit_ti_224"]["differs"] == "cls-only features"
     assert meta["resnet18"]["groups"][0][0] == "conv1" and meta["resnet18"]["groups"][-1] == ["head", "head"]
+    # fastai's way of naming the cut: resnet keeps children up to layer4, squeezenet its features
+    assert meta["torchvision:resnet18"]["after"] == "layer4" and meta["torchvision:squeezenet1_1"]["after"] == "features"
     report = (tmp_path / "report.md").read_text()
     assert "autocut scan --zoo all --filter 'resnet18'" in report and "| timm | pit |" in report
     assert (tmp_path / "time_vs_params.png").stat().st_size > 1000 and (tmp_path / "memory_vs_params.png").exists()

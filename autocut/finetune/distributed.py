@@ -14,10 +14,11 @@ import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Processes", "setup", "teardown", "synced_batch_norm", "all_sum"]
@@ -114,14 +115,27 @@ def _batch_norm_over_processes(bn: nn.modules.batchnorm._BatchNorm, x: torch.Ten
     return y.to(x.dtype)
 
 
-def _synced_forward(bn: nn.modules.batchnorm._BatchNorm, eval_forward, group, with_act: bool):
+def _synced_forward(bn: nn.modules.batchnorm._BatchNorm, eval_forward, group, then: Callable | None):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not bn.training:
             return eval_forward(x)
         y = _batch_norm_over_processes(bn, x, group)
-        return bn.act(bn.drop(y)) if with_act else y
+        return then(y) if then is not None else y
 
     return forward
+
+
+def _after_norm(bn: nn.modules.batchnorm._BatchNorm) -> Callable | None:
+    """What a batch norm module does after normalising (timm's act and drop, autocut's dropout)."""
+    from timm.layers import BatchNormAct2d
+
+    from autocut.layers import BatchNormDropout1d
+
+    if isinstance(bn, BatchNormAct2d):
+        return lambda y: bn.act(bn.drop(y))
+    if isinstance(bn, BatchNormDropout1d):
+        return lambda y: F.dropout(y, bn.p, bn.training)
+    return None
 
 
 @contextmanager
@@ -136,14 +150,16 @@ def synced_batch_norm(model: nn.Module, procs: Processes) -> Iterator[nn.Module]
         return
     from timm.layers import BatchNormAct2d
 
-    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    from autocut.layers import BatchNormDropout1d
+
+    known = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNormDropout1d)
     group = dist.new_group()  # its own group: no interleaving with DDP's gradient buckets
     swapped, unknown = [], set()
     for module in model.modules():
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             continue
-        if type(module) in plain or isinstance(module, BatchNormAct2d):
-            module.forward = _synced_forward(module, module.forward, group, isinstance(module, BatchNormAct2d))
+        if type(module) in known or isinstance(module, BatchNormAct2d):
+            module.forward = _synced_forward(module, module.forward, group, _after_norm(module))
             swapped.append(module)
         else:
             unknown.add(type(module).__name__)

@@ -197,7 +197,8 @@ def _model_meta(model: nn.Module, options: Options, data: Data, history: list[di
 
 def _check_resumable(saved: dict[str, Any], options: Options, out: Path) -> None:
     mine = asdict(options)
-    differ = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in mine.items() if saved.get(k) != v]
+    # An option the run predates (saved by an older autocut) ran with what is now its default.
+    differ = [f"{k}={saved[k]!r} (now {v!r})" for k, v in mine.items() if k in saved and saved[k] != v]
     if differ:
         raise ValueError(f"cannot resume the run in {out} with other options: it ran with {', '.join(differ)}")
 

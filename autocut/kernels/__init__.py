@@ -27,10 +27,11 @@ __all__ = [
     "fused_concat_pool2d",
     "fused_concat_pool_available",
     "kernels_disabled",
+    "vectors_fit",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # concat_pool.SUPPORTED_DTYPES, without importing triton
-_triton_ready: bool | None = None  # None until the first CUDA tensor asks
+_ready: dict[str, bool] = {}  # kernel module -> whether it imported; filled when a CUDA tensor first asks
 
 
 def kernels_disabled() -> bool:
@@ -38,17 +39,19 @@ def kernels_disabled() -> bool:
     return os.environ.get("AUTOCUT_DISABLE_KERNELS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _load() -> bool:
-    global _triton_ready
-    if _triton_ready is None:
-        try:
-            import autocut.kernels.bn_dropout  # noqa: F401  (imports triton, registers the ops)
-            import autocut.kernels.concat_pool  # noqa: F401
+def _load(module: str = "concat_pool") -> bool:
+    """Import ``autocut.kernels.<module>`` (Triton, and the ops it registers) once; whether it imported."""
+    if module not in _ready:
+        try:  # import statements, not importlib: torch.compile traces these (the module is loaded by then)
+            if module == "bn_dropout":
+                import autocut.kernels.bn_dropout  # noqa: F401
+            else:
+                import autocut.kernels.concat_pool  # noqa: F401
         except ImportError:
-            _triton_ready = False
+            _ready[module] = False
         else:
-            _triton_ready = True
-    return _triton_ready
+            _ready[module] = True
+    return _ready[module]
 
 
 def fused_concat_pool_available(x: torch.Tensor) -> bool:
@@ -73,17 +76,26 @@ def fused_concat_pool2d(x: torch.Tensor) -> torch.Tensor:
     return concat_pool2d(x)
 
 
-def fused_bn_dropout_available(x: torch.Tensor) -> bool:
+def vectors_fit(x: torch.Tensor, *vectors: torch.Tensor) -> bool:
+    """Whether each of ``vectors`` (weight, bias, running statistics) is a contiguous 1-D tensor of
+    ``x.shape[-1]`` elements on ``x``'s device: the kernels index them as plain arrays."""
+    f = x.shape[-1]
+    return all(v.shape == (f,) and v.is_contiguous() and v.device == x.device for v in vectors)
+
+
+def fused_bn_dropout_available(x: torch.Tensor, *vectors: torch.Tensor) -> bool:
     """Whether the fused training BatchNorm-dropout kernel serves ``x``: a 2-D ``(B, F)``
-    float32/float16/bfloat16 CUDA tensor, Triton importable, ``AUTOCUT_DISABLE_KERNELS`` unset.
+    float32/float16/bfloat16 CUDA tensor under 2**31 elements, ``vectors`` (the BatchNorm's weight,
+    bias and running statistics) contiguous ``F``-vectors on its device, Triton importable,
+    ``AUTOCUT_DISABLE_KERNELS`` unset.
 
     Example:
         >>> fused_bn_dropout_available(torch.randn(4, 8))  # CPU: PyTorch's ops serve it
         False
     """
-    if not x.is_cuda or x.dim() != 2 or x.dtype not in _DTYPES or kernels_disabled():
+    if not x.is_cuda or x.dim() != 2 or x.dtype not in _DTYPES or x.numel() >= 2**31 or kernels_disabled():
         return False
-    return _load()
+    return vectors_fit(x, *vectors) and _load("bn_dropout")
 
 
 def fused_bn_dropout(x, weight, bias, running_mean, running_var, momentum: float, eps: float, p: float) -> torch.Tensor:

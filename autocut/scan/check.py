@@ -45,6 +45,7 @@ def _expected(spec: zoo.ModelSpec, model: torch.nn.Module, x: torch.Tensor) -> t
 def _cut_record(cut) -> dict[str, Any]:
     return {
         "where": cut.where,
+        "after": cut.after,
         "nf": cut.nf,
         "layout": cut.layout,
         "feature_shape": list(cut.feature_shape),

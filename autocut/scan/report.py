@@ -29,9 +29,10 @@ _STATUS_ORDER = ("ok", "differs", "mismatch", "failed", "timeout", "crashed", "o
 
 
 def model_meta(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """name -> where, nf, layout, stride, prefix tokens, input size, method and layer-group
-    boundaries (``[first, last]`` module of each group, the head last), for every model whose cut
-    was verified (``ok``) or differs from its oracle on purpose."""
+    """name -> where, after (the outermost module the body ends with, fastai's way of naming the
+    cut; in records of scans that have it), nf, layout, stride, prefix tokens, input size, method
+    and layer-group boundaries (``[first, last]`` module of each group, the head last), for every
+    model whose cut was verified (``ok``) or differs from its oracle on purpose."""
     meta = {}
     for name in sorted(records):
         rec = records[name]
@@ -39,6 +40,7 @@ def model_meta(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             continue
         meta[name] = {
             "where": rec["where"],
+            **({"after": rec["after"]} if "after" in rec else {}),
             "nf": rec["nf"],
             "layout": rec["layout"],
             "stride": rec["stride"],
