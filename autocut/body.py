@@ -19,7 +19,7 @@ from torchvision.models.feature_extraction import DualGraphModule
 from autocut.cut import Cut, _ancestors
 from autocut.errors import CutError
 from autocut.layers import nhwc_to_nchw, tokens_to_nchw
-from autocut.trace import Traced, trace_graph
+from autocut.trace import Traced, constants_attached, trace_graph
 
 __all__ = ["build_body", "ToNCHW", "EarlyExitBody", "SequentialBody"]
 
@@ -115,21 +115,26 @@ class GraphBody(DualGraphModule):
 
 def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Module:
     if traced is not None:  # discovery's eval graph: no need to trace it again
-        eval_graph, eval_names_of = traced.graph, traced.qualname
+        eval_graph, eval_names_of, constants = traced.graph, traced.qualname, dict(traced.constants)
     else:
         eval_graph, eval_tracer, _ = trace_graph(model, training=False)
-        eval_names_of = eval_tracer.node_to_qualname
+        eval_names_of, constants = eval_tracer.node_to_qualname, dict(eval_tracer.constants)
     eval_names = set(eval_names_of.values())
     _truncate(eval_graph, eval_names_of, cut)
-    try:
-        train_graph, train_tracer, _ = trace_graph(model, training=True)
-        _truncate(train_graph, train_tracer.node_to_qualname, cut, train_only=eval_names)
-    except Exception:
-        # the train graph lacks the cut or cannot be traced: the eval graph serves both modes
-        train_graph = eval_graph
+    # The graphs' tensor constants sit on the model only while the body is built (the body keeps
+    # its own copies): the user's model is left without fx's _tensor_constantN attributes.
+    with constants_attached(model, constants):
+        try:
+            train_graph, train_tracer, _ = trace_graph(model, training=True)  # names constants past the eval ones
+            constants.update(train_tracer.constants)
+            _truncate(train_graph, train_tracer.node_to_qualname, cut, train_only=eval_names)
+        except Exception:
+            # the train graph lacks the cut or cannot be traced: the eval graph serves both modes
+            train_graph = eval_graph
     if _same_graph(train_graph, eval_graph):  # most models: one graph, one compile, free .train()/.eval()
         train_graph = eval_graph
-    body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body")
+    with constants_attached(model, constants):
+        body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body")
     if traced is not None:  # what each module call returns, for the layer groups (no forward needed)
         body.module_calls = (tuple(traced.input_shape[2:]), tuple(
             (n.target, traced.shapes.get(n)) for n in eval_graph.nodes if n.op == "call_module"))

@@ -50,6 +50,7 @@ class _ScopeTracer(tv_fx.NodePathTracer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.node_scope: dict[fx.Node, str] = {}
+        self.constants: dict[str, torch.Tensor] = {}  # tensors made in forward: fx's _tensor_constantN
         self._name_counts: dict[str, int] = {}
         self._names: set[str] = set()
 
@@ -169,11 +170,16 @@ def _shape_of(value: Any) -> Any:
 class _ShapeRecorder(fx.Interpreter):
     # Values are kept (garbage_collect_values=False): levit and efficientformer cache attention
     # biases across calls, and meta/fake values cost no memory.
-    def __init__(self, root: nn.Module, graph: fx.Graph):
+    def __init__(self, root: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor]):
         # run the graph against the traced model itself: a GraphModule would be built (and its
         # code generated) only to be thrown away
         super().__init__(root, garbage_collect_values=False, graph=graph)
         self.shapes: dict[fx.Node, Any] = {}
+        self.constants = constants
+
+    def fetch_attr(self, target: str) -> Any:
+        found = self.constants.get(target)
+        return found if found is not None else super().fetch_attr(target)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -194,6 +200,7 @@ class Traced:
     input_shape: tuple[int, ...]
     concrete_args: dict[str, Any] = field(default_factory=dict)
     shape_method: str = "meta"
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # the graph's _tensor_constantN
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -215,18 +222,42 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def trace_graph(model: nn.Module, training: bool = False) -> tuple[fx.Graph, _ScopeTracer, dict[str, Any]]:
-    """Trace ``model`` in train or eval mode with autocut's tracer (mode restored afterwards)."""
+    """Trace ``model`` in train or eval mode with autocut's tracer (mode restored afterwards).
+
+    Tensors the forward creates (``torch.tensor(...)``, index tables) become ``get_attr`` nodes of
+    ``_tensor_constantN``; fx stores them on the model, autocut moves them to ``tracer.constants``
+    so the user's model is left as it was. :func:`constants_attached` puts them back for a block.
+    """
     was_training = model.training
     concrete = concrete_args_of(model)
+    before = set(vars(model))
+    tracer = _ScopeTracer(**tracer_kwargs())
     try:
         model.train(training)
         _purge_proxies(model)
-        tracer = _ScopeTracer(**tracer_kwargs())
         graph = tracer.trace(model, concrete_args=concrete or None)
     finally:
         _purge_proxies(model)
         model.train(was_training)
+        for name in [k for k in vars(model) if k not in before and k.startswith("_tensor_constant")]:
+            tracer.constants[name] = vars(model).pop(name)
     return graph, tracer, concrete
+
+
+@contextlib.contextmanager
+def constants_attached(model: nn.Module, constants: dict[str, torch.Tensor]):
+    """Within the block, ``constants`` (from :func:`trace_graph`) are attributes of ``model``, as
+    fx left them: a GraphModule built from the graph copies them, and a new trace names its own
+    constants past them. Removed on exit, with any constant a trace in the block left behind."""
+    before = set(vars(model))
+    added = [name for name in constants if name not in before]
+    for name in added:
+        vars(model)[name] = constants[name]
+    try:
+        yield model
+    finally:
+        for name in added + [k for k in vars(model) if k not in before and k.startswith("_tensor_constant")]:
+            vars(model).pop(name, None)
 
 
 def _purge_proxies(model: nn.Module) -> None:
@@ -259,7 +290,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
     try:
         with torch.no_grad():
             if device.type == "meta":
-                recorder = _ShapeRecorder(tracer.root, graph)
+                recorder = _ShapeRecorder(tracer.root, graph, tracer.constants)
                 recorder.run(torch.empty(shape, device="meta"))
                 method = "meta"
             else:
@@ -267,7 +298,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
 
                 with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                     x = mode.from_tensor(torch.empty(shape, device=device))
-                    recorder = _ShapeRecorder(tracer.root, graph)
+                    recorder = _ShapeRecorder(tracer.root, graph, tracer.constants)
                     recorder.run(x)
                 method = "fake"
     finally:
@@ -282,6 +313,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
         input_shape=shape,
         concrete_args=concrete,
         shape_method=method,
+        constants=tracer.constants,
     )
 
 

@@ -94,6 +94,22 @@ class TrainBranchNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ConstantsNet(nn.Module):
+    """A forward that makes tensors (fx stores them as ``_tensor_constantN``), different ones in
+    training: autocut must not leave them on the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv(x) + torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+        if self.training:
+            x = x * torch.tensor([2.0])
+        return self.fc(x.mean((2, 3)))
+
+
 class MLP(nn.Module):
     """No spatial map anywhere: there is nothing to cut."""
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import autocut
-from handmade import MLP, DataDependentNet, FunctionalPoolNet, NHWCBlockNet, TinyViT, TrainBranchNet
+from handmade import MLP, ConstantsNet, DataDependentNet, FunctionalPoolNet, NHWCBlockNet, TinyViT, TrainBranchNet
 
 SIZE = (3, 32, 32)
 
@@ -92,6 +92,23 @@ def test_body_follows_train_and_eval_graphs():
     assert plain.train_graph is plain.eval_graph
     plain_clone = copy.deepcopy(plain)
     assert plain_clone.train_graph is plain_clone.eval_graph
+
+
+def test_tensors_made_in_forward_stay_off_the_users_model():
+    """fx stores such tensors on the traced model; autocut moves them into the body."""
+    model = ConstantsNet()
+    attributes, keys = set(vars(model)), set(model.state_dict())
+    for _ in range(2):
+        autocut.discover(model, input_size=(3, 8, 8))
+    body = autocut.create_body(model, input_size=(3, 8, 8))
+    autocut.adapt(model, n_out=3, input_size=(3, 8, 8))
+    assert set(vars(model)) == attributes and set(model.state_dict()) == keys
+    x = torch.randn(2, 3, 8, 8)
+    shift = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+    torch.testing.assert_close(body.eval()(x), model.conv(x) + shift)
+    torch.testing.assert_close(body.train()(x), (model.conv(x) + shift) * 2)
+    assert set(body.state_dict()) == {"conv.weight", "conv.bias"}  # the constants are not state
+    torch.testing.assert_close(copy.deepcopy(body).eval()(x), model.conv(x) + shift)
 
 
 def test_body_survives_deepcopy_state_dict_round_trip_and_compile():
