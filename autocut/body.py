@@ -192,7 +192,8 @@ class SequentialBody(nn.Sequential):
     """fastai's body for an int cut: the first children of the model, with their own names."""
 
 
-class _Exit(Exception):
+class _Exit(BaseException):
+    # BaseException: a model's own ``except Exception`` (a guarded fallback path) must not catch it
     def __init__(self, value: torch.Tensor):
         super().__init__()
         self.value = value

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import autocut
-from handmade import MLP, ConstantsNet, DataDependentNet, FunctionalPoolNet, NHWCBlockNet, TinyViT, TrainBranchNet
+from handmade import MLP, ConstantsNet, DataDependentNet, GuardedPoolNet, FunctionalPoolNet, NHWCBlockNet, TinyViT, TrainBranchNet
 
 SIZE = (3, 32, 32)
 
@@ -62,6 +62,16 @@ def test_data_dependent_control_flow_falls_back_to_hooks():
     assert not any(k.startswith("fc.") for k in body.state_dict()), "the old classifier must not be carried"
     adapted = autocut.adapt(model, n_out=3, input_size=SIZE).eval()
     assert adapted(x).shape == (2, 3)
+
+
+def test_hooked_body_stops_at_the_cut_through_except_exception():
+    """The hooked body stops the forward with an exception that ``except Exception`` cannot catch."""
+    model = GuardedPoolNet().eval()
+    body = autocut.create_body(model, input_size=SIZE).eval()
+    assert body.cut.method == "hooks" and body.cut.where == "pool:input"
+    x = _x()
+    y = model.body(x)
+    torch.testing.assert_close(body(x), y * 2 if y.sum() > 0 else y)
 
 
 def test_mlp_has_nothing_to_cut():
