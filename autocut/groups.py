@@ -28,7 +28,7 @@ from torch import nn
 
 from autocut.cut import feature_of
 from autocut.errors import CutError
-from autocut.trace import PROBE_BATCH
+from autocut.trace import PROBE_BATCH, shape_of
 
 __all__ = [
     "LATE_STRIDE",
@@ -104,21 +104,13 @@ def _module_strides(body: nn.Module, input_size: tuple[int, int, int]) -> tuple[
     return strides, order
 
 
-def _shape(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (tuple, list)):
-        return [_shape(v) for v in value]
-    return None
-
-
 def _hooked_forward(body: nn.Module, input_size: tuple[int, int, int], record, state: tuple) -> None:
     """One eval forward of ``body`` with a hook on every module that calls ``record(path, shape)``
     (on meta tensors, else fake ones, else one small real input); ``state`` is cleared on a retry."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     handles = [
-        module.register_forward_hook(lambda m, args, out, path=path: record(path, _shape(out)))
+        module.register_forward_hook(lambda m, args, out, path=path: record(path, shape_of(out)))
         for path, module in body.named_modules()
         if path
     ]

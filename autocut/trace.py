@@ -21,7 +21,7 @@ import torchvision
 from torch import fx, nn
 from torchvision.models import feature_extraction as tv_fx
 
-__all__ = ["PROBE_BATCH", "Traced", "ModuleCall", "trace", "probe_modules", "tracer_kwargs", "concrete_args_of"]
+__all__ = ["PROBE_BATCH", "Traced", "ModuleCall", "trace", "probe_modules", "tracer_kwargs", "concrete_args_of", "shape_of"]
 
 # An odd prime no other dimension is likely to equal: attention pools stack k/v in a dimension of
 # size 2, qkv in one of size 3, and feature maps are often 7, 13 or 14 wide.
@@ -159,11 +159,12 @@ def concrete_args_of(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _shape_of(value: Any) -> Any:
+def shape_of(value: Any) -> Any:
+    """A tensor's shape as a tuple, a list or tuple of values as a list of theirs, anything else ``None``."""
     if isinstance(value, torch.Tensor):
         return tuple(value.shape)
     if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
-        return [_shape_of(v) for v in value]  # a list, so it never reads as a shape
+        return [shape_of(v) for v in value]  # a list, so it never reads as a shape
     return None
 
 
@@ -183,7 +184,7 @@ class _ShapeRecorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        self.shapes[n] = _shape_of(out)
+        self.shapes[n] = shape_of(out)
         return out
 
 
@@ -343,7 +344,7 @@ def probe_modules(model: nn.Module, input_size: tuple[int, int, int], batch: int
     def hook(path):
         def fn(module, args, output):
             first = args[0] if args else None
-            calls.append(ModuleCall(path, len(calls), _shape_of(first), _shape_of(output)))
+            calls.append(ModuleCall(path, len(calls), shape_of(first), shape_of(output)))
 
         return fn
 
