@@ -150,3 +150,41 @@ def test_meta_builds_skip_init_but_keep_every_tensors_layout(name):
     builder = zoo._build_timm if spec.source == zoo.TIMM else zoo._build_torchvision
     reference = builder(spec.name, False).to("meta").eval()  # built and initialised on the CPU
     assert _layout(zoo.build(spec)) == _layout(reference)
+
+
+def _linears(head):
+    return [m for m in head.modules() if isinstance(m, nn.Linear)]
+
+
+def test_init_zeroes_the_biases_of_heads_that_have_them():
+    # first_bn=False: the first Linear has no BatchNorm before it, so it keeps a bias (nn.Linear's
+    # own init makes it non-zero); fastai's apply_init zeroes it, and kaiming-inits the weight
+    model = autocut.adapt(FunctionalPoolNet(), n_out=3, input_size=(3, 32, 32), first_bn=False)
+    first = _linears(model[1])[0]
+    assert first.bias is not None and torch.equal(first.bias, torch.zeros_like(first.bias))
+    fan_in = first.weight.shape[1]
+    assert abs(first.weight.std().item() - (2 / fan_in) ** 0.5) < 0.25 * (2 / fan_in) ** 0.5
+    ones = autocut.adapt(FunctionalPoolNet(), n_out=3, input_size=(3, 32, 32), first_bn=False, init=nn.init.ones_)
+    assert all(torch.equal(l.weight, torch.ones_like(l.weight)) for l in _linears(ones[1]))
+    assert torch.equal(_linears(ones[1])[0].bias, torch.zeros(512))
+
+
+def test_init_reaches_a_custom_head_but_not_its_norms():
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    with torch.no_grad():
+        head[2].weight.fill_(2.0)
+    model = autocut.adapt(FunctionalPoolNet(), n_out=2, input_size=(3, 32, 32), custom_head=head, init=nn.init.ones_)
+    assert model[1] is head
+    assert torch.equal(head[3].weight, torch.ones(2, 8)) and torch.equal(head[3].bias, torch.zeros(2))
+    assert torch.equal(head[2].weight, torch.full((8,), 2.0)) and torch.equal(head[2].bias, torch.zeros(8))
+
+
+def test_init_reaches_the_head_with_n_in_and_leaves_the_new_input_layer_to_n_in_init():
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18()
+    w = original.conv1.weight.detach().clone()
+    model = autocut.adapt(original, n_out=2, input_size=(3, 32, 32), n_in=4, n_in_init="zero", init=nn.init.ones_)
+    assert all(torch.equal(l.weight, torch.ones_like(l.weight)) for l in _linears(model[1]))
+    conv1 = model[0].conv1
+    assert conv1.weight.shape == (64, 4, 7, 7)
+    assert torch.equal(conv1.weight[:, :3], w) and not conv1.weight[:, 3].any()

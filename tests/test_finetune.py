@@ -235,12 +235,17 @@ def test_compute_defaults_follow_the_device():
         _Compute.choose(torch.device("cpu"), "fp16", None)
 
 
-def test_bf16_autocast_and_channels_last_on_request(tmp_path, small_digits, monkeypatch, capsys):
+def test_bf16_autocast_and_channels_last_on_request(tmp_path, monkeypatch, capsys):
     """What CUDA gets by default, asked for on the CPU: the same code path, observed from inside,
     and training like the fp32 run does."""
     from autocut.finetune import train
 
-    options = dict(size=SIZE, epochs=2, bs=32, channels_last=True, device="cpu")
+    # 32 px, not 16: at 16 px layer4.0.conv1 (3x3, stride 2) reads a 1x1 map, where torch 2.14's CPU
+    # bf16 channels_last weight gradient reads uninitialised memory (NaN in about 2 of 5 runs).
+    full = digits(size=2 * SIZE)
+    small_digits = Data(Tensors(full.train.x[:256], full.train.y[:256]), Tensors(full.valid.x[:64], full.valid.y[:64]),
+                        full.classes, "digits[:256] at 32 px")
+    options = dict(size=2 * SIZE, epochs=2, bs=32, channels_last=True, device="cpu")
     _, fp32 = finetune(ARCH, small_digits, precision="fp32", progress=False, **options)
 
     seen = {"input_channels_last": [], "logits": [], "params": set()}
@@ -269,7 +274,7 @@ def test_bf16_autocast_and_channels_last_on_request(tmp_path, small_digits, monk
     for a, b in zip(bf16, fp32, strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.3 * b["train_loss"], (bf16, fp32)
     with pytest.raises(ValueError, match="cannot resume.*precision='bf16' \\(now 'fp32'\\)"):
-        finetune(ARCH, small_digits, size=SIZE, epochs=2, bs=32, out=tmp_path, resume=True, progress=False)
+        finetune(ARCH, small_digits, size=2 * SIZE, epochs=2, bs=32, out=tmp_path, resume=True, progress=False)
 
 
 # --- folders: corrupt files, empty folders and classes -------------------------------------------
@@ -428,7 +433,12 @@ def test_two_processes_match_one(tmp_path):
     assert one.keys() == ddp.keys()
     for key in one:
         if one[key].is_floating_point():
-            torch.testing.assert_close(ddp[key], one[key], rtol=1e-3, atol=5e-4, msg=key)
+            # Float noise (gradients summed over 8 + 8 samples, not 16) grows through Adam's steps on a
+            # few near-zero gradients (62 of 1.2M weights of layer4.0.conv1 by 6e-4 on an AVX-512 CPU),
+            # so: nearly every value tight, every value close. A DDP bug moves most values.
+            off = ~torch.isclose(ddp[key], one[key], rtol=1e-3, atol=5e-5)
+            assert off.float().mean().item() <= 5e-3, (key, off.sum().item())
+            torch.testing.assert_close(ddp[key], one[key], rtol=1e-3, atol=5e-3, msg=key)
         else:
             assert torch.equal(ddp[key], one[key]), key  # num_batches_tracked: the same steps
     history = [json.loads((tmp_path / d / checkpoint.MODEL_META).read_text())["history"] for d in ("one", "ddp")]

@@ -1,5 +1,7 @@
 """create_head and AdaptiveConcatPool2d against fastai's published semantics and PyTorch's ops."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,3 +176,14 @@ def test_fused_pairs_fold_like_the_originals():
     x = torch.randn(3, 8, 2, 2)
     want = head(x)
     torch.testing.assert_close(fold_head(fuse_bn_dropout(head))(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sigmoid_range_maps_exact_values():
+    # sigmoid(0) = 1/2 sits at the middle of (low, high); the ends are the bounds themselves
+    r = SigmoidRange(-1.0, 3.0)
+    assert r(torch.tensor(0.0)).item() == 1.0
+    torch.testing.assert_close(r(torch.tensor([-1e4, 1e4, math.log(3.0)])), torch.tensor([-1.0, 3.0, 2.0]))
+    head = create_head(8, 2, y_range=(2.0, 6.0), ps=0.0).eval()
+    with torch.no_grad():
+        head[-2].weight.zero_()  # the last Linear (no bias after its BatchNorm) gives 0
+    assert torch.equal(head(torch.randn(5, 8, 2, 2)), torch.full((5, 2), 4.0))
