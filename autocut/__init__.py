@@ -9,7 +9,8 @@ from autocut.adapt import AdaptedModel, adapt, apply_init, create_body
 from autocut.cut import Cut
 from autocut.discover import discover
 from autocut.errors import CutError
-from autocut.groups import group_summary, layer_groups, param_groups, splitter
+from autocut.groups import group_summary, layer_groups, splitter
+from autocut.optim import param_groups
 from autocut.layers import AdaptiveConcatPool2d, SigmoidRange, create_head, fuse_bn_dropout
 
 __all__ = [

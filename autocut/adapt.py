@@ -1,10 +1,16 @@
-"""``create_body`` and ``adapt``: a backbone cut at its discovered place, with a new head."""
+"""``create_body`` and ``adapt``: a backbone cut at its discovered place, with a new head.
+
+:func:`adapt` goes the way fastai's ``create_vision_model`` does, each step once: resolve the
+model (build it for a name), make the body (discover the cut, truncate), load weights, set the
+input channels, make the head, initialise it; then the layer groups are read off the result.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -13,35 +19,69 @@ from autocut import zoo
 from autocut.body import build_body
 from autocut.channels import set_input_channels
 from autocut.cut import Cut
-from autocut.discover import discover_module, _input_size
-from autocut.errors import CutError
-from autocut.groups import group_summary, norm_parameter_names
+from autocut.discover import check_input_size, discover_with_trace
+from autocut.errors import CutError, first_line
+from autocut.freeze import NORM_TYPES, freeze_to, norm_parameter_names
+from autocut.groups import group_summary
 from autocut.layers import create_head
 
 __all__ = ["create_body", "adapt", "AdaptedModel", "apply_init"]
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+CutSpec = Cut | int | str | Callable[[nn.Module], nn.Module] | None
 
 
-def _materialize(model: str | nn.Module, pretrained: bool = False) -> tuple[nn.Module, str, Any]:
-    """A real (CPU) model for a name, or the module itself; with its arch name and zoo spec."""
+class _Resolved(NamedTuple):
+    """A model resolved once: the module to cut, the name its cut is reported under, the size."""
+
+    module: nn.Module
+    arch: str
+    input_size: tuple[int, int, int]
+
+
+def _resolve(model: str | nn.Module, input_size, pretrained: bool = False) -> _Resolved:
+    """A real (CPU) model for a name, or the module itself; its arch name and input size."""
     if isinstance(model, nn.Module):
         if pretrained:
             raise CutError("pretrained=True needs a model name; load the weights into your module yourself")
-        return model, type(model).__name__, None
+        return _Resolved(model, type(model).__name__, check_input_size(input_size, zoo.default_input_size(model)))
     spec = zoo.resolve(model)
-    return zoo.build(spec, device="cpu", pretrained=pretrained), str(spec), spec
+    if input_size is not None:
+        check_input_size(input_size, None)  # a bad size fails before the build
+    module = zoo.build(spec, device="cpu", pretrained=pretrained)
+    return _Resolved(module, str(spec), check_input_size(input_size, zoo.default_input_size(spec, module)))
 
 
-def _probe_body(body: nn.Module, input_size, arch: str) -> Cut:
-    """Read what an int- or callable-made body returns, on fake tensors."""
-    cut = discover_module(body, input_size, arch=arch)
-    return Cut(**{**cut.__dict__, "method": "user"})
+def _body(model: _Resolved, cut: CutSpec) -> nn.Module:
+    """The body of a resolved model, with ``.cut`` and ``.norm_parameter_names``."""
+    traced = None
+    if cut is None or isinstance(cut, str):
+        cut, traced = discover_with_trace(model.module, model.input_size, arch=model.arch, where=cut)
+    body, found = build_body(model.module, cut, model.input_size, model.arch, traced)
+    body.cut = found
+    names = {n for n, _ in body.named_parameters()}
+    body.norm_parameter_names = frozenset(norm_parameter_names(model.module) & names)  # graph bodies lose the types
+    return body
+
+
+def _check_n_in(n_in: int | None, n_in_init: str | None) -> None:
+    if n_in_init is not None and n_in is None:
+        raise CutError("n_in_init does nothing without n_in: pass n_in too")
+    if n_in is not None and (isinstance(n_in, bool) or not isinstance(n_in, int) or n_in < 1):
+        raise CutError(f"n_in must be a positive int, got {n_in!r}")
+
+
+def _set_n_in(body: nn.Module, n_in: int | None, n_in_init: str | None) -> None:
+    """Rebuild the body's input layer for ``n_in`` channels (nothing where it already has them)."""
+    size = body.cut.input_size
+    if n_in is None or n_in == size[0]:
+        return
+    set_input_channels(body, n_in, size, n_in_init)
+    body.cut = dataclasses.replace(body.cut, input_size=(n_in, *size[1:]))
 
 
 def create_body(
     model: str | nn.Module,
-    cut: Cut | int | str | Callable[[nn.Module], nn.Module] | None = None,
+    cut: CutSpec = None,
     input_size: tuple[int, int, int] | None = None,
     n_in: int | None = None,
     n_in_init: str | None = None,
@@ -70,20 +110,9 @@ def create_body(
         >>> body(torch.randn(2, 3, 64, 64)).shape
         torch.Size([2, 512, 2, 2])
     """
-    module, arch, spec = _materialize(model)
-    size = _input_size(input_size, zoo.default_input_size(spec, module) if spec is not None else zoo.default_input_size(module))
-    traced = None
-    if cut is None or isinstance(cut, str):
-        cut, traced = discover_module(module, size, arch=arch, where=cut, with_trace=True)
-    body, found = build_body(module, cut, probe=lambda b: _probe_body(b, size, arch), traced=traced)
-    body.cut = found
-    names = {n for n, _ in body.named_parameters()}
-    body.norm_parameter_names = frozenset(norm_parameter_names(module) & names)
-    if n_in is not None and n_in != found.input_size[0]:
-        set_input_channels(body, n_in, found.input_size, n_in_init)
-        body.cut = dataclasses.replace(found, input_size=(n_in, *found.input_size[1:]))
-    elif n_in_init is not None:
-        raise CutError("n_in_init does nothing without n_in: pass n_in too")
+    _check_n_in(n_in, n_in_init)
+    body = _body(_resolve(model, input_size), cut)
+    _set_n_in(body, n_in, n_in_init)
     return body
 
 
@@ -92,7 +121,7 @@ def apply_init(module: nn.Module, init: Callable[[torch.Tensor], Any] | None = n
     if init is None:
         return
     for m in module.modules():
-        if isinstance(m, _NORMS):
+        if isinstance(m, NORM_TYPES):
             continue
         weight = getattr(m, "weight", None)
         if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
@@ -119,19 +148,17 @@ class AdaptedModel(nn.Sequential):
     def head(self) -> nn.Module:
         return self[1]
 
-    def freeze_to(self, n: int, train_bn: bool = True) -> "AdaptedModel":
+    def freeze_to(self, n: int, train_bn: bool = True) -> AdaptedModel:
         """Freeze the first ``n`` layer groups (see :func:`autocut.layer_groups`); with
         ``train_bn`` norm layers stay trainable, as in fastai."""
-        from autocut.groups import freeze_to
-
         freeze_to(self, n, train_bn=train_bn)
         return self
 
-    def freeze(self, train_bn: bool = True) -> "AdaptedModel":
+    def freeze(self, train_bn: bool = True) -> AdaptedModel:
         """Freeze all but the last group (the head)."""
         return self.freeze_to(-1, train_bn=train_bn)
 
-    def unfreeze(self) -> "AdaptedModel":
+    def unfreeze(self) -> AdaptedModel:
         """Make every parameter trainable."""
         return self.freeze_to(0)
 
@@ -159,7 +186,7 @@ def adapt(
     *,
     pretrained: bool = False,
     weights: str | os.PathLike | None = None,
-    cut: Cut | int | str | Callable[[nn.Module], nn.Module] | None = None,
+    cut: CutSpec = None,
     input_size: tuple[int, int, int] | None = None,
     custom_head: nn.Module | None = None,
     init: Callable[[torch.Tensor], Any] | None = nn.init.kaiming_normal_,
@@ -187,7 +214,8 @@ def adapt(
         **head_options: passed to :func:`create_head` (``lin_ftrs``, ``ps``, ``concat_pool``, ...).
 
     Returns:
-        An :class:`AdaptedModel` in train mode, with ``.cut``.
+        An :class:`AdaptedModel` in train mode, with ``.cut`` (its layer groups in
+        ``cut.groups``; empty, with a warning, where they cannot be found).
 
     Example:
         >>> model = adapt("resnet18", n_out=37)
@@ -198,25 +226,24 @@ def adapt(
         raise CutError(f"n_out must be a positive int, got {n_out!r}")
     if pretrained and weights is not None:
         raise CutError("pass pretrained=True or weights=PATH, not both")
-    module, arch, spec = _materialize(model, pretrained=pretrained)
-    body = create_body(module, cut=cut, input_size=input_size if input_size else (
-        zoo.default_input_size(spec, module) if spec is not None else None))
-    if weights is not None:
-        _load_weights(body, weights, arch)
-    if n_in is not None and n_in != body.cut.input_size[0]:
-        set_input_channels(body, n_in, body.cut.input_size, n_in_init)
-        body.cut = dataclasses.replace(body.cut, input_size=(n_in, *body.cut.input_size[1:]))
-    elif n_in_init is not None:
-        raise CutError("n_in_init does nothing without n_in: pass n_in too")
-    found = dataclasses.replace(body.cut, arch=arch)
     if custom_head is not None and head_options:
         raise CutError(f"head options {sorted(head_options)} do nothing with custom_head: pass one or the other")
-    head = custom_head if custom_head is not None else create_head(found.nf, n_out, **head_options)
+    _check_n_in(n_in, n_in_init)
+
+    resolved = _resolve(model, input_size, pretrained=pretrained)
+    body = _body(resolved, cut)
+    if weights is not None:
+        _load_weights(body, weights, resolved.arch)
+    _set_n_in(body, n_in, n_in_init)
+    head = custom_head if custom_head is not None else create_head(body.cut.nf, n_out, **head_options)
     apply_init(head, init)
-    adapted = AdaptedModel(body, head, found).train()
+
+    adapted = AdaptedModel(body, head, body.cut).train()
     try:
-        summary = group_summary(adapted)
-    except Exception:  # the groups are a description: a model they fail on still adapts
-        summary = []
-    adapted.cut = dataclasses.replace(found, groups=tuple((g["first"], g["last"], g["params"]) for g in summary))
+        groups = tuple((g["first"], g["last"], g["params"]) for g in group_summary(adapted))
+    except Exception as err:  # any failure of the groups' forward: warned; the model still adapts without them
+        warnings.warn(f"the layer groups of {resolved.arch} could not be found ({type(err).__name__}: {first_line(err)}); "
+                      "model.cut.groups is empty and layer_groups(model) raises", stacklevel=2)
+        groups = ()
+    adapted.cut = dataclasses.replace(body.cut, groups=groups)
     return adapted

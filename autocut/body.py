@@ -1,36 +1,43 @@
 """Truncate a model at its cut and make the result return an NCHW map.
 
-A body found by fx is a ``torchvision`` ``DualGraphModule``: the model's train and eval graphs,
-each ending at the cut, so ``.train()``/``.eval()`` switch graphs like the original's control
-flow would. It keeps the model's own parameter names and shares its modules (as fastai's
-``create_body`` shares children); the dropped head's parameters are not in it.
+:func:`build_body` makes the body a :class:`~autocut.cut.Cut` describes:
+
+- a cut found on the graph (or named by the user) gives a :class:`GraphBody`, a ``torchvision``
+  ``DualGraphModule``: the model's train and eval graphs, each ending at the cut, so
+  ``.train()``/``.eval()`` switch graphs like the original's control flow would. It keeps the
+  model's own parameter names and shares its modules (as fastai's ``create_body`` shares
+  children); the dropped head's parameters are not in it;
+- a cut found by module hooks gives an :class:`~autocut.cut_hooks.EarlyExitBody`;
+- an int gives fastai's body, the first children (:class:`SequentialBody`); a callable gives
+  whatever it returns. Either is probed once to read what it returns.
 """
 
 from __future__ import annotations
 
-import types
+import dataclasses
+import warnings
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Callable
 
-import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule
 
-from autocut.cut import Cut, _ancestors
-from autocut.errors import CutError
-from autocut.layers import nhwc_to_nchw, tokens_to_nchw
+from autocut.cut import Cut
+from autocut.cut_graph import ancestors
+from autocut.cut_hooks import EarlyExitBody
+from autocut.discover import discover_module
+from autocut.errors import CutError, first_line
+from autocut.layout import Layout, ToNCHW, to_nchw
 from autocut.trace import Traced, constants_attached, trace_graph
 
-__all__ = ["build_body", "ToNCHW", "EarlyExitBody", "SequentialBody"]
+__all__ = ["build_body", "GraphBody", "SequentialBody"]
 
 
 def _append_to_nchw(graph: fx.Graph, node: fx.Node, cut: Cut) -> fx.Node:
+    if cut.layout == Layout.NCHW:
+        return node
     with graph.inserting_after(node):
-        if cut.layout == "NHWC":
-            return graph.call_function(nhwc_to_nchw, (node,))
-        if cut.layout == "NLC":
-            return graph.call_function(tokens_to_nchw, (node, cut.prefix_tokens, cut.grid))
-    return node
+        return graph.call_function(to_nchw, (node, cut.layout.value, cut.prefix_tokens, cut.grid))
 
 
 def _truncate(graph: fx.Graph, qualname: dict[fx.Node, str], cut: Cut, train_only: set[str] | None = None) -> fx.Graph:
@@ -41,7 +48,7 @@ def _truncate(graph: fx.Graph, qualname: dict[fx.Node, str], cut: Cut, train_onl
     that directly follow the cut stay in the body: they act on the feature map in training."""
     node = next((n for n, q in qualname.items() if q == cut.where), None)
     if node is None:
-        raise KeyError(cut.where)
+        raise CutError(f"no node {cut.where!r} in the graph of {cut.arch}: is the Cut of another model?")
     while train_only is not None and len(node.users) == 1:
         user = next(iter(node.users))
         if user.op == "output" or qualname.get(user) in train_only:
@@ -53,11 +60,11 @@ def _truncate(graph: fx.Graph, qualname: dict[fx.Node, str], cut: Cut, train_onl
     graph.output(result)
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
-    live = _ancestors(nodes[-1])
+    live = ancestors(nodes[-1])
     for n in nodes:
         # keep input checks (torch._assert) that precede the cut
         if n.op == "call_function" and position[n] < position[node] and n.is_impure():
-            live |= _ancestors(n)
+            live |= ancestors(n)
     for n in reversed(nodes):
         if n not in live and n.op != "placeholder":
             graph.erase_node(n)
@@ -128,8 +135,13 @@ def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Mod
             train_graph, train_tracer, _ = trace_graph(model, training=True)  # names constants past the eval ones
             constants.update(train_tracer.constants)
             _truncate(train_graph, train_tracer.node_to_qualname, cut, train_only=eval_names)
-        except Exception:
-            # the train graph lacks the cut or cannot be traced: the eval graph serves both modes
+        except Exception as err:  # any trace failure: warned, and the eval graph serves both modes
+            warnings.warn(
+                f"{cut.arch} could not be traced in train mode ({type(err).__name__}: {first_line(err)}); the body runs "
+                "its eval graph in both modes: code that branches on self.training outside leaf modules (dropout, "
+                "drop path, batch norm modules still switch) keeps its eval branch",
+                stacklevel=3,
+            )
             train_graph = eval_graph
     if _same_graph(train_graph, eval_graph):  # most models: one graph, one compile, free .train()/.eval()
         train_graph = eval_graph
@@ -156,7 +168,7 @@ def _same_graph(a: fx.Graph, b: fx.Graph) -> bool:
             same_as[y] = x
             if fx.node.map_arg((y.args, y.kwargs), lambda n: same_as.get(n)) != (x.args, x.kwargs):
                 return False
-    except Exception:  # arguments that cannot be compared: keep both graphs
+    except (RuntimeError, TypeError, ValueError):  # tensor arguments compare elementwise: keep both graphs
         return False
     return True
 
@@ -170,105 +182,32 @@ def _match_persistence(body: nn.Module, model_keys: set[str]) -> None:
                 module._non_persistent_buffers_set.add(name)
 
 
-class ToNCHW(nn.Module):
-    """The layout conversion a body ends with (no parameters)."""
-
-    def __init__(self, layout: str, prefix_tokens: int = 0, grid: tuple[int, int] = (1, 1)):
-        super().__init__()
-        self.layout, self.prefix_tokens, self.grid = layout, prefix_tokens, tuple(grid)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "NHWC":
-            return nhwc_to_nchw(x)
-        if self.layout == "NLC":
-            return tokens_to_nchw(x, self.prefix_tokens, self.grid)
-        return x
-
-    def extra_repr(self) -> str:
-        return f"{self.layout}" + (f", prefix_tokens={self.prefix_tokens}, grid={self.grid}" if self.layout == "NLC" else "")
-
-
 class SequentialBody(nn.Sequential):
     """fastai's body for an int cut: the first children of the model, with their own names."""
 
 
-class _Exit(BaseException):
-    # BaseException: a model's own ``except Exception`` (a guarded fallback path) must not catch it
-    def __init__(self, value: torch.Tensor):
-        super().__init__()
-        self.value = value
-
-
-def _raise_output(module, args, output):
-    raise _Exit(output)
-
-
-def _raise_input(module, args):
-    raise _Exit(args[0])
-
-
-class EarlyExitBody(nn.Module):
-    """A body for models fx cannot trace: runs the model's own forward and stops at the cut
-    (a hook on the cut module raises with the value). Modules only used after the cut are
-    removed, so the head's parameters are not carried; names are the model's own."""
-
-    def __init__(self, model: nn.Module, cut: Cut, keep: set[str]):
-        super().__init__()
-        path, _, at = cut.where.partition(":")
-        # the model's children become ours, so parameter names stay the model's own
-        object.__setattr__(self, "_model_cls", type(model))
-        self._model_dict = {k: v for k, v in model.__dict__.items() if k not in ("_modules", "_parameters", "_buffers")}
-        for name, child in model.named_children():
-            self.add_module(name, child if name in keep else nn.Identity())
-        for name, p in model.named_parameters(recurse=False):
-            if name in keep:
-                self.register_parameter(name, p)
-        for name, b in model.named_buffers(recurse=False):
-            self.register_buffer(name, b)
-        self.cut_path, self.cut_at = path, at or "output"
-        self.to_nchw = ToNCHW(cut.layout, cut.prefix_tokens, cut.grid)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            extra = self.__dict__.get("_model_dict", {})
-            if name in extra:
-                return extra[name]
-            attr = getattr(self.__dict__.get("_model_cls", object), name, None)
-            if callable(attr):  # the model's own methods (forward_features, ...), bound to us
-                return types.MethodType(attr, self)
-            raise
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        module = self.get_submodule(self.cut_path)
-        handle = (
-            module.register_forward_pre_hook(_raise_input)
-            if self.cut_at == "input"
-            else module.register_forward_hook(_raise_output)
-        )
-        try:
-            self._model_cls.forward(self, x)
-        except _Exit as exit_:
-            return self.to_nchw(exit_.value)
-        finally:
-            handle.remove()
-        raise CutError(f"the forward never reached the cut at {self.cut_path!r} for this input")
-
-
 def build_body(
-    model: nn.Module, cut: Cut | int | Callable[[nn.Module], nn.Module], probe: Callable, traced: Traced | None = None
+    model: nn.Module,
+    cut: Cut | int | Callable[[nn.Module], nn.Module],
+    input_size: tuple[int, int, int],
+    arch: str,
+    traced: Traced | None = None,
 ) -> tuple[nn.Module, Cut]:
-    """Build the body for ``cut`` (see :func:`autocut.create_body`). ``probe(body) -> Cut`` reads
-    the layout of a body made by an int or a callable; ``traced`` is the model's traced eval
-    graph when discovery made one (it is consumed)."""
+    """The body for ``cut`` (see :func:`autocut.create_body`) and the :class:`Cut` it answers to.
+
+    Args:
+        model: the model to cut (its modules are shared with the body).
+        cut: a :class:`Cut` of ``model``; an int (the first children, fastai's way); or a callable
+            ``model -> body``. An int- or callable-made body is probed once at ``input_size`` to
+            read what it returns (``Cut.method`` is ``"user"``) and ends with a :class:`ToNCHW`.
+        traced: the model's traced eval graph, when discovery made one (it is consumed).
+    """
     if isinstance(cut, Cut):
         if cut.method in ("fx", "user"):
             return _fx_body(model, cut, traced), cut
         if cut.method == "hooks":
-            keep = {p.split(".")[0] for p in _kept_paths(model, cut)}
-            return EarlyExitBody(model, cut, keep), cut
-        raise CutError(f"unknown cut method {cut.method!r}")
+            return EarlyExitBody(model, cut), cut
+        raise CutError(f"unknown cut method {cut.method!r}: one of fx, hooks, user")
     if isinstance(cut, bool) or not (isinstance(cut, int) or callable(cut)):
         raise CutError(f"cut must be None, a Cut, an int, a node name or a callable, got {cut!r}")
     if isinstance(cut, int):
@@ -280,14 +219,7 @@ def build_body(
         body = cut(model)
         if not isinstance(body, nn.Module):
             raise CutError(f"the cut callable returned {type(body).__name__}, not an nn.Module")
-    found = probe(body)
-    if found.layout != "NCHW":
+    found = dataclasses.replace(discover_module(body, input_size, arch=arch), method="user")
+    if found.layout != Layout.NCHW:
         body = nn.Sequential(OrderedDict([("body", body), ("to_nchw", ToNCHW(found.layout, found.prefix_tokens, found.grid))]))
     return body, found
-
-
-def _kept_paths(model: nn.Module, cut: Cut) -> set[str]:
-    dropped = set(cut.dropped)
-    return {name for name, _ in model.named_children() if name not in dropped} | {
-        name for name, _ in model.named_parameters(recurse=False) if name not in dropped
-    }

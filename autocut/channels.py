@@ -7,24 +7,24 @@ import torch
 from torch import nn
 
 from autocut.errors import CutError
+from autocut.probe import probe_forward
 
 __all__ = ["N_IN_INITS", "find_input_layer", "set_input_channels"]
 
 N_IN_INITS = ("repeat", "sum", "zero", "random")
 
 
+class _Found(BaseException):
+    # BaseException: a model's own ``except Exception`` must not swallow it
+    pass
+
+
 def find_input_layer(body: nn.Module, input_size: tuple[int, int, int]) -> str:
     """Path of the first Conv2d or Linear that reads the image's ``C`` channels (a stem conv, a
     ViT/Swin patch-embedding conv, a channels-last Linear), found by running ``body`` once on
-    meta/fake tensors with hooks."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    meta/fake tensors with hooks (:func:`autocut.probe.probe_forward`), stopped there."""
     c = input_size[0]
     found: list[str] = []
-    handles = []
-
-    class _Found(Exception):
-        pass
 
     def hook(path):
         def fn(module, args):
@@ -37,27 +37,16 @@ def find_input_layer(body: nn.Module, input_size: tuple[int, int, int]) -> str:
 
         return fn
 
+    handles = []
     for path, module in body.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             in_width = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
             if in_width == c:
                 handles.append(module.register_forward_pre_hook(hook(path)))
-    device = next((p.device for p in body.parameters()), torch.device("cpu"))
     try:
-        with torch.no_grad():
-            if device.type == "meta":
-                body(torch.empty(2, *input_size, device="meta"))
-            else:
-                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                    body(mode.from_tensor(torch.empty(2, *input_size, device=device)))
+        probe_forward(body, input_size, batch=2)
     except _Found:
         pass
-    except Exception:  # value-dependent code: one small real forward
-        if not found:
-            try:
-                body(torch.zeros(1, *input_size, device=device))
-            except _Found:
-                pass
     finally:
         for h in handles:
             h.remove()

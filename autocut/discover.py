@@ -1,22 +1,38 @@
-"""``discover``: from a name or a module to a :class:`~autocut.cut.Cut`, with fallbacks."""
+"""``discover``: from a name or a module to a :class:`~autocut.cut.Cut`, with fallbacks.
+
+The order of attempts, each tried only where the one before failed: the graph rule
+(:mod:`autocut.cut_graph`) on the module as given (meta or fake tensors); on a real CPU copy, for a
+named model whose meta copy cannot run; then the hooks rule (:mod:`autocut.cut_hooks`) on each.
+``Cut.method`` says which one answered; when none does, the ``CutError`` lists why each failed.
+"""
 
 from __future__ import annotations
+
+import warnings
+from typing import Callable
 
 from torch import nn
 
 from autocut import zoo
-from autocut.cut import Cut, cut_at_node, find_cut, find_cut_by_hooks
-from autocut.errors import CutError
-from autocut.trace import probe_modules, trace
+from autocut.cut import Cut
+from autocut.cut_graph import cut_at_node, find_cut
+from autocut.cut_hooks import find_cut_by_hooks, probe_modules
+from autocut.errors import CutError, first_line
+from autocut.trace import Traced, trace
 
-__all__ = ["discover", "discover_module"]
+__all__ = ["discover", "discover_module", "discover_with_trace", "check_input_size"]
 
 
-def _input_size(input_size, default) -> tuple[int, int, int]:
+def check_input_size(input_size, default) -> tuple[int, int, int]:
+    """``input_size`` as a ``(C, H, W)`` tuple of positive ints, or ``default`` where it is ``None``.
+
+    Raises:
+        CutError: anything else.
+    """
     if input_size is None:
         return tuple(default)
     size = tuple(input_size)
-    if len(size) != 3 or not all(isinstance(d, int) and d > 0 for d in size):
+    if len(size) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in size):
         raise CutError(f"input_size must be (C, H, W) positive ints, got {input_size!r}")
     return size
 
@@ -36,8 +52,8 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
         never copied (shapes come from fake tensors).
 
     Raises:
-        CutError: the model has no feature map to cut at (say, an MLP).
-        ValueError: an unknown model name (the message lists close matches).
+        CutError: the model has no feature map to cut at (say, an MLP), or an unknown model name
+            (the message lists close matches).
 
     Example:
         >>> cut = discover("resnet34")
@@ -45,43 +61,42 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
         (512, (512, 7, 7), 32)
     """
     if isinstance(model, nn.Module):
-        return discover_module(model, _input_size(input_size, zoo.default_input_size(model)))
+        return discover_module(model, check_input_size(input_size, zoo.default_input_size(model)))
     spec = zoo.resolve(model)
     meta = zoo.build(spec, device="meta")
-    size = _input_size(input_size, zoo.default_input_size(spec, meta))
+    size = check_input_size(input_size, zoo.default_input_size(spec, meta))
     return discover_module(meta, size, arch=str(spec), rebuild=lambda: zoo.build(spec, device="cpu"))
 
 
-def _locate_at_default_size(module: nn.Module, input_size, arch: str):
-    """Where the cut is does not depend on the input size, but a small input can shrink the last
-    map to 1x1 (resnet18 at 32 px): find the node at the model's own size, then read its shape at
-    ``input_size``. ``None`` when the sizes agree or the model does not trace at its own size."""
-    default = zoo.default_input_size(module)
-    if tuple(default[1:]) == tuple(input_size[1:]) or min(input_size[1:]) >= min(default[1:]):
-        return None
-    try:
-        where = find_cut(trace(module, (input_size[0], *default[1:])), arch).where
-        traced = trace(module, input_size)
-        return cut_at_node(traced, where, arch, method="fx"), traced
-    except Exception:
-        return None
-
-
 def discover_module(
-    module: nn.Module, input_size, arch: str | None = None, rebuild=None, where: str | None = None, with_trace: bool = False
-):
-    """:func:`discover` for a module. ``rebuild()`` gives a real (CPU) copy for when the meta
-    probe fails; ``where`` cuts at a named node instead of finding the cut.
+    module: nn.Module,
+    input_size: tuple[int, int, int],
+    arch: str | None = None,
+    rebuild: Callable[[], nn.Module] | None = None,
+    where: str | None = None,
+) -> Cut:
+    """:func:`discover` for a module at a checked ``input_size``.
 
-    The order of attempts: fx on this module, fx on the real copy (fake tensors), module hooks
-    on this module, module hooks on the real copy. ``Cut.method`` says which one answered.
-    With ``with_trace``, returns ``(cut, traced)`` (``traced`` is ``None`` for hooks) so a body
-    can reuse the eval graph of a traced module instead of tracing it again.
+    Args:
+        arch: the name the cut is reported under (default: the module's class name).
+        rebuild: gives a real (CPU) copy, for when the module is on the meta device and the
+            meta probe fails.
+        where: cut at this node name or module path instead of finding the cut.
     """
+    return discover_with_trace(module, input_size, arch, rebuild, where)[0]
+
+
+def discover_with_trace(
+    module: nn.Module,
+    input_size: tuple[int, int, int],
+    arch: str | None = None,
+    rebuild: Callable[[], nn.Module] | None = None,
+    where: str | None = None,
+) -> tuple[Cut, Traced | None]:
+    """:func:`discover_module`, and the trace of ``module`` it was found on (``None`` where the
+    cut came from the real copy or from hooks), so a body can reuse the eval graph instead of
+    tracing it again."""
     arch = arch or type(module).__name__
-    located = _locate_at_default_size(module, input_size, arch) if where is None else None
-    if located is not None:
-        return located if with_trace else located[0]
     errors: list[str] = []
     real: list[nn.Module] = []
 
@@ -95,24 +110,46 @@ def discover_module(
     for candidate in candidates():
         try:
             traced = trace(candidate, input_size)
-        except Exception as err:  # fx cannot trace it, or shapes fail on meta/fake tensors
-            errors.append(f"fx: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        except Exception as err:  # fx cannot trace it, or meta/fake tensors cannot run it: next attempt
+            errors.append(f"fx: {type(err).__name__}: {first_line(err)}")
             continue
-        cut = cut_at_node(traced, where, arch) if where is not None else find_cut(traced, arch)
-        if not with_trace:
-            return cut
+        cut = cut_at_node(traced, where, arch) if where is not None else _find_cut_at_own_size(traced, arch)
         return cut, (traced if candidate is module else None)
     if where is not None:
         raise CutError(f"cannot cut {arch} at {where!r}: it cannot be traced ({errors[0]}); pass a callable or an int")
     for candidate in candidates():
         try:
             calls = probe_modules(candidate, input_size)
-        except Exception as err:
-            errors.append(f"hooks: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        except Exception as err:  # the model's own forward fails at this size: next attempt
+            errors.append(f"hooks: {type(err).__name__}: {first_line(err)}")
             continue
-        cut = find_cut_by_hooks(candidate, calls, input_size, arch)
-        return (cut, None) if with_trace else cut
+        return find_cut_by_hooks(candidate, calls, input_size, arch), None
     raise CutError(
         f"could not probe {arch} at input size {tuple(input_size)} ({'; '.join(errors)}). "
         "Check the input size (input_size=(C, H, W)) or pass cut= explicitly"
     )
+
+
+def _find_cut_at_own_size(traced: Traced, arch: str) -> Cut:
+    """The cut of a traced model. Where the cut is does not depend on the input size, but a small
+    input can shrink the last map to 1x1 (resnet18 at 32 px): then the node is found at the
+    model's own size and its shape read at the size traced."""
+    size = tuple(traced.input_shape[1:])
+    default = zoo.default_input_size(traced.model)
+    if tuple(default[1:]) == size[1:] or min(size[1:]) >= min(default[1:]):
+        return find_cut(traced, arch)
+    try:
+        at_own_size = trace(traced.model, (size[0], *default[1:]))
+    except Exception as err:  # as above: any trace failure; the cut is found at the size given
+        if zoo.stated_input_size(traced.model) is not None:  # (224 px is only a guess for other modules)
+            warnings.warn(
+                f"{arch} could not be traced at its own input size {tuple(default)} ({type(err).__name__}: "
+                f"{first_line(err)}); its cut is found at {size}, where small maps can move it: pass a larger input_size",
+                stacklevel=4,
+            )
+        return find_cut(traced, arch)
+    try:
+        where = find_cut(at_own_size, arch).where
+    except CutError:  # no cut at its own size: the error worth showing is the one at the size given
+        return find_cut(traced, arch)
+    return cut_at_node(traced, where, arch, method="fx")

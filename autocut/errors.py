@@ -1,6 +1,6 @@
 """The one exception autocut raises for every refusal."""
 
-__all__ = ["CutError"]
+__all__ = ["CutError", "first_line"]
 
 
 class CutError(ValueError):
@@ -9,3 +9,9 @@ class CutError(ValueError):
     The message says what was wrong and what to pass instead (an explicit ``cut=``, another
     ``input_size=``, ...). It is a :class:`ValueError`, so ``except ValueError`` catches it too.
     """
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for quoting it inside another one."""
+    text = str(err)
+    return text.splitlines()[0] if text else ""

@@ -1,5 +1,4 @@
-"""Layer groups inferred from the feature stride, freezing, optimiser param groups, and any
-number of input channels.
+"""Layer groups inferred from the feature stride: fastai's splitters, found.
 
 fastai keeps a hand-written splitter per architecture (``_resnet_split``: ``body[:6]``,
 ``body[6:]``, head). autocut reads the stride every module's output runs at (from the shapes
@@ -14,6 +13,8 @@ hooks) and splits where the stride changes:
 
 Parameters no module call owns (class tokens, position embeddings) go to the first group; final
 norms run at the last stride, so they go with the last stage.
+
+Freezing by group is :mod:`autocut.freeze`; optimiser param groups are :mod:`autocut.optim`.
 """
 
 from __future__ import annotations
@@ -26,25 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from autocut.cut import feature_of
 from autocut.errors import CutError
-from autocut.trace import PROBE_BATCH, shape_of
+from autocut.layout import Layout, feature_of
+from autocut.probe import PROBE_BATCH, probe_forward, shape_of
 
-__all__ = [
-    "LATE_STRIDE",
-    "Unit",
-    "body_units",
-    "layer_groups",
-    "splitter",
-    "group_summary",
-    "freeze_to",
-    "param_groups",
-    "is_norm_parameter",
-    "norm_parameter_names",
-]
+__all__ = ["LATE_STRIDE", "Unit", "body_units", "layer_groups", "splitter", "group_summary"]
 
 LATE_STRIDE = 16  # where fastai's _resnet_split starts the late body
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 @dataclass
@@ -58,34 +47,31 @@ class Unit:
 
 
 def _module_strides(body: nn.Module, input_size: tuple[int, int, int]) -> tuple[dict[str, float], dict[str, int]]:
-    """Output stride and first-call order of every module of ``body``, from one forward on fake
-    (or meta) tensors with hooks; modules whose output is not a feature map get no stride.
+    """Output stride and first-call order of every module of ``body``; modules whose output is
+    not a feature map get no stride.
 
     A graph body made by ``create_body`` from discovery's trace carries the output shape of each
-    module call at that size (``body.module_calls``): no forward is needed then."""
+    module call at that size (``body.module_calls``); any other body runs once with hooks."""
     in_hw = tuple(input_size[1:])
+    recorded = getattr(body, "module_calls", None)
+    if recorded is not None and recorded[0] == in_hw:
+        calls, batch = recorded[1], PROBE_BATCH
+    else:
+        calls, batch = _hooked_forward(body, input_size)
     strides: dict[str, float] = {}
     order: dict[str, int] = {}
     grids: list[tuple[int, int]] = []
-
-    def record(path: str, shape: Any) -> None:
+    for path, shape in calls:
         order.setdefault(path, len(order))
         if isinstance(shape, list):  # a tuple or list output: its first value
             shape = shape[0] if shape else None
         if path in strides or not isinstance(shape, tuple):
-            return
-        feat = feature_of(shape, in_hw, grids[::-1])
+            continue
+        feat = feature_of(shape, in_hw, grids[::-1], batch=batch)
         if feat is not None:
-            if feat.layout != "NLC":
+            if feat.layout != Layout.NLC:
                 grids.append(feat.grid)
             strides[path] = max(input_size[1] / feat.grid[0], input_size[2] / feat.grid[1])
-
-    calls = getattr(body, "module_calls", None)
-    if calls is not None and calls[0] == in_hw:
-        for path, shape in calls[1]:
-            record(path, shape)
-    else:
-        _hooked_forward(body, input_size, record, (strides, order, grids))
     # A graph body calls leaf modules directly, never their containers: a container runs from
     # its first descendant's call to its last, at the stride of its last one.
     first: dict[str, int] = {}
@@ -104,35 +90,21 @@ def _module_strides(body: nn.Module, input_size: tuple[int, int, int]) -> tuple[
     return strides, order
 
 
-def _hooked_forward(body: nn.Module, input_size: tuple[int, int, int], record, state: tuple) -> None:
-    """One eval forward of ``body`` with a hook on every module that calls ``record(path, shape)``
-    (on meta tensors, else fake ones, else one small real input); ``state`` is cleared on a retry."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+def _hooked_forward(body: nn.Module, input_size: tuple[int, int, int]) -> tuple[list[tuple[str, Any]], int]:
+    """``(module path, output shape)`` of each module call of one eval forward of ``body``
+    (:func:`autocut.probe.probe_forward`), and the batch it ran with."""
+    calls: list[tuple[str, Any]] = []
     handles = [
-        module.register_forward_hook(lambda m, args, out, path=path: record(path, shape_of(out)))
+        module.register_forward_hook(lambda m, args, out, path=path: calls.append((path, shape_of(out))))
         for path, module in body.named_modules()
         if path
     ]
-    device = next((p.device for p in body.parameters()), torch.device("cpu"))
-    was_training = body.training
-    body.eval()
     try:
-        with torch.no_grad():
-            if device.type == "meta":
-                body(torch.empty(PROBE_BATCH, *input_size, device="meta"))
-            else:
-                try:
-                    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                        body(mode.from_tensor(torch.empty(PROBE_BATCH, *input_size, device=device)))
-                except Exception:  # value-dependent control flow: one small real forward
-                    for s in state:
-                        s.clear()
-                    body(torch.zeros(1, *input_size, device=device))
+        batch = probe_forward(body, input_size, before_real=calls.clear)
     finally:
-        body.train(was_training)
         for h in handles:
             h.remove()
+    return calls, batch
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -285,87 +257,4 @@ def group_summary(model: nn.Module, n: int | None = 3) -> list[dict[str, Any]]:
                         "params": sum(p.numel() for u in g for p in u.params)})
         else:
             out.append({"group": i, "first": "head", "last": "head", "stride": None, "params": sum(p.numel() for p in g)})
-    return out
-
-
-def norm_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...)
-    of ``model``. Graph bodies lose the norm modules' types, so ``create_body`` records these
-    names from the original model as ``body.norm_parameter_names``."""
-    names = set()
-    for path, m in model.named_modules():
-        recorded = getattr(m, "norm_parameter_names", None)
-        if isinstance(recorded, (set, frozenset)):
-            names.update(f"{path}.{n}" if path else n for n in recorded)
-        elif isinstance(m, _NORMS) or "norm" in type(m).__name__.lower():
-            names.update(f"{path}.{n}" if path else n for n, _ in m.named_parameters(recurse=False))
-    return names
-
-
-def is_norm_parameter(model: nn.Module) -> set[int]:
-    """ids of the parameters of normalisation layers (see :func:`norm_parameter_names`)."""
-    names = norm_parameter_names(model)
-    return {id(p) for n, p in model.named_parameters() if n in names}
-
-
-def freeze_to(model: nn.Module, n: int, train_bn: bool = True, groups: int | None = 3) -> None:
-    """Freeze the first ``n`` layer groups (negative counts from the end), fastai's way: with
-    ``train_bn`` the norm layers' parameters stay trainable."""
-    gs = layer_groups(model, groups)
-    stop = n if n >= 0 else len(gs) + n
-    norms = is_norm_parameter(model) if train_bn else set()
-    for i, g in enumerate(gs):
-        for p in g:
-            p.requires_grad_(i >= stop or id(p) in norms)
-
-
-def _lrs(lr: float | slice, n: int) -> list[float]:
-    if isinstance(lr, slice):
-        lo, hi = lr.start, lr.stop
-        if hi is None:
-            raise CutError("lr=slice(...) needs a stop: slice(lo, hi) or slice(hi)")
-        if lo is None:  # fastai: slice(hi) gives hi/10 to all but the last group
-            return [hi / 10] * (n - 1) + [hi]
-        if n == 1:
-            return [hi]
-        return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
-    return [float(lr)] * n
-
-
-def param_groups(
-    model: nn.Module,
-    lr: float | slice,
-    weight_decay: float = 0.01,
-    layer_decay: float | None = None,
-    n: int | None = 3,
-) -> list[dict[str, Any]]:
-    """Optimiser param groups for any torch optimiser: one learning rate per layer group, and no
-    weight decay on norms and biases.
-
-    Args:
-        lr: a float, or ``slice(lo, hi)`` spread geometrically over the groups (fastai's
-            discriminative learning rates), or ``slice(hi)`` (``hi/10`` for all but the head).
-        weight_decay: for weights; norms and biases get 0.
-        layer_decay: timm-style: group ``i`` of ``k`` gets ``lr * layer_decay ** (k - 1 - i)``.
-        n: as in :func:`layer_groups`.
-
-    Example:
-        >>> opt = torch.optim.AdamW(param_groups(model, slice(1e-5, 1e-3)))
-    """
-    gs = layer_groups(model, n)
-    if layer_decay is not None:
-        if isinstance(lr, slice):
-            raise CutError("give lr as a float with layer_decay (the decay spreads it over the groups)")
-        lrs = [float(lr) * layer_decay ** (len(gs) - 1 - i) for i in range(len(gs))]
-    else:
-        lrs = _lrs(lr, len(gs))
-    norms = is_norm_parameter(model)
-    out = []
-    for i, (g, group_lr) in enumerate(zip(gs, lrs)):
-        decay = [p for p in g if p.ndim > 1 and id(p) not in norms]
-        no_decay = [p for p in g if not (p.ndim > 1 and id(p) not in norms)]
-        if decay:
-            out.append({"params": decay, "lr": group_lr, "weight_decay": weight_decay, "layer_group": i})
-        if no_decay:
-            out.append({"params": no_decay, "lr": group_lr, "weight_decay": 0.0, "layer_group": i})
     return out

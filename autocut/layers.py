@@ -1,12 +1,12 @@
-"""Building blocks: the concat-pool head and the layout conversions the body ends with.
+"""Building blocks of the head: concat pooling, BatchNorm + dropout, ``SigmoidRange``, and
+fastai's ``create_head`` that assembles them.
 
 Each op has a functional form and an ``nn.Module`` form. Nothing here knows about tracing or
-models; ``body`` and ``adapt`` assemble these pieces.
+models; :mod:`autocut.adapt` puts the head on a body.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -21,41 +21,7 @@ __all__ = [
     "batch_norm_dropout",
     "create_head",
     "fuse_bn_dropout",
-    "nhwc_to_nchw",
-    "tokens_to_nchw",
 ]
-
-
-# --- layouts --------------------------------------------------------------------------------
-
-
-def nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
-    """``(B, H, W, C)`` to ``(B, C, H, W)`` as a view (channels_last memory, no copy)."""
-    return x.permute(0, 3, 1, 2)
-
-
-def tokens_to_nchw(x: torch.Tensor, prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
-    """``(B, prefix + h*w, C)`` tokens to a ``(B, C, h, w)`` map.
-
-    The ``prefix_tokens`` leading tokens (class, register, distillation) are dropped. ``grid`` is
-    the patch grid seen when the model was probed; at another input size a square grid is
-    re-derived from the token count, any other grid must match.
-
-    >>> tokens_to_nchw(torch.zeros(2, 1 + 6, 8), 1, (2, 3)).shape
-    torch.Size([2, 8, 2, 3])
-    """
-    tokens = x[:, prefix_tokens:]
-    h, w = grid
-    n = tokens.shape[1]
-    if n != h * w:
-        side = math.isqrt(n)
-        if h != w or side * side != n:
-            raise ValueError(
-                f"the body was cut for a {h}x{w} token grid ({h * w} tokens after {prefix_tokens} "
-                f"prefix tokens) but got {n} tokens; use the input size the model was discovered with"
-            )
-        h = w = side
-    return tokens.unflatten(1, (h, w)).permute(0, 3, 1, 2)
 
 
 # --- pooling --------------------------------------------------------------------------------
@@ -158,7 +124,7 @@ class BatchNormDropout1d(nn.BatchNorm1d):
 
     Its parameters and buffers are a BatchNorm1d's, under the same names, so state dicts move
     between the two; it *is* a BatchNorm1d (``isinstance``), so freezing rules and
-    :func:`autocut.kernels.head.fold_head` treat it as one. In eval mode dropout is the identity.
+    :func:`autocut.kernels.fold.fold_head` treat it as one. In eval mode dropout is the identity.
     Build one with :func:`fuse_bn_dropout` rather than by hand.
 
     One mode serves both halves: putting the module in eval mode (as fastai's ``BnFreeze`` does to

@@ -3,7 +3,7 @@
 Tracing uses torch.fx with timm's registry of non-traceable modules and functions, so timm models
 trace as timm's own feature extraction traces them. Shapes come from running the graph on the
 meta device (or on fake tensors when the model has real weights): no real compute, no copy of the
-weights. Models that cannot be traced are probed with module hooks instead (:func:`probe_modules`).
+weights. Models that cannot be traced are probed with module hooks instead (:mod:`autocut.cut_hooks`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ import torchvision
 from torch import fx, nn
 from torchvision.models import feature_extraction as tv_fx
 
-__all__ = ["PROBE_BATCH", "Traced", "ModuleCall", "trace", "probe_modules", "tracer_kwargs", "concrete_args_of", "shape_of"]
+from autocut.probe import PROBE_BATCH, eval_mode, model_device, probe_input, shape_of
 
-# An odd prime no other dimension is likely to equal: attention pools stack k/v in a dimension of
-# size 2, qkv in one of size 3, and feature maps are often 7, 13 or 14 wide.
-PROBE_BATCH = 11
+__all__ = ["Traced", "trace", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of"]
 
 
 def tracer_kwargs() -> dict[str, Any]:
@@ -159,15 +157,6 @@ def concrete_args_of(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def shape_of(value: Any) -> Any:
-    """A tensor's shape as a tuple, a list or tuple of values as a list of theirs, anything else ``None``."""
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
-        return [shape_of(v) for v in value]  # a list, so it never reads as a shape
-    return None
-
-
 class _ShapeRecorder(fx.Interpreter):
     # Values are kept (garbage_collect_values=False): levit and efficientformer cache attention
     # biases across calls, and meta/fake values cost no memory.
@@ -212,14 +201,6 @@ class Traced:
             if qual == name:
                 return node
         return None
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def trace_graph(model: nn.Module, training: bool = False) -> tuple[fx.Graph, _ScopeTracer, dict[str, Any]]:
@@ -281,29 +262,14 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
 
     Meta models run on meta tensors; models with real weights run on fake tensors (their weights
     are never copied or touched). Raises whatever tracing or propagation raised: callers fall
-    back to :func:`probe_modules`.
+    back to module hooks (:mod:`autocut.cut_hooks`).
     """
     graph, tracer, concrete = trace_graph(model, training=False)
-    device = _model_device(model)
+    device = model_device(model)
     shape = (batch, *input_size)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            if device.type == "meta":
-                recorder = _ShapeRecorder(tracer.root, graph, tracer.constants)
-                recorder.run(torch.empty(shape, device="meta"))
-                method = "meta"
-            else:
-                from torch._subclasses.fake_tensor import FakeTensorMode
-
-                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                    x = mode.from_tensor(torch.empty(shape, device=device))
-                    recorder = _ShapeRecorder(tracer.root, graph, tracer.constants)
-                    recorder.run(x)
-                method = "fake"
-    finally:
-        model.train(was_training)
+    recorder = _ShapeRecorder(tracer.root, graph, tracer.constants)
+    with eval_mode(model), torch.no_grad(), probe_input(shape, device) as x:
+        recorder.run(x)
     return Traced(
         model=model,
         graph=graph,
@@ -313,51 +279,6 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
         input=next(n for n in graph.nodes if n.op == "placeholder"),
         input_shape=shape,
         concrete_args=concrete,
-        shape_method=method,
+        shape_method="meta" if device.type == "meta" else "fake",
         constants=tracer.constants,
     )
-
-
-# --- the fallback: module hooks -------------------------------------------------------------
-
-
-@dataclass
-class ModuleCall:
-    """One call of a module during a hooked forward: its path, input and output shapes."""
-
-    path: str
-    index: int
-    in_shape: Any
-    out_shape: Any
-
-
-def probe_modules(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE_BATCH) -> list[ModuleCall]:
-    """Run one eval forward with hooks on every module and record each call's shapes, in the
-    order calls finish. Used where fx cannot trace (data-dependent control flow).
-
-    Meta models run on meta tensors; a model whose forward needs real values must be real.
-    """
-    calls: list[ModuleCall] = []
-    handles = []
-    device = _model_device(model)
-
-    def hook(path):
-        def fn(module, args, output):
-            first = args[0] if args else None
-            calls.append(ModuleCall(path, len(calls), shape_of(first), shape_of(output)))
-
-        return fn
-
-    for path, module in model.named_modules():
-        if path:
-            handles.append(module.register_forward_hook(hook(path)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros((batch, *input_size), device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return calls

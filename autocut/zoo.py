@@ -22,6 +22,7 @@ __all__ = [
     "resolve",
     "build",
     "default_input_size",
+    "stated_input_size",
     "normalization",
     "load_checkpoint",
     "timm_names",
@@ -70,12 +71,13 @@ def _is_timm(name: str) -> bool:
 
 def resolve(name: str) -> ModelSpec:
     """``"convnext_tiny"`` (timm), ``"torchvision:densenet121"``, or a bare torchvision name that
-    timm does not have. Unknown names raise a ``ValueError`` listing close matches."""
+    timm does not have. Unknown names raise a :class:`CutError` (a ``ValueError``) listing close
+    matches."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"expected a model name or an nn.Module, got {name!r}")
+        raise CutError(f"expected a model name or an nn.Module, got {name!r}")
     source, _, bare = name.rpartition(":")
     if source not in ("", TIMM, TORCHVISION):
-        raise ValueError(f"unknown zoo {source!r} in {name!r}: prefix with 'timm:' or 'torchvision:' or none")
+        raise CutError(f"unknown zoo {source!r} in {name!r}: prefix with 'timm:' or 'torchvision:' or none")
     if source in ("", TIMM) and _is_timm(bare):
         return ModelSpec(TIMM, bare)
     if source in ("", TORCHVISION) and bare in torchvision_names():
@@ -87,7 +89,7 @@ def resolve(name: str) -> ModelSpec:
     }[source]
     close = difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else ""
-    raise ValueError(f"unknown model {name!r}{hint} (timm.list_models() and torchvision.models.list_models() list them)")
+    raise CutError(f"unknown model {name!r}{hint} (timm.list_models() and torchvision.models.list_models() list them)")
 
 
 def _build_timm(name: str, pretrained: bool) -> nn.Module:
@@ -166,7 +168,7 @@ def build(spec: ModelSpec, device: str | torch.device = "meta", pretrained: bool
     device = torch.device(device)
     if pretrained:
         if device.type == "meta":
-            raise ValueError("pretrained weights cannot be loaded on the meta device")
+            raise CutError("pretrained weights cannot be loaded on the meta device: build on the CPU (device='cpu')")
         try:
             model = builder(spec.name, True)
         except Exception as err:  # hub/network errors come in many types
@@ -180,8 +182,7 @@ def build(spec: ModelSpec, device: str | torch.device = "meta", pretrained: bool
         try:
             with torch.device("meta"), _SkipInitOnMeta():
                 return builder(spec.name, False).eval()
-        except Exception:
-            # e.g. regnets: aten::_unique2 has no meta kernel; gemma4 calls .item()
+        except RuntimeError:  # no meta kernel (regnets' aten::_unique2) or a value read (gemma4's .item())
             with _registered_on_meta(), _SkipInitOnMeta():
                 model = builder(spec.name, False)
             return model.to("meta").eval()  # anything not registered the usual way
@@ -190,9 +191,19 @@ def build(spec: ModelSpec, device: str | torch.device = "meta", pretrained: bool
 
 
 def default_input_size(model: nn.Module | ModelSpec, built: nn.Module | None = None) -> tuple[int, int, int]:
-    """The model's own input size: timm's ``pretrained_cfg``, a fixed ``image_size`` the built
-    model insists on (torchvision's ViTs), torchvision's weights' crop size, else
-    ``(3, 224, 224)``."""
+    """The model's own input size (:func:`stated_input_size`), else ``(3, 224, 224)``.
+
+    Args:
+        model: a built model, or the spec of a named one.
+        built: the model built from that spec, where there is one.
+    """
+    return stated_input_size(model, built) or _DEFAULT_INPUT
+
+
+def stated_input_size(model: nn.Module | ModelSpec, built: nn.Module | None = None) -> tuple[int, int, int] | None:
+    """The input size the model states, or ``None``: timm's ``pretrained_cfg``, a fixed
+    ``image_size`` the built model insists on (torchvision's ViTs), torchvision's weights' crop
+    size."""
     fixed = getattr(built if built is not None else model, "image_size", None)
     is_timm = isinstance(model, ModelSpec) and model.source == TIMM
     if isinstance(fixed, int) and not is_timm:
@@ -204,12 +215,12 @@ def default_input_size(model: nn.Module | ModelSpec, built: nn.Module | None = N
             cfg = timm.get_pretrained_cfg(model.name)
             cfg = cfg.to_dict() if cfg is not None else {}
             size = cfg.get("input_size")
-            return tuple(size) if size else _DEFAULT_INPUT
+            return tuple(size) if size else None
         crop = _torchvision_transform_kwargs(model.name).get("crop_size")
-        return (3, *_pair(crop)) if crop else _DEFAULT_INPUT
+        return (3, *_pair(crop)) if crop else None
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    return tuple(size) if size else _DEFAULT_INPUT
+    return tuple(size) if size else None
 
 
 def normalization(model: nn.Module | ModelSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -261,7 +272,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
+        except Exception as err:  # pickle's, zip's and torch's own errors all mean "not a plain checkpoint": re-raised
             raise CutError(
                 f"{path} is not a plain tensor checkpoint ({type(err).__name__}: {err}); autocut never "
                 "unpickles arbitrary objects: save a state_dict (torch.save(model.state_dict(), ...)) "

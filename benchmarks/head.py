@@ -5,7 +5,7 @@ Eval implementations, all under ``torch.inference_mode``:
 * ``pool_eager`` / ``pool_fused``: the concat pool alone, PyTorch's two ops or the fused kernel;
 * ``head_eager``: the head in eval mode with ``AUTOCUT_DISABLE_KERNELS=1`` (all PyTorch);
 * ``head_eval``: the head in eval mode with the fused pool (BatchNorm, Linear, ReLU unfolded);
-* ``head_folded``: :func:`autocut.kernels.head.fold_head` (pool, GEMM+ReLU, GEMM);
+* ``head_folded``: :func:`autocut.kernels.fold.fold_head` (pool, GEMM+ReLU, GEMM);
 * ``head_compiled``: ``torch.compile`` of the eager head (at the ResNet-50 shape only).
 
 Training implementations, forward and backward (grads of the input and every parameter), in train
@@ -173,7 +173,7 @@ def run(args) -> tuple[list[dict], str]:
     import torch._dynamo
 
     from autocut.kernels.concat_pool import concat_pool2d
-    from autocut.kernels.head import fold_head
+    from autocut.kernels.fold import fold_head
 
     rows, stopped, started = [], "", time.time()
     grid = cases(args.quick)

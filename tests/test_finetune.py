@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from autocut import cli, discover, zoo
-from autocut.data import Data, Tensors, digits, image_folder
+from autocut.finetune.data import Data, Tensors, digits, image_folder
 from autocut.finetune import finetune, load_model, predict
 from autocut.finetune import checkpoint
 from autocut.finetune.train import DEFAULT_ARCH

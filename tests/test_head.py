@@ -165,7 +165,7 @@ def test_batch_norm_dropout_module_matches_batchnorm_options():
 
 
 def test_fused_pairs_fold_like_the_originals():
-    from autocut.kernels.head import fold_head
+    from autocut.kernels.fold import fold_head
     from autocut.layers import fuse_bn_dropout
 
     torch.manual_seed(0)

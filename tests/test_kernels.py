@@ -29,7 +29,7 @@ tl = pytest.importorskip("triton.language")
 from autocut import kernels  # noqa: E402
 from autocut.kernels import bn_dropout as bd  # noqa: E402
 from autocut.kernels import concat_pool as cp  # noqa: E402
-from autocut.kernels.head import FoldedHead, FoldedLinear, fold_head  # noqa: E402
+from autocut.kernels.fold import FoldedHead, FoldedLinear, fold_head  # noqa: E402
 from autocut.layers import BatchNormDropout1d, adaptive_concat_pool2d, create_head, fuse_bn_dropout  # noqa: E402
 
 INTERPRETED = all(type(f).__name__ == "InterpretedFunction" for f in (cp._concat_pool_fwd_kernel, tl.zeros))

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from autocut.data import eval_transform, image_mode
+from autocut.finetune.data import eval_transform, image_mode
 from autocut.finetune.checkpoint import load_model
 
 __all__ = ["predict", "read_image"]

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from autocut import adapt, param_groups, zoo
-from autocut.data import Data, Tensors, channel_stats, load_data, sample_seed
+from autocut.finetune.data import Data, Tensors, channel_stats, load_data, sample_seed
 from autocut.finetune import checkpoint
 from autocut.finetune.distributed import Processes, all_sum, setup, synced_batch_norm, teardown
 from autocut.finetune.report import Report

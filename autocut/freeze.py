@@ -1,0 +1,47 @@
+"""Freezing by layer group, fastai's way: norm layers stay trainable (``train_bn``).
+
+Graph bodies lose their modules' types (a traced LayerNorm is a plain ``Module``), so
+:func:`autocut.create_body` records the names of the original model's norm parameters as
+``body.norm_parameter_names``; :func:`norm_parameter_names` reads them back.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from autocut.groups import layer_groups
+
+__all__ = ["NORM_TYPES", "norm_parameter_names", "norm_parameter_ids", "freeze_to"]
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...)
+    of ``model``. Graph bodies lose the norm modules' types, so ``create_body`` records these
+    names from the original model as ``body.norm_parameter_names``."""
+    names = set()
+    for path, m in model.named_modules():
+        recorded = getattr(m, "norm_parameter_names", None)
+        if isinstance(recorded, (set, frozenset)):
+            names.update(f"{path}.{n}" if path else n for n in recorded)
+        elif isinstance(m, NORM_TYPES) or "norm" in type(m).__name__.lower():
+            names.update(f"{path}.{n}" if path else n for n, _ in m.named_parameters(recurse=False))
+    return names
+
+
+def norm_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters of normalisation layers (see :func:`norm_parameter_names`)."""
+    names = norm_parameter_names(model)
+    return {id(p) for n, p in model.named_parameters() if n in names}
+
+
+def freeze_to(model: nn.Module, n: int, train_bn: bool = True, groups: int | None = 3) -> None:
+    """Freeze the first ``n`` layer groups (negative counts from the end), fastai's way: with
+    ``train_bn`` the norm layers' parameters stay trainable."""
+    gs = layer_groups(model, groups)
+    stop = n if n >= 0 else len(gs) + n
+    norms = norm_parameter_ids(model) if train_bn else set()
+    for i, g in enumerate(gs):
+        for p in g:
+            p.requires_grad_(i >= stop or id(p) in norms)
