@@ -10,8 +10,8 @@ from autocut.cut import Cut
 from autocut.discover import discover
 from autocut.errors import CutError
 from autocut.groups import group_summary, layer_groups, splitter
-from autocut.optim import param_groups
 from autocut.layers import AdaptiveConcatPool2d, SigmoidRange, create_head, fuse_bn_dropout
+from autocut.optim import param_groups
 
 __all__ = [
     "AdaptedModel",

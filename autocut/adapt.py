@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn

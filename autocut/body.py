@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule

@@ -54,7 +54,8 @@ def _inspect(args: argparse.Namespace) -> int:
         for col in ("group", "first", "last", "stride", "parameters"):
             gt.add_column(col, justify="right" if col in ("group", "stride", "parameters") else "left")
         for g in groups:
-            gt.add_row(str(g["group"]), g["first"], g["last"], "-" if g["stride"] is None else f"{g['stride']:g}", f"{g['params']:,}")
+            stride = "-" if g["stride"] is None else f"{g['stride']:g}"
+            gt.add_row(str(g["group"]), g["first"], g["last"], stride, f"{g['params']:,}")
         console.print(gt)
     return 0
 

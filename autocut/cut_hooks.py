@@ -11,7 +11,7 @@ the probe, the rule and the body, all on module calls instead of graph nodes.
 
 from __future__ import annotations
 
-import types
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +151,9 @@ def _raise_input(module, args):
     raise _Exit(args[0])
 
 
+_MISSING = object()
+
+
 class EarlyExitBody(nn.Module):
     """A body for models fx cannot trace: runs the model's own forward and stops at the cut
     (a hook on the cut module raises with the value). Top-level children the cut drops become
@@ -185,10 +188,12 @@ class EarlyExitBody(nn.Module):
             extra = self.__dict__.get("_model_dict", {})
             if name in extra:
                 return extra[name]
-            attr = getattr(self.__dict__.get("_model_cls", object), name, None)
-            if callable(attr):  # the model's own methods (forward_features, ...), bound to us
-                return types.MethodType(attr, self)
-            raise
+            cls = self.__dict__.get("_model_cls", object)
+            attr = inspect.getattr_static(cls, name, _MISSING)
+            if attr is _MISSING:
+                raise
+            # the model's own methods (forward_features, ...) and properties, bound to us; constants as they are
+            return attr.__get__(self, cls) if hasattr(attr, "__get__") else attr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         module = self.get_submodule(self.cut_path)

@@ -9,7 +9,7 @@ named model whose meta copy cannot run; then the hooks rule (:mod:`autocut.cut_h
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from autocut.errors import CutError
@@ -118,7 +117,8 @@ def body_units(body: nn.Module, input_size: tuple[int, int, int]) -> list[Unit]:
     def stride_of(path: str, module: nn.Module) -> float | None:
         if path in strides:
             return strides[path]
-        inner = [strides[f"{path}.{p}" if path else p] for p, _ in module.named_modules() if p and (f"{path}.{p}" if path else p) in strides]
+        paths = [f"{path}.{p}" if path else p for p, _ in module.named_modules() if p]
+        inner = [strides[p] for p in paths if p in strides]
         return inner[-1] if inner else None
 
     units: list[Unit] = []

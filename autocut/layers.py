@@ -34,7 +34,7 @@ def adaptive_concat_pool2d(x: torch.Tensor, output_size: int | tuple[int, int] =
     reads the map once (see :mod:`autocut.kernels`); everywhere else it is PyTorch's own ops.
     """
     if output_size in (1, (1, 1)):
-        from autocut.kernels import fused_concat_pool_available, fused_concat_pool2d
+        from autocut.kernels import fused_concat_pool2d, fused_concat_pool_available
 
         if fused_concat_pool_available(x):
             return fused_concat_pool2d(x)
@@ -99,10 +99,10 @@ def batch_norm_dropout(
     """``F.dropout(F.batch_norm(x, ...), p, training)``, the two layers of each block of the head.
 
     In training on CUDA with Triton, for a ``(B, F)`` input with affine parameters and running
-    statistics (contiguous vectors, as a module's are), both run as one fused kernel forward and one backward, dropout's mask regenerated
-    from a seed instead of saved (see :mod:`autocut.kernels.bn_dropout`); everywhere else it is
-    PyTorch's own ops. The arguments are ``F.batch_norm``'s, with ``momentum`` the resolved
-    exponential-average factor, plus dropout's ``p``.
+    statistics (contiguous vectors, as a module's are), both run as one fused kernel forward and one
+    backward, dropout's mask regenerated from a seed instead of saved (see
+    :mod:`autocut.kernels.bn_dropout`); everywhere else it is PyTorch's own ops. The arguments are
+    ``F.batch_norm``'s, with ``momentum`` the resolved exponential-average factor, plus dropout's ``p``.
 
     Example:
         >>> bn = nn.BatchNorm1d(8)

@@ -8,7 +8,8 @@ small real forward only where the model's code needs values (``.item()``, a data
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn

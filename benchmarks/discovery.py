@@ -17,7 +17,6 @@ import json
 import platform
 import subprocess
 import sys
-import time
 
 LADDER = [
     "resnet18",

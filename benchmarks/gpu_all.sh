@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs checking on a GPU, in one go, in under 10 minutes on an H200 (the step
 # limits add up to 570 s):
-#   1. tests/test_kernels.py on CUDA (the grid, dispatch, torch.compile, CUDA graphs, real sizes);
-#   2. benchmarks/concat_pool.py (grid + ResNet-50 step), torch.compile at the ResNet-50 shape;
-#   3. benchmarks/head.py (eval head, folded; training head, fused BatchNorm-dropout);
+#   1. tests/test_kernels_*.py on CUDA (the grid, dispatch, torch.compile, CUDA graphs, real sizes);
+#   2. benchmarks/kernels/concat_pool.py (grid + ResNet-50 step), torch.compile at the ResNet-50 shape;
+#   3. benchmarks/kernels/head.py (eval head, folded; training head, fused BatchNorm-dropout);
 #   4. `autocut finetune` on CUDA (issue 6: bf16 autocast, channels_last), the default run, then one
 #      epoch under torchrun on the NCCL backend.
 # Runs from the repository root without installing autocut (PYTHONPATH=.). Everything lands in
@@ -45,14 +45,14 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     # variants in parallel (the grid is mostly compile time), else one process.
     workers=()
     "$PY" -c "import xdist" 2>/dev/null && workers=(-n 8)
-    step tests 150 "$PY" -m pytest tests/test_kernels.py -q -p no:cacheprovider -o addopts="" ${workers[@]+"${workers[@]}"} -rs \
+    step tests 150 "$PY" -m pytest tests/test_kernels_concat_pool.py tests/test_kernels_bn_dropout.py tests/test_kernels_fold.py -q -p no:cacheprovider -o addopts="" ${workers[@]+"${workers[@]}"} -rs \
         --junitxml="$OUT/tests.xml"
 else
     echo "pytest is not installed: kernel tests skipped (the benchmarks still check every fused result against eager)" | tee "$OUT/tests.log"
     status=1
 fi
-step concat_pool 170 "$PY" benchmarks/concat_pool.py --out "$OUT" --compile target --budget-s 110 --warmup 3 --rep 15 --e2e-warmup 400 --e2e-rep 1500
-step head 100 "$PY" benchmarks/head.py --out "$OUT" --budget-s 25 --warmup 3 --rep 15
+step concat_pool 170 "$PY" -m benchmarks.kernels.concat_pool --out "$OUT" --compile target --budget-s 110 --warmup 3 --rep 15 --e2e-warmup 400 --e2e-rep 1500
+step head 100 "$PY" -m benchmarks.kernels.head --out "$OUT" --budget-s 25 --warmup 3 --rep 15
 step finetune 80 "$PY" -m autocut finetune --device cuda --out "$OUT/finetune"
 # Issue 6's CUDA path: what ran (the start line) and the default's accuracy bar (>= 95%).
 grep -q "cuda, bf16 autocast, channels_last" "$OUT/finetune.log" \

@@ -1,7 +1,5 @@
 """adapt / create_body on zoo models: heads, init, checkpoints, errors."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -9,6 +7,7 @@ import torchvision
 from torch import nn
 
 import autocut
+
 from handmade import FunctionalPoolNet
 
 
@@ -25,7 +24,7 @@ def test_adapt_builds_body_and_head_with_fastai_init():
     assert all(torch.equal(b.weight, torch.ones_like(b.weight)) for b in bns)  # norms skipped
     linears = [m for m in head if isinstance(m, nn.Linear)]
     assert linears[0].in_features == 2 * model.cut.nf
-    assert all(l.bias is None or torch.equal(l.bias, torch.zeros_like(l.bias)) for l in linears)
+    assert all(lin.bias is None or torch.equal(lin.bias, torch.zeros_like(lin.bias)) for lin in linears)
     # kaiming_normal_ (fan_in, relu gain): std ~ sqrt(2 / fan_in)
     w = linears[0].weight
     assert abs(w.std().item() - (2 / w.shape[1]) ** 0.5) < 0.1 * (2 / w.shape[1]) ** 0.5
@@ -83,19 +82,6 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
         autocut.adapt(FunctionalPoolNet(), n_out=2, weights=path, input_size=(3, 32, 32))
 
 
-def test_pretrained_offline_says_so(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="could not load pretrained weights.*weights=PATH"):
-        autocut.adapt("resnet18", n_out=2, pretrained=True)
-
-
-def test_unknown_names_list_close_matches():
-    with pytest.raises(ValueError, match="close matches: .*resnet34"):
-        autocut.discover("resnet43")
-    with pytest.raises(ValueError, match="unknown zoo"):
-        autocut.discover("keras:resnet50")
-
-
 def test_bad_arguments_are_refused_with_what_to_pass():
     with pytest.raises(autocut.CutError, match="n_out must be a positive int"):
         autocut.adapt("resnet18", n_out=0)
@@ -112,46 +98,6 @@ def test_cut_prints_what_a_user_asks_for():
     assert "densenet121" in text and "1024 channels" in text and "stride 32" in text and "classifier" in text
 
 
-def test_meta_builds_and_discovery_allocate_no_weights():
-    # in a fresh process, whose peak resident memory is what these calls cost (tracemalloc
-    # cannot see torch's allocator)
-    code = """
-import resource, autocut
-from autocut import zoo
-autocut.discover("resnet18")  # imports and caches
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-autocut.discover("vit_large_patch16_224")  # 300M parameters: 1.2 GB if materialised
-model = zoo.build(zoo.resolve("regnety_1280"))  # 645M, and its constructor needs the CPU
-assert {p.device.type for p in model.parameters()} == {"meta"}
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert int(out.stdout.split()[-1]) < 300, f"{out.stdout.split()[-1]} MB"
-
-
-def _layout(model):
-    """Every module's type and every parameter's and buffer's shape, dtype, flags and device."""
-    out = []
-    for path, module in model.named_modules():
-        out.append((path, type(module).__name__, module.training))
-        for name, p in module._parameters.items():
-            out.append((path, name, type(p).__name__, p is None or (p.shape, p.dtype, p.requires_grad, p.device.type)))
-        for name, b in module._buffers.items():
-            out.append((path, name, b is None or (b.shape, b.dtype, b.device.type, name in module._non_persistent_buffers_set)))
-    return out
-
-
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "efficientnet_b0", "regnetx_002", "torchvision:regnet_y_400mf"])
-def test_meta_builds_skip_init_but_keep_every_tensors_layout(name):
-    from autocut import zoo
-
-    spec = zoo.resolve(name)
-    builder = zoo._build_timm if spec.source == zoo.TIMM else zoo._build_torchvision
-    reference = builder(spec.name, False).to("meta").eval()  # built and initialised on the CPU
-    assert _layout(zoo.build(spec)) == _layout(reference)
-
-
 def _linears(head):
     return [m for m in head.modules() if isinstance(m, nn.Linear)]
 
@@ -165,7 +111,7 @@ def test_init_zeroes_the_biases_of_heads_that_have_them():
     fan_in = first.weight.shape[1]
     assert abs(first.weight.std().item() - (2 / fan_in) ** 0.5) < 0.25 * (2 / fan_in) ** 0.5
     ones = autocut.adapt(FunctionalPoolNet(), n_out=3, input_size=(3, 32, 32), first_bn=False, init=nn.init.ones_)
-    assert all(torch.equal(l.weight, torch.ones_like(l.weight)) for l in _linears(ones[1]))
+    assert all(torch.equal(lin.weight, torch.ones_like(lin.weight)) for lin in _linears(ones[1]))
     assert torch.equal(_linears(ones[1])[0].bias, torch.zeros(512))
 
 
@@ -184,7 +130,7 @@ def test_init_reaches_the_head_with_n_in_and_leaves_the_new_input_layer_to_n_in_
     original = torchvision.models.resnet18()
     w = original.conv1.weight.detach().clone()
     model = autocut.adapt(original, n_out=2, input_size=(3, 32, 32), n_in=4, n_in_init="zero", init=nn.init.ones_)
-    assert all(torch.equal(l.weight, torch.ones_like(l.weight)) for l in _linears(model[1]))
+    assert all(torch.equal(lin.weight, torch.ones_like(lin.weight)) for lin in _linears(model[1]))
     conv1 = model[0].conv1
     assert conv1.weight.shape == (64, 4, 7, 7)
     assert torch.equal(conv1.weight[:, :3], w) and not conv1.weight[:, 3].any()

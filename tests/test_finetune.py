@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 from autocut import cli, discover, zoo
+from autocut.finetune import checkpoint, finetune, load_model, predict
 from autocut.finetune.data import Data, Tensors, digits, image_folder
-from autocut.finetune import finetune, load_model, predict
-from autocut.finetune import checkpoint
 from autocut.finetune.train import DEFAULT_ARCH
 
 SIZE = 16  # small enough for a CPU test run

@@ -9,6 +9,7 @@ from torch import nn
 
 import autocut
 from autocut import zoo
+
 from zoo_strategies import head_options, model_and_size
 
 

@@ -14,6 +14,7 @@ import torch
 
 import autocut
 from autocut import zoo
+
 from timm_subset import TIMM_SUBSET
 
 # Where autocut deliberately differs from forward_features, and why.
@@ -120,19 +121,3 @@ def test_body_values_equal_forward_features(name):
         expected = _real_normalise(model, model.forward_features(x))
         out = body(x)
     torch.testing.assert_close(out, expected)
-
-
-@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "vit_tiny_patch16_224", "efficientnet_b0", "maxvit_tiny_tf_224"])
-def test_tracer_makes_torchvisions_graph_and_node_names(name):
-    # autocut's tracer caches fx's tensor-attribute lookups and bytecode reads and counts names
-    # instead of scanning them: the graph and the names must be torchvision's tracer's own.
-    from torchvision.models.feature_extraction import NodePathTracer
-
-    from autocut.trace import trace_graph, tracer_kwargs
-
-    graph, tracer, concrete = trace_graph(zoo.build(zoo.resolve(name), device="meta").eval())
-    reference = NodePathTracer(**tracer_kwargs())  # on a fresh model: fx numbers the tensor
-    model = zoo.build(zoo.resolve(name), device="meta").eval()  # constants it stores on the root
-    expected = reference.trace(model, concrete_args=concrete or None)
-    assert graph.python_code("self").src == expected.python_code("self").src
-    assert list(tracer.node_to_qualname.values()) == list(reference.node_to_qualname.values())

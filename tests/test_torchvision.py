@@ -7,7 +7,6 @@ tensors for small ones. Where fastai's model_meta has a cut, autocut agrees or i
 """
 
 import re
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -30,7 +29,8 @@ def _vit_tokens_to_map(tokens):
 # family regex -> (module, "input" | "output", transform): where torchvision's forward reduces
 ORACLE = [
     (r"^(alexnet|vgg)", "avgpool", "input", None),
-    (r"^(resnet|resnext|wide_resnet|regnet|googlenet|inception_v3|efficientnet|mobilenet_v3|convnext|swin)", "avgpool", "input", None),
+    (r"^(resnet|resnext|wide_resnet|regnet|googlenet|inception_v3|efficientnet|mobilenet_v3|convnext|swin)",
+     "avgpool", "input", None),
     (r"^densenet", "features", "output", F.relu),  # forward applies F.relu, then pools
     (r"^mnasnet", "layers", "output", None),  # x.mean([2, 3])
     (r"^mobilenet_v2", "features", "output", None),  # F.adaptive_avg_pool2d

@@ -74,13 +74,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "(with train/ and valid/ inside, or split at random)")
     ft.add_argument("--size", type=int, help=f"image side in pixels (default {DIGITS_SIZE} for digits, else the model's)")
     ft.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs of the whole model (default {DEFAULT_EPOCHS})")
-    ft.add_argument("--freeze-epochs", type=int, help="epochs with the body frozen first (default 1 with pretrained weights, else 0)")
+    ft.add_argument("--freeze-epochs", type=int,
+                    help="epochs with the body frozen first (default 1 with pretrained weights, else 0)")
     ft.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate of the head (default {DEFAULT_LR})")
-    ft.add_argument("--lr-mult", type=float, help="first layer group's lr is lr / lr-mult (default 100 with pretrained weights, else 1)")
+    ft.add_argument("--lr-mult", type=float,
+                    help="first layer group's lr is lr / lr-mult (default 100 with pretrained weights, else 1)")
     ft.add_argument("--bs", type=int, default=64, help="global batch size, split over processes (default 64)")
     weights = ft.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", help="the zoo's pretrained weights (needs the network)")
-    weights.add_argument("--weights", metavar="FILE", help="a local checkpoint of the original model (.safetensors or state dict)")
+    weights.add_argument("--weights", metavar="FILE",
+                         help="a local checkpoint of the original model (.safetensors or state dict)")
     ft.add_argument("--n-in", type=int, default=3, help="input channels (default 3)")
     ft.add_argument("--out", help="checkpoint folder (default runs/ARCH)")
     ft.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")

@@ -10,10 +10,10 @@ restarts, which is what lets a resumed or distributed run match a single uninter
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -221,7 +221,8 @@ def _scan(root: Path, classes: list[str] | None) -> tuple[list[tuple[Path, int]]
     for name in found:
         paths = sorted(
             p for p in (root / name).rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(s.startswith(".") for s in p.relative_to(root).parts)
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(s.startswith(".") for s in p.relative_to(root).parts)
         )
         if not paths:
             raise ValueError(f"class {name!r} is empty: {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from autocut.finetune.data import eval_transform, image_mode
 from autocut.finetune.checkpoint import load_model
+from autocut.finetune.data import eval_transform, image_mode
 
 __all__ = ["predict", "read_image"]
 
@@ -53,7 +54,8 @@ def predict(
     classes, k = meta["classes"], max(1, min(top_k, len(meta["classes"])))
     results = []
     for start in range(0, len(images), bs):
-        chunk = [read_image(im, n_in) if isinstance(im, (str, Path)) else im.convert(image_mode(n_in)) for im in images[start:start + bs]]
+        chunk = [read_image(im, n_in) if isinstance(im, (str, Path)) else im.convert(image_mode(n_in))
+                 for im in images[start:start + bs]]
         probs = model(torch.stack([tfm(im) for im in chunk]).to(device)).float().softmax(-1)
         values, indices = probs.topk(k, dim=-1)
         results += [[(classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist())] for v, ix in zip(values, indices)]

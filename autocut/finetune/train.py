@@ -17,10 +17,11 @@ import os
 import random
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +31,8 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from autocut import adapt, param_groups, zoo
-from autocut.finetune.data import Data, Tensors, channel_stats, load_data, sample_seed
 from autocut.finetune import checkpoint
+from autocut.finetune.data import Data, Tensors, channel_stats, load_data, sample_seed
 from autocut.finetune.distributed import Processes, all_sum, setup, synced_batch_norm, teardown
 from autocut.finetune.report import Report
 
@@ -86,7 +87,8 @@ class _Compute:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         cuda = device.type == "cuda"
-        return cls(device, precision == "bf16" or (precision == "auto" and cuda), cuda if channels_last is None else channels_last)
+        bf16 = precision == "bf16" or (precision == "auto" and cuda)
+        return cls(device, bf16, cuda if channels_last is None else channels_last)
 
     def autocast(self):
         # Weights stay fp32; matmuls and convolutions run in bf16 (no loss scaling needed, unlike fp16).
@@ -130,7 +132,8 @@ def _validate(model: nn.Module, loader: DataLoader, procs: Processes, compute: _
         x, y = compute.to_device(x), y.to(procs.device, non_blocking=True)
         with compute.autocast():
             out = model(x).float()
-        sums += torch.tensor([F.cross_entropy(out, y, reduction="sum").item(), (out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+        batch = [F.cross_entropy(out, y, reduction="sum").item(), (out.argmax(1) == y).sum().item(), len(y)]
+        sums += torch.tensor(batch, dtype=torch.float64)
     loss, correct, count = all_sum(sums, procs).tolist()
     return loss / count, correct / count
 
@@ -145,7 +148,8 @@ def _loaders(data: Data, bs: int, seed: int, workers: int | None, procs: Process
         local = int(os.environ.get("LOCAL_WORLD_SIZE", procs.world_size))
         workers = 0 if isinstance(data.train, Tensors) else min(8, max(1, (os.cpu_count() or 1) // local))
     per_process = bs // procs.world_size
-    sampler = DistributedSampler(data.train, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = DistributedSampler(data.train, num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
     common = dict(num_workers=workers, pin_memory=procs.device.type == "cuda")
     train = DataLoader(data.train, batch_size=per_process, sampler=sampler, drop_last=True,
                        generator=torch.Generator().manual_seed(seed), **common)

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Differs", "DIFFERS", "OracleError", "timm_expected", "torchvision_expected", "torchvision_reduced", "TORCHVISION_ORACLE"]
+__all__ = ["Differs", "DIFFERS", "OracleError", "timm_expected", "torchvision_expected", "torchvision_reduced",
+           "TORCHVISION_ORACLE"]
 
 _MAX_PREFIX = 32  # class + distillation + register tokens: more tokens than this are a map
 
@@ -114,7 +116,8 @@ def _vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
 # family regex -> (module, "input" | "output", transform): where torchvision's forward reduces
 TORCHVISION_ORACLE: list[tuple[str, str, str, Callable[[torch.Tensor], torch.Tensor] | None]] = [
     (r"^(alexnet|vgg)", "avgpool", "input", None),
-    (r"^(resnet|resnext|wide_resnet|regnet|googlenet|inception_v3|efficientnet|mobilenet_v3|convnext|swin)", "avgpool", "input", None),
+    (r"^(resnet|resnext|wide_resnet|regnet|googlenet|inception_v3|efficientnet|mobilenet_v3|convnext|swin)",
+     "avgpool", "input", None),
     (r"^densenet", "features", "output", F.relu),  # forward applies F.relu, then pools
     (r"^mnasnet", "layers", "output", None),  # x.mean([2, 3])
     (r"^mobilenet_v2", "features", "output", None),  # F.adaptive_avg_pool2d

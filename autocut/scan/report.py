@@ -14,8 +14,9 @@ import json
 import os
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from autocut.scan.runner import FAILED_STATUSES, RUNS, load_results
 
@@ -123,7 +124,8 @@ def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
             argv = " ".join(run.get("argv") or ["(scan() from Python)"])
             versions = ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items())
             checked = sum((run.get("counts") or {}).values())
-            rows.append([f"`{argv}`", run.get("started", "?"), f"{checked} of {run.get('todo', '?')}", f"{run.get('wall_s', '?')}",
+            rows.append([f"`{argv}`", run.get("started", "?"), f"{checked} of {run.get('todo', '?')}",
+                         f"{run.get('wall_s', '?')}",
                          f"{run.get('jobs')} jobs on {run.get('cpus')} CPUs ({run.get('cpu_model', '?')})",
                          f"{run.get('load_avg_start', '?')} → {run.get('load_avg_end', '?')}",
                          "interrupted" if run.get("interrupted") else "complete"])
@@ -165,7 +167,8 @@ def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
         total = sum(c.values())
         rows.append([zoo, family, total, c["ok"], c["differs"], c["mismatch"],
                      sum(c[s] for s in FAILED_STATUSES), "✓" if c["ok"] + c["differs"] == total else ""])
-    md.append(_table(["zoo", "family", "models", "ok", "differs", "mismatch", "failed/timeout/crashed/oom", "all verified"], rows))
+    header = ["zoo", "family", "models", "ok", "differs", "mismatch", "failed/timeout/crashed/oom", "all verified"]
+    md.append(_table(header, rows))
 
     differs = [r for r in recs if r["status"] == "differs"]
     md.append(f"\n## Known differences ({len(differs)})\n")
@@ -182,8 +185,8 @@ def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
     md.append(f"\n## Mismatches ({len(mismatches)})\n")
     if mismatches:
         md.append(_table(["model", "cut at", "body", "oracle", "reason"],
-                         [[r["name"], f"`{r.get('where')}`", r.get("body_shape"), r.get("expected_shape", "-"), r.get("reason", "")]
-                          for r in mismatches]))
+                         [[r["name"], f"`{r.get('where')}`", r.get("body_shape"), r.get("expected_shape", "-"),
+                           r.get("reason", "")] for r in mismatches]))
     else:
         md.append("None.\n")
 

@@ -28,9 +28,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 __all__ = ["scan", "zoo_names", "family_of", "load_results", "RESULTS", "RUNS", "FAILED_STATUSES"]
 
@@ -58,7 +59,8 @@ def zoo_names(zoo: str = "all", filters: Iterable[str] = ()) -> list[str]:
         names += [f"torchvision:{n}" for n in zoo_.torchvision_names()]
     filters = list(filters)
     if filters:
-        names = [n for n in names if any(fnmatch.fnmatchcase(n, f) or fnmatch.fnmatchcase(n.rpartition(":")[2], f) for f in filters)]
+        names = [n for n in names
+                 if any(fnmatch.fnmatchcase(n, f) or fnmatch.fnmatchcase(n.rpartition(":")[2], f) for f in filters)]
     return names
 
 
@@ -289,8 +291,8 @@ def scan(
     retry = set(retry)
     names = list(dict.fromkeys(names))
     todo = [n for n in names if n not in done or done[n].get("status") in retry]
-    command = [sys.executable, str(Path(__file__).with_name("worker.py")), "--check", _check_path(check), "--timeout", str(timeout),
-               "--log", str(out / WORKER_LOG)]
+    command = [sys.executable, str(Path(__file__).with_name("worker.py")), "--check", _check_path(check),
+               "--timeout", str(timeout), "--log", str(out / WORKER_LOG)]
     if memory_limit_gb:
         command += ["--memory-limit-gb", str(memory_limit_gb)]
     # the workers import what this process can (the check may live in a test folder)

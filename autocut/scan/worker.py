@@ -28,7 +28,8 @@ import signal
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["main", "resolve_check", "run_one", "error_record", "is_out_of_memory"]
 
@@ -95,7 +96,9 @@ def _child(check: Callable[[str], dict], name: str, fd: int, memory_limit: int |
         os._exit(code)
 
 
-def run_one(check: Callable[[str], dict], name: str, timeout: float, memory_limit: int | None, stdin_fd: int | None = None) -> dict[str, Any]:
+def run_one(
+    check: Callable[[str], dict], name: str, timeout: float, memory_limit: int | None, stdin_fd: int | None = None
+) -> dict[str, Any]:
     """Check ``name`` in a forked child; the record, with the child's ``peak_mb`` and ``seconds``."""
     r, w = os.pipe()
     started = time.monotonic()

@@ -10,162 +10,49 @@ head vs the fused head. Every fused result is checked against eager before it is
 Writes ``concat_pool_<gpu>_<date>.{csv,md}`` and PNG plots into ``--out`` (default ``$OUT`` or
 ``benchmarks/reports/kernels``). Nothing runs without a CUDA device.
 
-    PYTHONPATH=. python benchmarks/concat_pool.py --quick
-    PYTHONPATH=. python benchmarks/concat_pool.py --compile subset --budget-s 150
-
-``benchmarks/head.py`` imports the helpers below (environment tag, probe, timing, launch count,
-report writing).
+    python -m benchmarks.kernels.concat_pool --quick          # from the repository root
+    python -m benchmarks.kernels.concat_pool --compile subset --budget-s 150
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import itertools
 import os
-import re
-import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run from a checkout without installing autocut
+from benchmarks.kernels.common import (
+    DEVICE,
+    DTYPES,
+    TOL,
+    bandwidth_probe,
+    bench,
+    count_launches,
+    eager,
+    env_section,
+    environment,
+    fmt,
+    make_input,
+    md_table,
+    require_cuda,
+    tag,
+    write_csv,
+)
 
-QUANTILES = [0.5, 0.2, 0.8]
-DEVICE = "cuda"
 TARGET_SHAPE = (256, 2048, 7, 7)  # ResNet-50's last map at 224px
 BIG_INPUT_MB = 50.0
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
-       torch.float16: dict(rtol=2e-3, atol=1e-3)}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# --- shared helpers (also used by benchmarks/head.py) ---------------------------------------
-
-
-def require_cuda(script: str) -> None:
-    """Exit with a clear message when there is no GPU: these scripts never invent a figure."""
-    if not torch.cuda.is_available():
-        sys.exit(f"{script}: no CUDA device found. This benchmark only measures on a GPU; nothing was "
-                 "run and nothing was written. Run it (or benchmarks/gpu_all.sh) on a CUDA machine.")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        sys.exit(f"{script}: triton is not installed; the fused kernels need it.")
-
-
-def environment() -> dict:
-    """What the figures were measured on: GPU, driver, library versions, date."""
-    import triton
-
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-    except Exception:  # no nvidia-smi on the path: the CUDA runtime still knows the device
-        driver = "unknown"
-    try:
-        import timm
-
-        timm_version = timm.__version__
-    except ImportError:
-        timm_version = "not installed"
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "gpu": torch.cuda.get_device_name(0),
-        "driver": driver,
-        "cuda": torch.version.cuda,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "timm": timm_version,
-        "sms": props.multi_processor_count,
-        "memory_gib": round(props.total_memory / 2**30, 1),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-def tag(env: dict) -> str:
-    """``<gpu>_<date>`` for file names, e.g. ``NVIDIA-H200_2025-01-31``."""
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"]).strip("-")
-    return f"{gpu}_{env['date'][:10]}"
-
-
-def bench(fn, warmup_ms: float, rep_ms: float) -> tuple[float, float, float]:
-    """``(median, p20, p80)`` in microseconds; ``do_bench`` clears the L2 before each run."""
-    from triton.testing import do_bench
-
-    med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=QUANTILES)
-    return med * 1e3, p20 * 1e3, p80 * 1e3
-
-
-def bandwidth_probe(warmup_ms: float, rep_ms: float, nbytes: int = 1 << 30) -> float:
-    """GB/s of a large device-to-device copy (read + write): the roof the kernels are held to."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    med_us, _, _ = bench(lambda: dst.copy_(src), warmup_ms, rep_ms)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / (med_us * 1e-6) / 1e9
-
-
-def count_launches(fn) -> int | str:
-    """GPU kernels, copies and memsets one call of ``fn`` enqueues (``''`` if the profiler fails)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    try:
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
-    except Exception as e:  # CUPTI missing or busy: report no count rather than a wrong one
-        print(f"  (launch count unavailable: {e!r:.120})")
-        return ""
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    if not rows:
-        return
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def env_section(env: dict, extra: dict) -> str:
-    rows = [[k, v] for k, v in {**env, **extra}.items()]
-    return md_table(["", ""], rows)
-
-
-def make_input(shape, dtype, layout: str) -> torch.Tensor:
-    x = torch.randn(shape, device=DEVICE, dtype=dtype)
-    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
-
-
-def fmt(v, nd=1) -> str:
-    return "" if v in ("", None) else f"{v:.{nd}f}"
 
 
 # --- implementations ------------------------------------------------------------------------
 
 
-def eager(x: torch.Tensor) -> torch.Tensor:
-    """fastai's AdaptiveConcatPool2d: two pooling ops and a cat."""
-    return torch.cat([F.adaptive_max_pool2d(x, 1), F.adaptive_avg_pool2d(x, 1)], 1)
+def _grad_of(fn, x: torch.Tensor, g: torch.Tensor):
+    return torch.autograd.grad(fn(x), x, g)
 
 
 def implementations(compile_modes: bool) -> dict:
@@ -198,10 +85,12 @@ def cases(quick: bool) -> list[tuple]:
     hws = [(7, 7), (12, 12)]
     dtypes = ["bf16"] if quick else ["fp32", "bf16"]
     layouts = ["nchw", "channels_last"]
-    grid = [(b, c, h, w, d, l) for b, c, (h, w), d, l in itertools.product(bs, cs, hws, dtypes, layouts)]
+    grid = [(b, c, h, w, d, lay) for b, c, (h, w), d, lay in itertools.product(bs, cs, hws, dtypes, layouts)]
     if quick:  # fp32 at the ResNet-50 shape only
-        grid += [(*TARGET_SHAPE, "fp32", l) for l in layouts]
-    order = lambda s: (s[:4] != TARGET_SHAPE, s[4] != "bf16", -s[0] * s[1] * s[2] * s[3] * (4 if s[4] == "fp32" else 2), s)
+        grid += [(*TARGET_SHAPE, "fp32", lay) for lay in layouts]
+    def order(s):
+        return s[:4] != TARGET_SHAPE, s[4] != "bf16", -s[0] * s[1] * s[2] * s[3] * (4 if s[4] == "fp32" else 2), s
+
     return sorted(set(grid), key=order)
 
 
@@ -266,7 +155,7 @@ def run_grid(args, probe_gbps: float) -> tuple[list[dict], str]:
                 except AssertionError as e:
                     ok = False
                     print(f"  WARNING: fused result differs from eager: {str(e)[:200]}")
-            runs = {"fwd": lambda fn=fn: fn(x), "fwd+bwd": lambda fn=fn: torch.autograd.grad(fn(xg), xg, g)}
+            runs = {"fwd": partial(fn, x), "fwd+bwd": partial(_grad_of, fn, xg, g)}
             for mode, run in runs.items():
                 med, p20, p80 = bench(run, args.warmup, args.rep)
                 gbps = must[mode] / (med * 1e-6) / 1e9
@@ -281,7 +170,6 @@ def run_grid(args, probe_gbps: float) -> tuple[list[dict], str]:
             print(f"  {name:22s} fwd {rows[-2]['median_us']:9.1f} us  fwd+bwd {rows[-1]['median_us']:9.1f} us"
                   f"  ({rows[-2]['pct_of_probe']:.0f}% / {rows[-1]['pct_of_probe']:.0f}% of probe)", flush=True)
         write_csv(rows, args.csv_path)  # after every shape, so a killed run keeps what it measured
-        del x, xg, g, want
     return rows, stopped
 
 
@@ -331,7 +219,6 @@ def run_e2e(args) -> dict:
             os.environ.pop("AUTOCUT_DISABLE_KERNELS", None)
         else:
             os.environ["AUTOCUT_DISABLE_KERNELS"] = before
-    del model, opt, x, y
     torch.cuda.empty_cache()
     return out
 
@@ -355,7 +242,8 @@ def targets(rows: list[dict]) -> list[list]:
                     f"{worst['dtype']} {worst['layout']}), median {med}%",
                     "PASS" if worst["pct_of_probe"] >= 85 else "FAIL"])
     else:
-        out.append([f"pool forward >= 85% of probed bandwidth, inputs >= {BIG_INPUT_MB:.0f} MB", "no such shape measured", "UNMEASURED"])
+        out.append([f"pool forward >= 85% of probed bandwidth, inputs >= {BIG_INPUT_MB:.0f} MB", "no such shape measured",
+                    "UNMEASURED"])
     b, c, h, w = TARGET_SHAPE
     for layout in ["nchw", "channels_last"]:
         sel = {r["impl"]: r["median_us"] for r in _pick(rows, mode="fwd+bwd", B=b, C=c, H=h, W=w, dtype="bf16", layout=layout)}
@@ -374,7 +262,7 @@ def targets(rows: list[dict]) -> list[list]:
                         "PASS" if vs >= 2 else "FAIL"])
         else:
             out.append([name + ": >= 2x torch.compile", "torch.compile not measured", "UNMEASURED"])
-    out.append(["eval head <= pool time + 5 us", "see the head report (benchmarks/head.py)", "-"])
+    out.append(["eval head <= pool time + 5 us", "see the head report (benchmarks/kernels/head.py)", "-"])
     return out
 
 
@@ -483,7 +371,8 @@ def write_report(args, env, probe, rows, stopped, e2e, path: Path, figures: list
         for k in E2E_VARIANTS[1:]:
             if "eager head" in e2e and k in e2e:
                 d = e2e["eager head"][0] - e2e[k][0]
-                text += ["", f"The {k} saves {d / 1e3:.3f} ms per step ({100 * d / e2e['eager head'][0]:.1f}%) over the eager head."]
+                share = 100 * d / e2e["eager head"][0]
+                text += ["", f"The {k} saves {d / 1e3:.3f} ms per step ({share:.1f}%) over the eager head."]
         text += [""]
     text += ["## Kernel launches at the ResNet-50 shape", "", launch_table(rows), ""]
     text += ["## Times", "", "Effective bandwidth counts only the bytes that must move: read x and write "
@@ -496,8 +385,10 @@ def write_report(args, env, probe, rows, stopped, e2e, path: Path, figures: list
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="reduced grid: B in {32, 256}, C in {512, 2048}, bf16 (+ fp32 at the ResNet-50 shape)")
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/reports/kernels"), help="report folder (default: $OUT or %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="reduced grid: B in {32, 256}, C in {512, 2048}, bf16 (+ fp32 at the ResNet-50 shape)")
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/reports/kernels"),
+                   help="report folder (default: $OUT or %(default)s)")
     p.add_argument("--warmup", type=float, default=5.0, help="do_bench warmup, ms (default %(default)s)")
     p.add_argument("--rep", type=float, default=20.0, help="do_bench repetition time, ms (default %(default)s)")
     p.add_argument("--compile", choices=["none", "target", "subset", "all"], default="subset",
@@ -514,7 +405,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    require_cuda("benchmarks/concat_pool.py")
+    require_cuda("benchmarks/kernels/concat_pool.py")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()

@@ -22,7 +22,7 @@ Before timing, the fused training head is checked against the eager one with dro
 Target: ``head_folded`` within 5 us of ``pool_fused``. Writes ``head_<gpu>_<date>.{csv,md,png}``
 into ``--out`` (default ``$OUT`` or ``benchmarks/reports/kernels``). Nothing runs without CUDA.
 
-    PYTHONPATH=. python benchmarks/head.py --quick
+    python -m benchmarks.kernels.head --quick          # from the repository root
 """
 
 from __future__ import annotations
@@ -30,41 +30,38 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 import time
-from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from concat_pool import (  # noqa: E402  (the shared helpers of the pool benchmark)
-    DTYPES, bench, count_launches, eager, env_section, environment, fmt, make_input, md_table,
-    require_cuda, tag, write_csv,
+from benchmarks.kernels.common import (
+    DTYPES,
+    bench,
+    count_launches,
+    eager,
+    env_section,
+    environment,
+    fmt,
+    make_input,
+    md_table,
+    over_budget,
+    pytorch_only,
+    require_cuda,
+    tag,
+    write_csv,
 )
 
 TARGET = (256, 2048, 7, 7)
 SLACK_US = 5.0
 
 
-@contextmanager
-def kernels_disabled(disabled: bool):
-    before = os.environ.get("AUTOCUT_DISABLE_KERNELS")
-    os.environ["AUTOCUT_DISABLE_KERNELS"] = "1" if disabled else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("AUTOCUT_DISABLE_KERNELS", None)
-        else:
-            os.environ["AUTOCUT_DISABLE_KERNELS"] = before
-
-
 def cases(quick: bool) -> list[tuple]:
     bs = [256] if quick else [32, 256]
     cs = [2048] if quick else [512, 2048]
     dtypes = ["bf16"] if quick else ["fp32", "bf16"]
-    grid = [(b, c, 7, 7, d, l) for b, c, d, l in itertools.product(bs, cs, dtypes, ["nchw", "channels_last"])]
+    grid = [(b, c, 7, 7, d, lay) for b, c, d, lay in itertools.product(bs, cs, dtypes, ["nchw", "channels_last"])]
     return sorted(grid, key=lambda s: (s[:4] != TARGET, s[4] != "bf16", s))
 
 
@@ -81,15 +78,6 @@ def randomised_head(c: int, n_out: int, dtype, device) -> torch.nn.Module:
                 m.weight.normal_()
                 m.bias.normal_()
     return head.to(device, dtype).eval()
-
-
-def over_budget(budget_s: float | None, started: float, done: int, total: int, what: str) -> str:
-    """The message to stop with once ``budget_s`` seconds have passed since ``started``, else ``''``."""
-    if not budget_s or time.time() - started <= budget_s:
-        return ""
-    message = f"{what} stopped by --budget-s {budget_s:.0f} after {done} of {total} shapes"
-    print(message)
-    return message
 
 
 def train_step(head: torch.nn.Module, x: torch.Tensor, g: torch.Tensor):
@@ -109,7 +97,7 @@ def check_fused_training(head: torch.nn.Module, fused: torch.nn.Module, x: torch
         if isinstance(m, (torch.nn.Dropout, BatchNormDropout1d)):
             m.p = 0.0
     g = torch.randn(x.shape[0], head[-1].out_features, device=x.device, dtype=x.dtype)
-    with kernels_disabled(True):
+    with pytorch_only(True):
         want = train_step(a, x, g)()
     got = train_step(b, x, g)()
     return max(((u.float() - v.float()).abs().max() / v.float().abs().max().clamp_min(1e-12)).item()
@@ -147,7 +135,7 @@ def run_train(args, rows: list[dict]) -> str:
         if (b, c, h, w) == TARGET and args.compile:
             torch._dynamo.reset()
             compiled = torch.compile(head, dynamic=False)
-            with kernels_disabled(True):
+            with pytorch_only(True):
                 t0 = time.time()
                 train_step(compiled, x, g)()
                 torch.cuda.synchronize()
@@ -155,7 +143,7 @@ def run_train(args, rows: list[dict]) -> str:
             impls["train_compiled"] = (train_step(compiled, x, g), True)
         print(f"[train {n + 1}/{len(grid)}] B={b} C={c} {h}x{w} {dname} {layout}", flush=True)
         for name, (fn, disable) in impls.items():
-            with kernels_disabled(disable):
+            with pytorch_only(disable):
                 med, p20, p80 = bench(fn, args.warmup, args.rep)
                 launches = count_launches(fn)
             rows.append({"impl": name, "B": b, "C": c, "H": h, "W": w, "dtype": dname, "layout": layout,
@@ -165,7 +153,6 @@ def run_train(args, rows: list[dict]) -> str:
                          "rel_err": f"{rel_err:.2e}" if name == "train_fused" else ""})
             print(f"  {name:16s} {med:9.1f} us  launches {launches}", flush=True)
         write_csv(rows, args.csv_path)
-        del x, head, fused
     return stopped
 
 
@@ -185,24 +172,24 @@ def run(args) -> tuple[list[dict], str]:
         head = randomised_head(c, args.n_out, dtype, x.device)
         folded = fold_head(head)
         impls = {
-            "pool_eager": (lambda: eager(x), True),
-            "pool_fused": (lambda: concat_pool2d(x), False),
-            "head_eager": (lambda: head(x), True),
-            "head_eval": (lambda: head(x), False),
-            "head_folded": (lambda: folded(x), False),
+            "pool_eager": (partial(eager, x), True),
+            "pool_fused": (partial(concat_pool2d, x), False),
+            "head_eager": (partial(head, x), True),
+            "head_eval": (partial(head, x), False),
+            "head_folded": (partial(folded, x), False),
         }
         compile_s = ""
         if (b, c, h, w) == TARGET and args.compile:
             torch._dynamo.reset()
             compiled = torch.compile(head, dynamic=False)
-            with kernels_disabled(True), torch.inference_mode():
+            with pytorch_only(True), torch.inference_mode():
                 t0 = time.time()
                 compiled(x)
                 torch.cuda.synchronize()
                 compile_s = round(time.time() - t0, 1)
-            impls["head_compiled"] = (lambda: compiled(x), True)
+            impls["head_compiled"] = (partial(compiled, x), True)
         with torch.inference_mode():
-            with kernels_disabled(True):
+            with pytorch_only(True):
                 want = head(x).float()
             got = folded(x).float()
         # Max error relative to the output's scale: two GEMMs in the input dtype, weights folded once.
@@ -211,7 +198,7 @@ def run(args) -> tuple[list[dict], str]:
             print(f"  WARNING: folded head differs from the head by {rel_err:.2e} of its scale")
         print(f"[{n + 1}/{len(grid)}] B={b} C={c} {h}x{w} {dname} {layout}", flush=True)
         for name, (fn, disable) in impls.items():
-            with kernels_disabled(disable), torch.inference_mode():
+            with pytorch_only(disable), torch.inference_mode():
                 med, p20, p80 = bench(fn, args.warmup, args.rep)
                 launches = count_launches(fn)
             rows.append({"impl": name, "B": b, "C": c, "H": h, "W": w, "dtype": dname, "layout": layout,
@@ -221,7 +208,6 @@ def run(args) -> tuple[list[dict], str]:
                          "rel_err": f"{rel_err:.2e}" if name == "head_folded" else ""})
             print(f"  {name:14s} {med:9.1f} us  launches {launches}", flush=True)
         write_csv(rows, args.csv_path)
-        del x, head, folded
     return rows, stopped
 
 
@@ -314,7 +300,8 @@ def plot(rows: list[dict], out: Path, stem: str) -> str | None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced grid: B=256, C=2048, bf16, both layouts")
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/reports/kernels"), help="report folder (default: $OUT or %(default)s)")
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/reports/kernels"),
+                   help="report folder (default: $OUT or %(default)s)")
     p.add_argument("--warmup", type=float, default=5.0, help="do_bench warmup, ms (default %(default)s)")
     p.add_argument("--rep", type=float, default=20.0, help="do_bench repetition time, ms (default %(default)s)")
     p.add_argument("--n-out", type=int, default=1000, help="classes of the head (default %(default)s)")
@@ -326,7 +313,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    require_cuda("benchmarks/head.py")
+    require_cuda("benchmarks/kernels/head.py")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment()

@@ -1,0 +1,50 @@
+"""The kernel benchmarks run end to end (on the CPU, kernels in Triton's interpreter): a script
+broken by a change shows here, not on a borrowed GPU. No figure is checked: there is none."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("triton")
+
+
+def _smoke(tmp_path: Path, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "MPLBACKEND": "Agg"}
+    run = subprocess.run([sys.executable, "-m", "benchmarks.kernels.smoke", *args, "--out", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_the_head_benchmark_runs_end_to_end(tmp_path):
+    _smoke(tmp_path, "head", "--n-out", "5")
+    (csv_path,) = tmp_path.glob("head_CPU-smoke_*.csv")
+    impls = {r["impl"] for r in _rows(csv_path)}
+    assert impls == {"pool_eager", "pool_fused", "head_eager", "head_eval", "head_folded",
+                     "train_eager", "train_pool_fused", "train_fused"}
+    report = next(tmp_path.glob("head_CPU-smoke_*.md")).read_text()
+    assert "CPU smoke" in report and "head_folded" in report
+    assert next(tmp_path.glob("head_CPU-smoke_*.png")).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_concat_pool_benchmark_runs_end_to_end(tmp_path):
+    _smoke(tmp_path, "concat_pool", "--compile", "none", "--e2e-batch", "2", "--e2e-size", "32")
+    rows = _rows(next(tmp_path.glob("concat_pool_CPU-smoke_*.csv")))
+    assert {r["impl"] for r in rows} >= {"eager", "fused"}
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert {r["matches_eager"] for r in rows if r["impl"] == "fused"} == {"True"}, "checked against eager first"
+    report = next(tmp_path.glob("concat_pool_CPU-smoke_*.md")).read_text()
+    assert "ResNet-50" in report and "UNMEASURED" in report

@@ -1,0 +1,190 @@
+"""Bodies (``autocut.body``): the model truncated at its cut, following ``.train()``/``.eval()``,
+keeping the model's parameter names, surviving deepcopy, state dicts and torch.compile, and the
+bodies a user asks for (an int, a node name, a callable)."""
+
+import copy
+import dataclasses
+import io
+
+import pytest
+import torch
+
+import autocut
+
+from handmade import ConstantsNet, FunctionalPoolNet, TrainBranchNet
+
+SIZE = (3, 32, 32)
+
+
+def _x(b=2):
+    return torch.randn(b, *SIZE, generator=torch.Generator().manual_seed(0))
+
+
+def test_body_follows_train_and_eval_graphs():
+    model = TrainBranchNet()
+    body = autocut.create_body(model, input_size=(3, 8, 8))
+    x = torch.randn(1, 3, 8, 8)
+    body.train()
+    torch.testing.assert_close(body(x), model.conv(x) * 2)
+    body.eval()
+    torch.testing.assert_close(body(x), model.conv(x))
+    for _ in range(2):  # each mode's compiled code is kept: switching back must not mix them up
+        body.train()
+        torch.testing.assert_close(body(x), model.conv(x) * 2)
+        body.eval()
+        torch.testing.assert_close(body(x), model.conv(x))
+    clone = copy.deepcopy(body)
+    assert not clone.training
+    torch.testing.assert_close(clone(x), model.conv(x))
+    torch.testing.assert_close(clone.train()(x), model.conv(x) * 2)
+    assert body.train_graph is not body.eval_graph
+    # a model whose forward is the same in both modes gets one graph for both
+    plain = autocut.create_body(FunctionalPoolNet(), input_size=SIZE)
+    assert plain.train_graph is plain.eval_graph
+    plain_clone = copy.deepcopy(plain)
+    assert plain_clone.train_graph is plain_clone.eval_graph
+
+
+def test_tensors_made_in_forward_stay_off_the_users_model():
+    """fx stores such tensors on the traced model; autocut moves them into the body."""
+    model = ConstantsNet()
+    attributes, keys = set(vars(model)), set(model.state_dict())
+    for _ in range(2):
+        autocut.discover(model, input_size=(3, 8, 8))
+    body = autocut.create_body(model, input_size=(3, 8, 8))
+    autocut.adapt(model, n_out=3, input_size=(3, 8, 8))
+    assert set(vars(model)) == attributes and set(model.state_dict()) == keys
+    x = torch.randn(2, 3, 8, 8)
+    shift = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+    torch.testing.assert_close(body.eval()(x), model.conv(x) + shift)
+    torch.testing.assert_close(body.train()(x), (model.conv(x) + shift) * 2)
+    assert set(body.state_dict()) == {"conv.weight", "conv.bias"}  # the constants are not state
+    torch.testing.assert_close(copy.deepcopy(body).eval()(x), model.conv(x) + shift)
+
+
+def test_body_survives_deepcopy_state_dict_round_trip_and_compile():
+    model = FunctionalPoolNet().eval()
+    body = autocut.create_body(model, input_size=SIZE).eval()
+    x = _x()
+    expected = body(x)
+    clone = copy.deepcopy(body)
+    torch.testing.assert_close(clone(x), expected)
+    buffer = io.BytesIO()
+    torch.save(body.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = autocut.create_body(FunctionalPoolNet().eval(), input_size=SIZE).eval()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(fresh(x), expected)
+    compiled = torch.compile(body)  # inductor: graph capture and code generation
+    torch.testing.assert_close(compiled(x), expected)
+
+
+def test_body_keeps_original_names_so_original_checkpoints_load():
+    model = FunctionalPoolNet()
+    body = autocut.create_body(model, input_size=SIZE)
+    original = model.state_dict()
+    assert set(body.state_dict()) == {k for k in original if not k.startswith("fc.")}
+    other = FunctionalPoolNet()
+    body2 = autocut.create_body(other, input_size=SIZE)
+    body2.load_state_dict({k: v for k, v in original.items() if not k.startswith("fc.")})
+    torch.testing.assert_close(body2.eval()(_x()), body.eval()(_x()))
+
+
+def test_user_cuts_int_name_and_callable():
+    model = FunctionalPoolNet().eval()
+    by_int = autocut.create_body(model, cut=2, input_size=SIZE).eval()
+    torch.testing.assert_close(by_int(_x()), model.stage(model.stem(_x())))
+    assert by_int.cut.method == "user"
+    by_name = autocut.create_body(model, cut="stem", input_size=SIZE).eval()
+    torch.testing.assert_close(by_name(_x()), model.stem(_x()))
+    assert by_name.cut.nf == 8
+    by_callable = autocut.create_body(model, cut=lambda m: m.stem, input_size=SIZE).eval()
+    torch.testing.assert_close(by_callable(_x()), model.stem(_x()))
+    with pytest.raises(autocut.CutError, match="no node or module"):
+        autocut.create_body(model, cut="nonexistent", input_size=SIZE)
+    with pytest.raises(autocut.CutError, match="out of range"):
+        autocut.create_body(model, cut=9, input_size=SIZE)
+    with pytest.raises(autocut.CutError, match="not a feature map"):
+        autocut.create_body(model, cut="fc", input_size=SIZE)
+
+
+class TrainOnlyFails(TrainBranchNet):
+    """fx can trace the eval forward but not the train one (control flow on a value in training)."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.training and x.sum() > 0:
+            x = x * 2
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_train_graph_fx_cannot_trace_is_warned_and_the_eval_graph_serves_both():
+    model = TrainOnlyFails()
+    warning = r"TrainOnlyFails could not be traced in train mode \(TraceError: .*\); the body runs its eval graph in both modes"
+    with pytest.warns(UserWarning, match=warning):
+        body = autocut.create_body(model, input_size=(3, 8, 8))
+    assert body.train_graph is body.eval_graph
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(body.train()(x), model.conv(x))
+
+
+def test_the_body_keeps_input_checks_before_the_cut_and_nothing_after():
+    class Checked(FunctionalPoolNet):
+        def forward(self, x):
+            torch._assert(x.shape[1] == 3, "needs RGB")
+            return super().forward(x)
+
+    body = autocut.create_body(Checked(), input_size=SIZE)
+    code = body.eval_graph.python_code("self").src
+    assert "torch._assert" in code and "fc" not in code and "adaptive" not in code
+    with pytest.raises(AssertionError, match="needs RGB"):
+        body(torch.randn(1, 4, 32, 32))
+
+
+def test_a_graph_body_carries_each_module_calls_shape_for_the_layer_groups():
+    body = autocut.create_body(FunctionalPoolNet(), input_size=SIZE)
+    size, calls = body.module_calls
+    assert size == (32, 32)
+    assert calls[0] == ("stem.0", (11, 8, 16, 16)) and calls[-1] == ("stage.1", (11, 16, 8, 8))
+    assert [path for path, _ in calls] == ["stem.0", "stem.1", "stem.2", "stage.0", "stage.1"]
+
+
+def test_a_body_made_by_a_callable_ends_in_nchw():
+    from autocut.body import SequentialBody
+    from autocut.layout import Layout, ToNCHW
+
+    from handmade import NHWCBlockNet
+
+    model = NHWCBlockNet().eval()
+
+    class Features(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.features(x)
+
+    body = autocut.create_body(model, cut=Features, input_size=SIZE).eval()
+    assert body.cut.layout == Layout.NHWC and body.cut.method == "user"
+    assert isinstance(body.to_nchw, ToNCHW) and body.to_nchw.layout == Layout.NHWC
+    x = _x()
+    torch.testing.assert_close(body(x), model.features(x).permute(0, 3, 1, 2))
+    assert isinstance(autocut.create_body(FunctionalPoolNet(), cut=-1, input_size=SIZE), SequentialBody)
+
+
+def test_bodies_refuse_what_they_cannot_build():
+    from autocut.body import build_body
+
+    model = FunctionalPoolNet()
+    with pytest.raises(autocut.CutError, match="cut must be None, a Cut, an int, a node name or a callable, got True"):
+        autocut.create_body(model, cut=True, input_size=SIZE)
+    with pytest.raises(autocut.CutError, match="the cut callable returned Tensor, not an nn.Module"):
+        autocut.create_body(model, cut=lambda m: torch.zeros(1), input_size=SIZE)
+    with pytest.raises(autocut.CutError, match="cut=0 is out of range for FunctionalPoolNet, which has 3 children"):
+        autocut.create_body(model, cut=0, input_size=SIZE)
+    cut = autocut.discover(model, input_size=SIZE)
+    with pytest.raises(autocut.CutError, match="unknown cut method 'magic'"):
+        build_body(model, dataclasses.replace(cut, method="magic"), SIZE, "net")
+    with pytest.raises(autocut.CutError, match="no node 'elsewhere' in the graph of FunctionalPoolNet"):
+        build_body(model, dataclasses.replace(cut, where="elsewhere"), SIZE, "net")

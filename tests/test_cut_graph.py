@@ -1,0 +1,191 @@
+"""The graph rule (``autocut.cut_graph``) on small traced models built to isolate each of its
+parts: dominators, the last map, heads that hold a conv, head-like ops at the cut, modules
+registered after the pool, and cuts named by the user."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autocut.cut_graph import cut_at_node, find_cut, resolve_node
+from autocut.errors import CutError
+from autocut.layout import Layout
+from autocut.trace import trace
+
+SIZE = (3, 32, 32)
+
+
+def _cut(model, size=SIZE):
+    return find_cut(trace(model, size), type(model).__name__)
+
+
+def conv(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.ReLU())
+
+
+class Merge(nn.Module):
+    """Two branches that meet (add) before the pool: the cut is where they meet."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv(3, 8, 2)
+        self.a, self.b = conv(8, 16, 2), conv(8, 16, 2)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.a(x) + self.b(x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class MeetAfterPool(Merge):
+    """Two branches pooled apart, then concatenated: no single map."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        pa, pb = self.a(x).mean((2, 3)), self.b(x).mean((2, 3))
+        return self.fc(pa + pb)
+
+
+def test_the_cut_is_the_last_map_every_path_goes_through():
+    cut = _cut(Merge())
+    assert (cut.where, cut.nf, cut.feature_shape, cut.stride, cut.layout) == ("add", 16, (16, 8, 8), 4, Layout.NCHW)
+    assert cut.after == "" and cut.dropped == ("fc",) and cut.method == "fx"
+
+
+def test_branches_that_meet_after_pooling_are_refused_with_their_last_maps():
+    with pytest.raises(CutError, match=r"branches only meet after pooling \(last maps: 'a.0', 'a.1', 'b.0', 'b.1'\)\. Pass cut="):
+        _cut(MeetAfterPool())
+
+
+class ConvClassifier(nn.Module):
+    """SqueezeNet's shape: the classifier is a conv on the map, then a pool; it is the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(conv(3, 8, 2), conv(8, 16, 2))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(16, 5, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return self.classifier(self.features(x)).flatten(1)
+
+
+class PoolToSeven(nn.Module):
+    """VGG's shape: an adaptive pool to 7x7 (a map to a map) before the classifier: head-like."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(conv(3, 8, 2), conv(8, 16, 2))
+        self.avgpool = nn.AdaptiveAvgPool2d(7)
+        self.classifier = nn.Linear(16 * 49, 2)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def test_a_head_holding_a_conv_moves_the_cut_to_its_input():
+    cut = _cut(ConvClassifier())
+    assert (cut.where, cut.nf, cut.after) == ("features.1.1", 16, "features")
+    assert cut.dropped == ("classifier",)
+
+
+def test_an_adaptive_pool_at_the_cut_belongs_to_the_head():
+    cut = _cut(PoolToSeven(), size=(3, 56, 56))
+    assert (cut.where, cut.feature_shape, cut.after) == ("features.1.1", (16, 14, 14), "features")
+
+
+class LateModule(nn.Module):
+    """A conv registered after the pool but run before it (lowformer's ``in_conv``) is the head's;
+    one registered before the pool (efficientnet's ``conv_head``) is the body's."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv(3, 8, 2)
+        self.conv_head = conv(8, 16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.in_conv = nn.Conv2d(16, 32, 1)
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, x):
+        x = self.in_conv(self.conv_head(self.stem(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_a_module_registered_after_the_pool_is_the_heads():
+    cut = _cut(LateModule())
+    assert (cut.where, cut.nf, cut.after) == ("conv_head.1", 16, "conv_head")
+    assert cut.dropped == ("in_conv", "fc")
+
+
+def test_nothing_to_cut_and_an_output_that_ignores_the_input_are_refused():
+    with pytest.raises(CutError, match=r"has none \(an MLP\?\)"):
+        _cut(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)))
+
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            return self.w * 2
+
+    with pytest.raises(CutError, match="does not depend on its input"):
+        _cut(Constant())
+
+
+def test_a_named_cut_is_a_node_or_the_last_node_of_a_module():
+    traced = trace(Merge(), SIZE)
+    assert cut_at_node(traced, "stem", "Merge").where == "stem.1"  # a module path: its last node
+    cut = cut_at_node(traced, "a.0", "Merge")
+    assert (cut.where, cut.nf, cut.method, cut.after) == ("a.0", 16, "user", "a.0")
+    assert resolve_node(traced, "a.1") is traced.node_named("a.1")
+    with pytest.raises(CutError, match=r"no node or module 'stme'.*close: stem"):
+        cut_at_node(traced, "stme", "Merge")
+    with pytest.raises(CutError, match=r"'fc' in Merge gives shape \(11, 2\), not a feature map"):
+        cut_at_node(traced, "fc", "Merge")
+
+
+def test_a_named_cut_accepts_a_one_by_one_map():
+    traced = trace(Merge(), (3, 4, 4))  # stem: 2x2, branches: 1x1
+    cut = cut_at_node(traced, "add", "Merge")
+    assert cut.feature_shape == (16, 1, 1) and cut.stride == 4
+
+
+class Tokens(nn.Module):
+    """Patch embedding, a class token, a norm on the tokens, then the class token as the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, 4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        return self.head(self.norm(x)[:, 0])
+
+
+def test_token_maps_are_cut_with_their_prefix_tokens_counted():
+    cut = _cut(Tokens())
+    assert (cut.where, cut.layout, cut.nf, cut.feature_shape, cut.prefix_tokens) == ("norm", Layout.NLC, 8, (8, 8, 8), 1)
+    assert cut.after == "norm" and cut.dropped == ("head",)
+
+
+class ChannelsLast(nn.Module):
+    """A square map with as many channels as its side: only the permute says it is NHWC."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, 4)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.proj(x).permute(0, 2, 3, 1)
+        return self.fc(x.mean((1, 2)))
+
+
+def test_a_permute_to_channels_last_decides_an_ambiguous_layout():
+    cut = _cut(ChannelsLast())
+    assert (cut.where, cut.layout, cut.feature_shape) == ("permute", Layout.NHWC, (8, 8, 8))

@@ -1,0 +1,136 @@
+"""The hooks rule (``autocut.cut_hooks``), for models fx cannot trace: module calls recorded in the
+order they finish, the cut found on them, and the body that stops the model's own forward there."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autocut.cut_hooks import EarlyExitBody, ModuleCall, find_cut_by_hooks, probe_modules
+from autocut.errors import CutError
+from autocut.layout import Layout
+from autocut.probe import PROBE_BATCH
+
+SIZE = (3, 16, 16)
+B = PROBE_BATCH
+
+
+class Pooled(nn.Module):
+    """A stage, then the head as modules: an adaptive pool, a flatten, a Linear."""
+
+    def __init__(self, pool: nn.Module | None = None):
+        super().__init__()
+        self.stage = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+        self.pool = pool if pool is not None else nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.stage(x)
+        if x.sum() > -1e30:  # data-dependent control flow: fx cannot trace this model
+            x = self.pool(x)
+        return self.fc(x.flatten(1))
+
+
+def test_calls_are_recorded_in_the_order_they_finish_with_their_shapes():
+    calls = probe_modules(Pooled(), SIZE)
+    assert [(c.path, c.index, c.in_shape, c.out_shape) for c in calls] == [
+        ("stage.0", 0, (B, 3, 16, 16), (B, 8, 8, 8)),
+        ("stage.1", 1, (B, 8, 8, 8), (B, 8, 8, 8)),
+        ("stage", 2, (B, 3, 16, 16), (B, 8, 8, 8)),
+        ("pool", 3, (B, 8, 8, 8), (B, 8, 1, 1)),
+        ("fc", 4, (B, 8), (B, 2)),
+    ]
+
+
+def test_the_cut_is_the_input_of_the_first_module_that_pools_the_map():
+    model = Pooled()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Pooled")
+    assert (cut.where, cut.after, cut.nf, cut.feature_shape, cut.stride) == ("pool:input", "", 8, (8, 8, 8), 2)
+    assert cut.method == "hooks" and cut.dropped == ("fc",) and cut.layout == Layout.NCHW
+
+
+def test_the_outermost_module_that_pools_is_the_head():
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    model = Pooled(pool=head)
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Pooled")
+    assert cut.where == "pool:input"
+
+
+def test_pooling_by_a_function_cuts_at_the_last_map_a_module_returns():
+    calls = [ModuleCall("stage", 0, (B, 3, 16, 16), (B, 8, 8, 8)), ModuleCall("fc", 1, (B, 8), (B, 2))]
+    cut = find_cut_by_hooks(Pooled(), calls, SIZE, "Pooled")
+    assert (cut.where, cut.after) == ("stage", "stage")
+    # the last map a module returns, when that module is head-like, is cut at its input
+    calls = [ModuleCall("stage", 0, (B, 3, 16, 16), (B, 8, 8, 8)), ModuleCall("pool", 1, (B, 8, 8, 8), (B, 8, 4, 4))]
+    assert find_cut_by_hooks(Pooled(nn.Identity()), calls, SIZE, "Pooled").where == "pool:input"
+
+
+def test_no_map_anywhere_is_refused():
+    calls = [ModuleCall("fc", 0, (B, 3 * 16 * 16), (B, 2))]
+    with pytest.raises(CutError, match="no module that returns a feature map"):
+        find_cut_by_hooks(nn.Linear(1, 1), calls, SIZE, "MLP")
+
+
+def test_tokens_are_read_on_the_grid_of_the_map_before_them():
+    calls = [ModuleCall("proj", 0, (B, 3, 16, 16), (B, 8, 4, 4)), ModuleCall("blocks", 1, (B, 17, 8), (B, 17, 8)),
+             ModuleCall("head", 2, (B, 8), (B, 2))]
+    model = nn.Module()
+    model.proj, model.blocks, model.head = nn.Conv2d(3, 8, 4, 4), nn.LayerNorm(8), nn.Linear(8, 2)
+    cut = find_cut_by_hooks(model, calls, SIZE, "ViT")
+    assert (cut.where, cut.layout, cut.prefix_tokens, cut.feature_shape) == ("blocks", Layout.NLC, 1, (8, 4, 4))
+
+
+def test_the_body_stops_the_models_own_forward_at_the_cut():
+    torch.manual_seed(0)
+    model = Pooled().eval()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Pooled")
+    body = EarlyExitBody(model, cut)
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(body(x), model.stage(x))
+    assert isinstance(body.fc, nn.Identity) and body.stage is model.stage
+    assert set(body.state_dict()) == {"stage.0.weight", "stage.0.bias"}
+    assert not body.pool._forward_pre_hooks, "the hook is removed after each call"
+
+
+def test_the_body_says_when_the_forward_never_reaches_the_cut():
+    class Skips(Pooled):
+        def forward(self, x):
+            x = self.stage(x)
+            if x.shape[-1] > 4:  # at a small input the pool is skipped
+                x = self.pool(x)
+            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    model = Skips()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Skips")
+    body = EarlyExitBody(model, cut)
+    assert body(torch.randn(1, 3, 16, 16)).shape == (1, 8, 8, 8)
+    with pytest.raises(CutError, match="never reached the cut at 'pool'"):
+        body(torch.randn(1, 3, 8, 8))
+
+
+def test_the_body_keeps_the_models_methods_and_attributes():
+    class WithMethod(Pooled):
+        scale = 3
+
+        def __init__(self):
+            super().__init__()
+            self.offset = 1.0
+
+        @property
+        def doubled(self):
+            return 2 * self.offset
+
+        def shift(self, x):
+            return x * self.scale + self.offset
+
+        def forward(self, x):  # (no super(): the body runs this function with itself as self)
+            x = self.stage(self.shift(x))
+            return self.fc(self.pool(x).flatten(1)) if x.sum() > -1e30 else x
+
+    model = WithMethod().eval()
+    body = EarlyExitBody(model, find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "WithMethod"))
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(body(x), model.stage(x * 3 + 1.0))
+    assert body.offset == 1.0 and body.scale == 3 and body.doubled == 2.0
+    with pytest.raises(AttributeError):
+        _ = body.nowhere

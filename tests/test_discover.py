@@ -1,0 +1,110 @@
+"""Discovery (``autocut.discover``): the order of attempts and what each failure says, the input
+size checked, and the cut located at the model's own size when the input is smaller."""
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import autocut
+from autocut.discover import check_input_size, discover_module, discover_with_trace
+
+
+def test_input_size_is_checked_before_anything_runs():
+    assert check_input_size(None, [3, 224, 224]) == (3, 224, 224)
+    assert check_input_size([1, 32, 48], None) == (1, 32, 48)
+    for bad in [(224, 224), (3, 0, 32), (3, 32.0, 32), (True, 32, 32), "3x32x32"]:
+        with pytest.raises(autocut.CutError, match="input_size must be \\(C, H, W\\) positive ints"):
+            check_input_size(bad, None)
+
+
+class ReadsValues(nn.Module):
+    """``.item()`` in the forward: meta and fake tensors cannot run it; a real forward can."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.stage(x)
+        if x.mean().item() > 1e30:
+            x = x * 2
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_a_meta_model_falls_back_to_its_real_copy_then_to_hooks():
+    built = []
+
+    def rebuild():
+        built.append(ReadsValues())
+        return built[-1]
+
+    meta = ReadsValues().to("meta")
+    cut, traced = discover_with_trace(meta, (3, 16, 16), arch="reads_values", rebuild=rebuild)
+    assert len(built) == 1, "one real copy, for both the graph and the hooks attempts"
+    assert (cut.method, cut.where, cut.arch, cut.nf) == ("hooks", "pool:input", "reads_values", 8)
+    assert traced is None
+
+
+def test_when_every_attempt_fails_the_error_lists_each():
+    class Broken(ReadsValues):
+        def forward(self, x):
+            raise TypeError("this model cannot run")
+
+    with pytest.raises(autocut.CutError) as err:
+        discover_module(Broken().to("meta"), (3, 16, 16), rebuild=Broken)
+    message = str(err.value)
+    assert message.startswith("could not probe Broken at input size (3, 16, 16) (fx: TypeError: this model cannot run; ")
+    assert message.count("fx: TypeError") == 2 and message.count("hooks: TypeError: this model cannot run") == 2
+    assert message.endswith("Check the input size (input_size=(C, H, W)) or pass cut= explicitly")
+
+
+def test_a_named_cut_needs_a_graph():
+    with pytest.raises(autocut.CutError, match=r"cannot cut ReadsValues at 'stage': it cannot be traced \(fx: "):
+        discover_module(ReadsValues().to("meta"), (3, 16, 16), where="stage")
+
+
+def test_the_trace_is_handed_on_only_when_it_is_of_the_module_given():
+    model = torchvision.models.resnet18()
+    cut, traced = discover_with_trace(model, (3, 64, 64))
+    assert traced is not None and traced.model is model and cut.method == "fx"
+
+
+def test_a_small_input_is_cut_where_the_model_is_cut_at_its_own_size():
+    model = torchvision.models.resnet18()
+    own = autocut.discover(model)
+    small = autocut.discover(model, input_size=(3, 32, 32))  # layer4's map is 1x1 here
+    assert own.where == small.where == "layer4.1.relu_1"
+    assert small.feature_shape == (512, 1, 1) and small.stride == 32
+
+
+class FixedGrid(nn.Module):
+    """States a 64 px input size, but its position embedding only fits 8 px."""
+
+    pretrained_cfg = {"input_size": (3, 64, 64)}
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 2, 2)
+        self.pos = nn.Parameter(torch.zeros(1, 8, 4, 4))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc((self.proj(x) + self.pos).mean((2, 3)))
+
+
+def test_a_model_that_fails_at_its_stated_size_is_cut_at_the_size_given_with_a_warning():
+    with pytest.warns(UserWarning, match=r"FixedGrid could not be traced at its own input size \(3, 64, 64\)"):
+        cut = autocut.discover(FixedGrid(), input_size=(3, 8, 8))
+    assert (cut.where, cut.feature_shape) == ("add", (8, 4, 4))
+    del FixedGrid.pretrained_cfg  # no stated size: 224 px is a guess, failing there is no news
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert autocut.discover(FixedGrid(), input_size=(3, 8, 8)).where == "add"
+    finally:
+        FixedGrid.pretrained_cfg = {"input_size": (3, 64, 64)}

@@ -1,0 +1,62 @@
+"""Optimiser param groups (``autocut.optim``): which layer group gets which learning rate
+(fastai's slices, timm's layer decay), and which parameters get weight decay."""
+
+import pytest
+import torch
+
+import autocut
+
+
+def test_param_groups_spread_lrs_and_skip_decay_on_norms_and_biases():
+    model = autocut.adapt("resnet18", n_out=2, input_size=(3, 64, 64))
+    groups = autocut.param_groups(model, slice(1e-5, 1e-3), weight_decay=0.05)
+    lrs = sorted({g["lr"] for g in groups})
+    assert lrs == pytest.approx([1e-5, 1e-4, 1e-3])
+    for g in groups:
+        for p in g["params"]:
+            if p.ndim <= 1:
+                assert g["weight_decay"] == 0.0
+    assert any(g["weight_decay"] == 0.05 for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    decayed = autocut.param_groups(model, 1e-3, layer_decay=0.5)
+    assert sorted({g["lr"] for g in decayed}) == pytest.approx([2.5e-4, 5e-4, 1e-3])
+    fastai_like = autocut.param_groups(model, slice(1e-3))
+    assert sorted({g["lr"] for g in fastai_like}) == pytest.approx([1e-4, 1e-3])
+    opt = torch.optim.AdamW(groups)
+    model.eval()(torch.randn(2, 3, 64, 64)).sum().backward()
+    opt.step()
+
+
+def _lr_of(param_groups):
+    return {id(p): g["lr"] for g in param_groups for p in g["params"]}
+
+
+def test_each_layer_group_gets_its_own_rate_early_body_lowest():
+    model = autocut.adapt("resnet18", n_out=2, input_size=(3, 64, 64))
+    early, late, head = autocut.layer_groups(model)
+    body = model[0]
+    assert id(body.conv1.weight) in map(id, early) and id(body.get_parameter("layer4.1.conv2.weight")) in map(id, late)
+    cases = {
+        "slice": (autocut.param_groups(model, slice(1e-5, 1e-3)), (1e-5, 1e-4, 1e-3)),
+        "fastai slice(hi)": (autocut.param_groups(model, slice(1e-3)), (1e-4, 1e-4, 1e-3)),
+        "layer_decay": (autocut.param_groups(model, 1e-3, layer_decay=0.5), (2.5e-4, 5e-4, 1e-3)),
+        "float": (autocut.param_groups(model, 3e-4), (3e-4, 3e-4, 3e-4)),
+    }
+    for name, (groups, (lr_early, lr_late, lr_head)) in cases.items():
+        lr = _lr_of(groups)
+        assert [lr[id(p)] for p in early] == pytest.approx([lr_early] * len(early)), name
+        assert [lr[id(p)] for p in late] == pytest.approx([lr_late] * len(late)), name
+        assert [lr[id(p)] for p in head] == pytest.approx([lr_head] * len(head)), name
+        assert [g["layer_group"] for g in groups] == sorted(g["layer_group"] for g in groups), name
+    per_stage = autocut.param_groups(model, 1.0, layer_decay=0.5, n=None)  # 5 stages + head
+    lr = _lr_of(per_stage)
+    assert [lr[id(p[0])] for p in autocut.layer_groups(model, n=None)] == [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]
+
+
+def test_weight_decay_spares_exactly_norms_and_biases():
+    model = autocut.adapt("resnet18", n_out=2, input_size=(3, 64, 64), first_bn=False)
+    decay = {id(p): g["weight_decay"] for g in autocut.param_groups(model, 1e-3, weight_decay=0.05) for p in g["params"]}
+    for name, p in model.named_parameters():
+        is_norm = ".bn" in name or "downsample.1" in name or (name.startswith("1.") and p.ndim == 1)
+        expected = 0.0 if (is_norm or name.endswith(".bias")) else 0.05
+        assert decay[id(p)] == expected, name

@@ -1,0 +1,105 @@
+"""The one-off forward (``autocut.probe``): meta tensors for meta models, fake tensors for real
+weights, one small real forward only where the code reads values; modes and weights untouched."""
+
+import pytest
+import torch
+from torch import nn
+
+from autocut.probe import PROBE_BATCH, model_device, probe_forward, probe_input, shape_of
+
+
+class Recorder(nn.Module):
+    """Records what its forward saw: the input's type, batch and device, and its own mode."""
+
+    def __init__(self, reads_values: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.reads_values = reads_values
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((type(x).__name__, x.shape[0], x.device.type, self.training, torch.is_grad_enabled()))
+        y = self.bn(self.conv(x))
+        if self.reads_values and y.sum().item() > 1e30:  # .item(): fake tensors cannot answer
+            return y * 2
+        return y
+
+
+def test_shape_of_nests_like_the_value():
+    t = torch.zeros(2, 3)
+    assert shape_of(t) == (2, 3)
+    assert shape_of((t, [t, 1])) == [(2, 3), [(2, 3), None]]
+    assert shape_of(torch.Size([2, 3])) is None and shape_of("x") is None
+
+
+def test_model_device_reads_parameters_then_buffers():
+    assert model_device(nn.Linear(2, 2, device="meta")).type == "meta"
+    bn = nn.BatchNorm1d(2, affine=False, device="meta")
+    assert model_device(bn).type == "meta"
+    assert model_device(nn.ReLU()).type == "cpu"
+
+
+def test_probe_input_matches_the_device():
+    with probe_input((2, 3), torch.device("meta")) as x:
+        assert x.is_meta
+    with probe_input((2, 3), torch.device("cpu")) as x:
+        assert type(x).__name__ == "FakeTensor" and x.shape == (2, 3)
+    with probe_input((2, 3), torch.device("cpu"), fake=False) as x:
+        assert torch.equal(x, torch.zeros(2, 3))
+
+
+def test_real_weights_run_on_fake_tensors_untouched_in_eval_mode():
+    torch.manual_seed(0)
+    model = Recorder().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert probe_forward(model, (3, 8, 8)) == PROBE_BATCH
+    assert model.seen == [("FakeTensor", PROBE_BATCH, "cpu", False, False)]
+    assert model.training, "the model's own mode comes back"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics included: eval mode
+
+
+def test_meta_models_run_on_meta_tensors():
+    model = Recorder().to("meta")
+    assert probe_forward(model, (3, 8, 8), batch=3) == 3
+    assert model.seen == [("Tensor", 3, "meta", False, False)]
+
+
+def test_code_that_reads_values_gets_one_small_real_forward():
+    model = Recorder(reads_values=True)
+    cleared = []
+    assert probe_forward(model, (3, 8, 8), before_real=lambda: cleared.append(len(model.seen))) == 1
+    assert cleared == [1]
+    assert [s[:3] for s in model.seen] == [("FakeTensor", PROBE_BATCH, "cpu"), ("Tensor", 1, "cpu")]
+    with pytest.raises(RuntimeError):
+        probe_forward(Recorder(reads_values=True), (3, 8, 8), real_batch=None)
+    with pytest.raises(RuntimeError):  # meta tensors have no values either, and no real copy here
+        probe_forward(Recorder(reads_values=True).to("meta"), (3, 8, 8))
+
+
+def test_fake_false_runs_real_zeros_of_the_probe_batch():
+    model = Recorder()
+    assert probe_forward(model, (3, 8, 8), fake=False) == PROBE_BATCH
+    assert model.seen == [("Tensor", PROBE_BATCH, "cpu", False, False)]
+
+
+def test_a_stop_signal_and_other_errors_propagate_and_the_mode_comes_back():
+    class Stop(BaseException):
+        pass
+
+    model = Recorder().train()
+    model.conv.register_forward_hook(lambda *args: (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        probe_forward(model, (3, 8, 8))
+    assert model.training and len(model.seen) == 1  # no real retry for a stop signal
+
+    class Refuses(Recorder):
+        def forward(self, x):
+            super().forward(x)
+            raise TypeError("not this input")
+
+    refuses = Refuses()
+    with pytest.raises(TypeError, match="not this input"):  # not a RuntimeError of fake tensors: no real retry
+        probe_forward(refuses, (3, 8, 8))
+    assert len(refuses.seen) == 1

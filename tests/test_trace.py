@@ -1,0 +1,77 @@
+"""Tracing (``autocut.trace``): the graph and every value's shape at no weight-memory cost, with
+torchvision's node names, and the user's model left as it was."""
+
+import pytest
+import torch
+from torch import nn
+
+from autocut import zoo
+from autocut.trace import trace
+
+
+@pytest.mark.parametrize(
+    "name", ["swin_tiny_patch4_window7_224", "vit_tiny_patch16_224", "efficientnet_b0", "maxvit_tiny_tf_224"]
+)
+def test_tracer_makes_torchvisions_graph_and_node_names(name):
+    # autocut's tracer caches fx's tensor-attribute lookups and bytecode reads and counts names
+    # instead of scanning them: the graph and the names must be torchvision's tracer's own.
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    from autocut.trace import trace_graph, tracer_kwargs
+
+    graph, tracer, concrete = trace_graph(zoo.build(zoo.resolve(name), device="meta").eval())
+    reference = NodePathTracer(**tracer_kwargs())  # on a fresh model: fx numbers the tensor
+    model = zoo.build(zoo.resolve(name), device="meta").eval()  # constants it stores on the root
+    expected = reference.trace(model, concrete_args=concrete or None)
+    assert graph.python_code("self").src == expected.python_code("self").src
+    assert list(tracer.node_to_qualname.values()) == list(reference.node_to_qualname.values())
+
+
+class Net(nn.Module):
+    """A conv, a functional pool, a tensor made in forward, and an optional argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x, scale: float = 1.0, mask=None):
+        y = self.conv(x) + torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+        return self.fc(y.mean((2, 3)) * scale)
+
+
+def test_trace_records_every_shape_on_meta_or_fake_tensors():
+    model = Net()
+    weight = model.conv.weight.detach().clone()
+    traced = trace(model, (3, 16, 16), batch=5)
+    assert traced.shape_method == "fake" and traced.input_shape == (5, 3, 16, 16)
+    shapes = {traced.qualname[n]: s for n, s in traced.shapes.items() if n in traced.qualname}
+    assert shapes["conv"] == (5, 4, 8, 8) and shapes["fc"] == (5, 2) and shapes["mean"] == (5, 4)
+    assert traced.scope[traced.node_named("conv")] == "conv"
+    assert traced.node_named("fc").op == "call_module" and traced.node_named("nowhere") is None
+    assert traced.concrete_args == {"scale": 1.0, "mask": None}  # only the image is symbolic
+    assert torch.equal(model.conv.weight, weight)
+    meta = trace(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2)).to("meta"), (3, 16, 16))
+    assert meta.shape_method == "meta" and meta.shapes[meta.node_named("0")] == (11, 4, 7, 7)
+
+
+def test_tensors_made_in_forward_travel_with_the_trace_not_the_model():
+    model = Net()
+    before = set(vars(model))
+    traced = trace(model, (3, 16, 16))
+    assert set(vars(model)) == before
+    assert list(traced.constants) == ["_tensor_constant0"]
+    assert torch.equal(traced.constants["_tensor_constant0"], torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1))
+
+
+def test_trace_restores_the_models_mode_and_raises_what_tracing_raised():
+    model = Net().train()
+    trace(model, (3, 16, 16))
+    assert model.training
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x  # data-dependent control flow: fx cannot trace it
+
+    with pytest.raises(Exception, match="symbolically traced variables cannot be used as inputs to control flow"):
+        trace(Branchy(), (3, 8, 8))
