@@ -85,7 +85,7 @@ class GraphBody(DualGraphModule):
 
     ``module_calls``, when discovery's trace made the body: ``((H, W), ((module path, output
     shape), ...))``, each module call of the eval graph in order, at that input size (what the
-    layer groups read instead of running a forward).
+    layer groups read instead of running a forward; see :func:`_module_calls`).
     """
 
     def recompile(self):
@@ -148,11 +148,33 @@ def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Mod
     with constants_attached(model, constants):
         body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body")
     if traced is not None:  # what each module call returns, for the layer groups (no forward needed)
-        body.module_calls = (tuple(traced.input_shape[2:]), tuple(
-            (n.target, traced.shapes.get(n)) for n in eval_graph.nodes if n.op == "call_module"))
+        body.module_calls = (tuple(traced.input_shape[2:]), _module_calls(traced, eval_graph))
     _match_persistence(body, set(model.state_dict(keep_vars=True)))
     body.train(model.training)
     return body
+
+
+def _module_calls(traced: Traced, graph: fx.Graph) -> tuple[tuple[str, object], ...]:
+    """``(module path, output shape)`` of each module call of ``graph``, in order.
+
+    A module fx traced through that calls no module itself (timm's ``LayerNorm``, which runs as
+    ``F.layer_norm``) has no call of its own in the graph: each op made inside it counts as a call
+    of it, so its parameters run where it runs (a ViT's final norm at the last stage, not first)."""
+    called = [str(n.target) for n in graph.nodes if n.op == "call_module"]
+    calls_inside: dict[str, bool] = {}
+
+    def calls_modules(scope: str) -> bool:
+        if scope not in calls_inside:
+            calls_inside[scope] = any(c == scope or c.startswith(scope + ".") for c in called)
+        return calls_inside[scope]
+
+    out = []
+    for n in graph.nodes:
+        if n.op == "call_module":
+            out.append((str(n.target), traced.shapes.get(n)))
+        elif n.op in ("call_function", "call_method") and (scope := traced.scope.get(n)) and not calls_modules(scope):
+            out.append((scope, traced.shapes.get(n)))
+    return tuple(out)
 
 
 def _same_graph(a: fx.Graph, b: fx.Graph) -> bool:

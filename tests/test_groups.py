@@ -78,8 +78,7 @@ def test_stage_boundaries_are_timm_group_matcher_boundaries(name):
 
 
 @pytest.mark.parametrize(
-    "name",
-    ["torchvision:densenet121", "convnext_atto", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "hrnet_w18_small"],
+    "name", ["torchvision:densenet121", "convnext_atto", "swin_tiny_patch4_window7_224", "hrnet_w18_small"]
 )
 def test_groups_read_from_the_trace_equal_groups_from_a_hooked_forward(name):
     spec = zoo.resolve(name)
@@ -89,6 +88,40 @@ def test_groups_read_from_the_trace_equal_groups_from_a_hooked_forward(name):
     from_trace = [_ids(g) for g in autocut.layer_groups(model, n=None)]
     del model[0].module_calls, model._autocut_units  # now one forward with hooks on every module
     assert [_ids(g) for g in autocut.layer_groups(model, n=None)] == from_trace
+
+
+# (not hrnet: its stages return one map per branch, and a hook reads the first, the finest)
+@pytest.mark.parametrize(
+    "name", ["torchvision:densenet121", "convnext_atto", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"]
+)
+def test_groups_read_from_the_trace_equal_groups_from_a_hooked_forward_of_the_model(name):
+    from autocut.probe import probe_forward, shape_of
+
+    spec = zoo.resolve(name)
+    meta = zoo.build(spec, device="meta")
+    size = tuple(zoo.default_input_size(spec, meta))
+    model = autocut.adapt(meta, n_out=3, input_size=size)
+    assert model[0].module_calls, "a discovered body carries its module calls"
+    from_trace = [_ids(g) for g in autocut.layer_groups(model, n=None)]
+    # the oracle: every module of the original model, traced through or not, reports its own call
+    calls = []
+    for path, module in meta.named_modules():
+        if path:
+            module.register_forward_hook(lambda m, args, out, path=path: calls.append((path, shape_of(out))))
+    probe_forward(meta, size)
+    model[0].module_calls = (size[1:], tuple(calls))
+    del model._autocut_units
+    assert [_ids(g) for g in autocut.layer_groups(model, n=None)] == from_trace
+
+
+def test_a_module_fx_traced_through_runs_where_it_runs():
+    # timm's LayerNorm runs as F.layer_norm in the graph, no call of its own: a ViT's final norm
+    # still runs after the last block, so it goes with the late body (timm's group_matcher: last)
+    model = autocut.adapt("vit_tiny_patch16_224", n_out=2)
+    early, late, _ = autocut.layer_groups(model)
+    norm = [id(model[0].norm.weight), id(model[0].norm.bias)]
+    assert [id(p) for p in late][-2:] == norm and not set(norm) & set(map(id, early))
+    assert model.cut.groups[1][:2] == ("blocks.6", "norm")
 
 
 @given(model_and_size())
