@@ -110,7 +110,7 @@ def discover_with_trace(
     for candidate in candidates():
         try:
             traced = trace(candidate, input_size)
-        except Exception as err:  # fx cannot trace it, or meta/fake tensors cannot run it: next attempt
+        except Exception as err:  # fx or meta/fake tensors fail: next attempt; listed in the CutError if all fail
             errors.append(f"fx: {type(err).__name__}: {first_line(err)}")
             continue
         cut = cut_at_node(traced, where, arch) if where is not None else _find_cut_at_own_size(traced, arch)
@@ -120,7 +120,7 @@ def discover_with_trace(
     for candidate in candidates():
         try:
             calls = probe_modules(candidate, input_size)
-        except Exception as err:  # the model's own forward fails at this size: next attempt
+        except Exception as err:  # the model's forward fails: next attempt; listed in the CutError if all fail
             errors.append(f"hooks: {type(err).__name__}: {first_line(err)}")
             continue
         return find_cut_by_hooks(candidate, calls, input_size, arch), None

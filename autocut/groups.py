@@ -185,9 +185,12 @@ def _early_late(units: list[Unit], body: nn.Module) -> tuple[list[Unit], list[Un
     late_at = next((i for i in real if units[i].stride >= LATE_STRIDE), None)
     if late_at is not None and real and late_at > real[0]:
         return units[:late_at], units[late_at:]
-    # one stride throughout (ViT) or never reaching 16: split the parameters in halves
+    # one stride throughout (ViT) or never reaching 16: split the parameters in halves, at units
+    # fine enough that none holds half of them (a ViT's blocks, not its `blocks` container)
     for _ in range(3):
-        if len([u for u in units if u.path != "(embeddings)"]) >= 4:
+        real_units = [u for u in units if u.path != "(embeddings)"]
+        sizes = [sum(p.numel() for p in u.params) for u in real_units]
+        if len(real_units) >= 4 and max(sizes) <= sum(sizes) / 2:
             break
         units = _finer(units, body, {})
     sizes = np.cumsum([sum(p.numel() for p in u.params) for u in units])

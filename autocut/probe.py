@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PROBE_BATCH", "shape_of", "model_device", "probe_input", "probe_forward"]
+__all__ = ["PROBE_BATCH", "shape_of", "model_device", "probe_input", "eval_mode", "probe_forward"]
 
 # An odd prime no other dimension is likely to equal: attention pools stack k/v in a dimension of
 # size 2, qkv in one of size 3, and feature maps are often 7, 13 or 14 wide.

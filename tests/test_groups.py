@@ -166,3 +166,14 @@ def test_loose_parameters_go_to_the_first_group():
         assert id(body.patch_embed.proj.weight) in first, n
     early, late, _ = autocut.layer_groups(model)
     assert [id(p) for p in early][:2] == [id(body.cls_token), id(body.pos_embed)]
+
+
+def test_a_vit_splits_between_its_blocks_whatever_runs_around_them():
+    # CLIP's ViT has a norm before its blocks too: four units, but `blocks` holds nearly all the
+    # parameters, so the halves are found between blocks, not between `blocks` and the final norm
+    for name in ("vit_base_patch16_clip_224", "vit_tiny_patch16_224"):
+        meta = zoo.build(zoo.resolve(name))
+        model = autocut.adapt(meta, n_out=2)
+        assert [g[:2] for g in model.cut.groups] == [("(embeddings)", "blocks.5"), ("blocks.6", "norm"), ("head", "head")]
+        early, late = (sum(p.numel() for p in g) for g in autocut.layer_groups(model)[:2])
+        assert abs(early - late) < 0.05 * (early + late), name

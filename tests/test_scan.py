@@ -208,16 +208,16 @@ def test_the_report_states_whole_zoo_runs_against_the_speed_target():
 def test_the_scan_compares_every_dimension_of_the_shape():
     import torch
 
-    from autocut.scan.check import _compare
+    from autocut.scan.check import compare_shapes
     from autocut.scan.oracles import Differs
 
-    assert _compare(torch.Size([3, 8, 7, 7]), torch.Size([3, 8, 7, 7])) == {
+    assert compare_shapes(torch.Size([3, 8, 7, 7]), torch.Size([3, 8, 7, 7])) == {
         "body_shape": [3, 8, 7, 7], "expected_shape": [3, 8, 7, 7], "status": "ok"}
     for got in ([1, 8, 7, 7], [3, 16, 7, 7], [3, 8, 7, 6], [3, 8, 7], [3, 8, 7, 7, 1]):
-        rec = _compare(torch.Size([3, 8, 7, 7]), torch.Size(got))
+        rec = compare_shapes(torch.Size([3, 8, 7, 7]), torch.Size(got))
         assert rec["status"] == "mismatch" and rec["reason"] == f"body returns {got}, the oracle [3, 8, 7, 7]", got
-    assert _compare(Differs("cls-only features", channels=8), torch.Size([3, 8, 7, 7]))["status"] == "differs"
+    assert compare_shapes(Differs("cls-only features", channels=8), torch.Size([3, 8, 7, 7]))["status"] == "differs"
     for got in ([3, 9, 7, 7], [3, 8, 49]):
-        rec = _compare(Differs("cls-only features", channels=8), torch.Size(got))
+        rec = compare_shapes(Differs("cls-only features", channels=8), torch.Size(got))
         assert rec["status"] == "mismatch" and rec["reason"].startswith("cls-only features (forward_features"), got
-    assert _compare(Differs("list features"), torch.Size([3, 8, 7, 7]))["status"] == "mismatch"
+    assert compare_shapes(Differs("list features"), torch.Size([3, 8, 7, 7]))["status"] == "mismatch"

@@ -21,7 +21,7 @@ from autocut.groups import group_summary
 from autocut.scan.oracles import DIFFERS, Differs, OracleError, timm_expected, torchvision_expected
 from autocut.scan.worker import error_record
 
-__all__ = ["check_model", "STATUSES"]
+__all__ = ["check_model", "compare_shapes", "STATUSES"]
 
 # ok: the body's output shape is the oracle's; differs: a known deliberate difference (reason);
 # mismatch: both ran and disagree; failed: an exception (phase, error); timeout / crashed / oom:
@@ -112,7 +112,7 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
         spec = zoo.resolve(name)
         meta = zoo.build(spec, device="meta")
         size = tuple(size or zoo.default_input_size(spec, meta))
-    except Exception as err:
+    except Exception as err:  # the worker's boundary: any failure is this model's record
         return {**rec, **error_record("build", err)}
     rec["input_size"] = list(size)
     rec["params"] = sum(p.numel() for p in meta.parameters())
@@ -143,10 +143,10 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
     try:
         adapted = adapt(meta, n_out=2, input_size=size)
         cut = dataclasses.replace(adapted.cut, arch=str(spec))
-    except Exception:
+    except Exception:  # the meta model cannot be adapted: discovery's real-copy path, next
         try:  # what autocut.discover(name) does when the meta model cannot be probed
             cut = discover_module(meta, size, arch=str(spec), rebuild=rebuild)
-        except Exception as err:
+        except Exception as err:  # recorded: the cut phase failed
             lap("cut")
             rec["times"]["total"] = round(time.perf_counter() - started, 4)
             if isinstance(expected, Differs) and expected.reason == "list features" and isinstance(err, CutError) \
@@ -177,9 +177,9 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
             body = create_body(model, cut=cut, input_size=size).eval()
             with torch.no_grad():
                 out = body(xr)
-            status = _compare(expected, out.shape)
+            status = compare_shapes(expected, out.shape)
             rec["verified_on"] = "cpu"
-        except Exception as err:
+        except Exception as err:  # recorded: the phase that failed says where
             lap("verify")
             rec["times"]["total"] = round(time.perf_counter() - started, 4)
             return {**rec, **error_record(phase, err)}
@@ -201,7 +201,7 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
             groups = group_summary(adapted)
             rec["groups_on"] = device
             break
-        except Exception as err:
+        except Exception as err:  # recorded in groups_error if the CPU copy fails too
             errors.append(f"{device}: {type(err).__name__}: {str(err)[:500]}")
     if groups is not None:
         rec["groups"] = [[g["first"], g["last"], g["stride"], g["params"]] for g in groups]
@@ -220,12 +220,14 @@ def _verify_meta(adapted, expected, x: torch.Tensor) -> dict[str, Any] | None:
     try:
         with torch.no_grad():
             out = adapted.body.eval()(x)
-    except Exception:
+    except Exception:  # the meta device cannot run it: the caller verifies on the CPU
         return None
-    return _compare(expected, out.shape)
+    return compare_shapes(expected, out.shape)
 
 
-def _compare(expected: torch.Size | Differs, got: torch.Size) -> dict[str, Any]:
+def compare_shapes(expected: torch.Size | Differs, got: torch.Size) -> dict[str, Any]:
+    """The status of a body that returned ``got`` where the oracle expected ``expected`` (every
+    dimension, the batch included), or a known difference (:class:`Differs`) it must match."""
     rec: dict[str, Any] = {"body_shape": list(got)}
     if isinstance(expected, Differs):
         if expected.reason == "cls-only features" and len(got) == 4 and got[1] == expected.channels:

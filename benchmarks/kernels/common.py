@@ -168,3 +168,17 @@ def pytorch_only(on: bool = True):
             os.environ.pop("AUTOCUT_DISABLE_KERNELS", None)
         else:
             os.environ["AUTOCUT_DISABLE_KERNELS"] = before
+
+
+def start_report(args, script: str, name: str) -> tuple[Path, dict, str]:
+    """What every benchmark does first: refuse without a GPU, make ``args.out``, read the
+    environment, name the report (``<name>_<gpu>_<date>``, the CSV in ``args.csv_path``)."""
+    require_cuda(script)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    stem = f"{name}_{tag(env)}"
+    args.csv_path = out / f"{stem}.csv"
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    return out, env, stem
+

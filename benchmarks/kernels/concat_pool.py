@@ -35,12 +35,10 @@ from benchmarks.kernels.common import (
     count_launches,
     eager,
     env_section,
-    environment,
     fmt,
     make_input,
     md_table,
-    require_cuda,
-    tag,
+    start_report,
     write_csv,
 )
 
@@ -405,13 +403,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    require_cuda("benchmarks/kernels/concat_pool.py")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    stem = f"concat_pool_{tag(env)}"
-    args.csv_path = out / f"{stem}.csv"
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    out, env, stem = start_report(args, "benchmarks/kernels/concat_pool.py", "concat_pool")
     probe = bandwidth_probe(args.warmup, max(args.rep, 50.0))
     print(f"bandwidth probe: {probe:.0f} GB/s")
     rows, stopped = run_grid(args, probe)

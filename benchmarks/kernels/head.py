@@ -28,6 +28,7 @@ into ``--out`` (default ``$OUT`` or ``benchmarks/reports/kernels``). Nothing run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import time
@@ -42,14 +43,12 @@ from benchmarks.kernels.common import (
     count_launches,
     eager,
     env_section,
-    environment,
     fmt,
     make_input,
     md_table,
     over_budget,
     pytorch_only,
-    require_cuda,
-    tag,
+    start_report,
     write_csv,
 )
 
@@ -104,6 +103,23 @@ def check_fused_training(head: torch.nn.Module, fused: torch.nn.Module, x: torch
                for u, v in zip(got, want))
 
 
+def time_impls(impls: dict, args, shape: tuple, compile_s: dict, rel_err: dict, inference: bool) -> list[dict]:
+    """Time each ``name -> (fn, pytorch only)`` of one shape; a CSV row each. ``compile_s`` and
+    ``rel_err`` give those columns for the implementations they name."""
+    b, c, h, w, dname, layout = shape
+    rows = []
+    for name, (fn, disable) in impls.items():
+        with pytorch_only(disable), (torch.inference_mode() if inference else contextlib.nullcontext()):
+            med, p20, p80 = bench(fn, args.warmup, args.rep)
+            launches = count_launches(fn)
+        rows.append({"impl": name, "B": b, "C": c, "H": h, "W": w, "dtype": dname, "layout": layout,
+                     "n_out": args.n_out, "median_us": round(med, 2), "p20_us": round(p20, 2),
+                     "p80_us": round(p80, 2), "launches": launches, "compile_s": compile_s.get(name, ""),
+                     "rel_err": f"{rel_err[name]:.2e}" if name in rel_err else ""})
+        print(f"  {name:16s} {med:9.1f} us  launches {launches}", flush=True)
+    return rows
+
+
 def run_train(args, rows: list[dict]) -> str:
     """Append the training head's rows to ``rows`` (the CSV is rewritten with all of them after
     each shape); returns why it stopped early, or ``''``."""
@@ -142,16 +158,8 @@ def run_train(args, rows: list[dict]) -> str:
                 compile_s = round(time.time() - t0, 1)
             impls["train_compiled"] = (train_step(compiled, x, g), True)
         print(f"[train {n + 1}/{len(grid)}] B={b} C={c} {h}x{w} {dname} {layout}", flush=True)
-        for name, (fn, disable) in impls.items():
-            with pytorch_only(disable):
-                med, p20, p80 = bench(fn, args.warmup, args.rep)
-                launches = count_launches(fn)
-            rows.append({"impl": name, "B": b, "C": c, "H": h, "W": w, "dtype": dname, "layout": layout,
-                         "n_out": args.n_out, "median_us": round(med, 2), "p20_us": round(p20, 2),
-                         "p80_us": round(p80, 2), "launches": launches,
-                         "compile_s": compile_s if name == "train_compiled" else "",
-                         "rel_err": f"{rel_err:.2e}" if name == "train_fused" else ""})
-            print(f"  {name:16s} {med:9.1f} us  launches {launches}", flush=True)
+        rows += time_impls(impls, args, (b, c, h, w, dname, layout), {"train_compiled": compile_s},
+                           {"train_fused": rel_err}, inference=False)
         write_csv(rows, args.csv_path)
     return stopped
 
@@ -197,16 +205,8 @@ def run(args) -> tuple[list[dict], str]:
         if rel_err > (1e-4 if dtype == torch.float32 else 3e-2):
             print(f"  WARNING: folded head differs from the head by {rel_err:.2e} of its scale")
         print(f"[{n + 1}/{len(grid)}] B={b} C={c} {h}x{w} {dname} {layout}", flush=True)
-        for name, (fn, disable) in impls.items():
-            with pytorch_only(disable), torch.inference_mode():
-                med, p20, p80 = bench(fn, args.warmup, args.rep)
-                launches = count_launches(fn)
-            rows.append({"impl": name, "B": b, "C": c, "H": h, "W": w, "dtype": dname, "layout": layout,
-                         "n_out": args.n_out, "median_us": round(med, 2), "p20_us": round(p20, 2),
-                         "p80_us": round(p80, 2), "launches": launches,
-                         "compile_s": compile_s if name == "head_compiled" else "",
-                         "rel_err": f"{rel_err:.2e}" if name == "head_folded" else ""})
-            print(f"  {name:14s} {med:9.1f} us  launches {launches}", flush=True)
+        rows += time_impls(impls, args, (b, c, h, w, dname, layout), {"head_compiled": compile_s},
+                           {"head_folded": rel_err}, inference=True)
         write_csv(rows, args.csv_path)
     return rows, stopped
 
@@ -313,13 +313,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    require_cuda("benchmarks/kernels/head.py")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    stem = f"head_{tag(env)}"
-    args.csv_path = out / f"{stem}.csv"
-    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    out, env, stem = start_report(args, "benchmarks/kernels/head.py", "head")
     rows, stopped = run(args)
     write_csv(rows, args.csv_path)
     write_report(args, env, rows, stopped, out / f"{stem}.md", None)  # kept if the training part is killed
