@@ -13,6 +13,7 @@ DEFAULT_ARCH = "resnet34"
 
 def _inspect(args: argparse.Namespace) -> int:
     from autocut import CutError, discover
+    from autocut.layout import Layout
 
     try:
         cut = discover(args.name, input_size=tuple(args.input_size) if args.input_size else None)
@@ -39,7 +40,7 @@ def _inspect(args: argparse.Namespace) -> int:
         ("feature map", f"{cut.feature_shape[0]} x {cut.feature_shape[1]} x {cut.feature_shape[2]}"),
         ("input size", " x ".join(map(str, cut.input_size))),
         ("stride", str(stride)),
-        ("layout at cut", cut.layout + ("" if cut.layout == "NCHW" else " (body returns NCHW)")),
+        ("layout at cut", f"{cut.layout}" + ("" if cut.layout == Layout.NCHW else " (body returns NCHW)")),
         ("prefix tokens", str(cut.prefix_tokens)),
         ("dropped head", ", ".join(cut.dropped) or "-"),
         ("head input", f"{2 * cut.nf} (concat pool: max + avg)"),
