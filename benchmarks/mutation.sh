@@ -22,7 +22,9 @@ mkdir -p benchmarks/reports
 if [ "${1:-}" != "--report" ]; then
     start=$SECONDS
     rm -rf mutants  # mutmut keeps results by function hash; a fresh run is one run
-    mutmut run --max-children "$JOBS"
+    # the kernel tests run in this process only with Triton's interpreter on from the start (they
+    # cover the kernel dispatch in autocut/layers.py); CPU tensors still take PyTorch's ops
+    TRITON_INTERPRET=1 mutmut run --max-children "$JOBS"
     echo $((SECONDS - start)) > mutants/wall_seconds
 fi
 named=0

@@ -134,3 +134,17 @@ def test_init_reaches_the_head_with_n_in_and_leaves_the_new_input_layer_to_n_in_
     conv1 = model[0].conv1
     assert conv1.weight.shape == (64, 4, 7, 7)
     assert torch.equal(conv1.weight[:, :3], w) and not conv1.weight[:, 3].any()
+
+
+def test_a_checkpoint_that_does_not_fit_says_which_keys_and_shapes(tmp_path):
+    state = FunctionalPoolNet().state_dict()
+    short = {k: v for k, v in state.items() if not k.startswith("stage.")}
+    torch.save(short, tmp_path / "short.pt")
+    with pytest.raises(autocut.CutError, match=r"short.pt does not fit the body of FunctionalPoolNet: 7 missing "
+                                               r"\(e.g. stage.0.weight, stage.0.bias, stage.1.weight\)\. Is it a checkpoint"):
+        autocut.adapt(FunctionalPoolNet(), n_out=2, weights=tmp_path / "short.pt", input_size=(3, 32, 32))
+    wide = dict(state, **{"stem.0.weight": torch.zeros(8, 3, 5, 5), "stage.1.weight": torch.zeros(3)})
+    torch.save(wide, tmp_path / "wide.pt")
+    with pytest.raises(autocut.CutError, match=r"2 of another shape \(e.g. stem.0.weight: \(8, 3, 5, 5\) vs \(8, 3, 3, 3\)\)"):
+        autocut.adapt(FunctionalPoolNet(), n_out=2, weights=tmp_path / "wide.pt", input_size=(3, 32, 32))
+

@@ -22,15 +22,21 @@ def test_a_cut_prints_where_what_and_what_was_dropped():
         "  dropped    fc"
     )
     vit = dataclasses.replace(CUT, where="norm", after="norm", layout="NLC", prefix_tokens=1, stride=(16, 12.5),
-                              dropped=(), groups=(("(embeddings)", "blocks.5", 1000), ("head", "head", 10)))
+                              feature_shape=(512, 7, 9), dropped=(),
+                              groups=(("(embeddings)", "blocks.5", 1000), ("head", "head", 10)))
     assert str(vit).splitlines()[0] == "Cut of resnet18 at 'norm' (found by fx)"
     assert str(vit).splitlines()[1:] == [
-        "  features   512 channels, 7x7 (stride 16x12.5) for input (3, 224, 224)",
+        "  features   512 channels, 7x9 (stride 16x12.5) for input (3, 224, 224)",
         "  layout     NLC, 1 prefix tokens dropped -> body returns NCHW",
         "  dropped    (nothing with parameters)",
         "  group 0    (embeddings) .. blocks.5 (1,000 parameters)",
         "  group 1    head (10 parameters)",
     ]
+
+
+def test_a_cut_lists_every_dropped_module_and_whole_strides_in_full():
+    text = str(dataclasses.replace(CUT, dropped=("head.fc", "head.norm"), stride=1024))
+    assert "  dropped    head.fc, head.norm" in text.splitlines() and "(stride 1024)" in text
 
 
 def test_a_cut_read_back_from_json_is_the_same_cut():

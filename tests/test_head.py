@@ -148,16 +148,24 @@ def test_fuse_bn_dropout_on_a_whole_model_and_an_existing_optimiser():
 def test_batch_norm_dropout_module_matches_batchnorm_options():
     from autocut.layers import BatchNormDropout1d
 
-    x = torch.randn(6, 4)
-    for kwargs in (dict(momentum=None), dict(affine=False), dict(track_running_stats=False)):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(6, 4, generator=g) * (i + 1) + i for i in range(3)]  # other statistics each step
+    for kwargs in (dict(momentum=None), dict(affine=False), dict(track_running_stats=False), dict(eps=0.5)):
         bn, fused = nn.BatchNorm1d(4, **kwargs), BatchNormDropout1d(4, p=0.0, **kwargs)
-        for _ in range(2):
+        for x in xs:
             torch.testing.assert_close(fused(x), bn(x))
         for a, b in zip(fused.buffers(), bn.buffers(), strict=True):
             torch.testing.assert_close(a, b)
         fused.eval(), bn.eval()
-        torch.testing.assert_close(fused(x), bn(x))
+        torch.testing.assert_close(fused(xs[0]), bn(xs[0]))
+    # statistics tracked, then no longer: eval still normalises with them, as BatchNorm1d does
+    bn, fused = nn.BatchNorm1d(4), BatchNormDropout1d(4, p=0.0)
+    bn(xs[1]), fused(xs[1])
+    bn.track_running_stats = fused.track_running_stats = False
+    bn.eval(), fused.eval()
+    torch.testing.assert_close(fused(xs[2]), bn(xs[2]))
     assert "p=0.0" in repr(BatchNormDropout1d(4, p=0.0))
+    assert BatchNormDropout1d(4, p=1.0).p == 1.0  # drops everything: allowed, as nn.Dropout allows it
     with pytest.raises(ValueError, match="between 0 and 1"):
         BatchNormDropout1d(4, p=1.5)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
@@ -187,3 +195,40 @@ def test_sigmoid_range_maps_exact_values():
     with torch.no_grad():
         head[-2].weight.zero_()  # the last Linear (no bias after its BatchNorm) gives 0
     assert torch.equal(head(torch.randn(5, 8, 2, 2)), torch.full((5, 2), 4.0))
+
+
+def test_batch_norm_dropout_is_batch_norm_then_dropout():
+    from autocut.layers import batch_norm_dropout
+
+    g = torch.Generator().manual_seed(0)
+    x, rm, rv = torch.randn(8, 5, generator=g), torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.5
+    w, b = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+    # eval: the running statistics and no dropout, whatever p is
+    want = (x - rm) / torch.sqrt(rv + 0.25) * w + b
+    torch.testing.assert_close(batch_norm_dropout(x, rm, rv, w, b, training=False, momentum=0.1, eps=0.25, p=0.9), want)
+    # training: batch statistics, the running ones updated with the momentum, inverted dropout
+    rm2, rv2 = rm.clone(), rv.clone()
+    torch.manual_seed(3)
+    got = batch_norm_dropout(x, rm2, rv2, w, b, training=True, momentum=0.3, eps=0.25, p=0.5)
+    normed = F.batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.3, 0.25)
+    kept = got != 0
+    torch.testing.assert_close(got[kept], (normed * 2)[kept])
+    assert 0 < kept.float().mean() < 1
+    torch.testing.assert_close(rm2, 0.7 * rm + 0.3 * x.mean(0))
+    torch.testing.assert_close(rv2, 0.7 * rv + 0.3 * x.var(0, unbiased=True))
+
+
+def test_a_fused_pair_keeps_every_batch_norm_option():
+    from autocut.layers import BatchNormDropout1d, fuse_bn_dropout
+
+    for kwargs in (dict(eps=0.5), dict(momentum=0.3), dict(affine=False), dict(track_running_stats=False)):
+        bn = nn.BatchNorm1d(6, **kwargs)
+        fused = BatchNormDropout1d.from_pair(bn, 0.25)
+        assert (fused.eps, fused.momentum, fused.affine, fused.track_running_stats, fused.p) == (
+            bn.eps, bn.momentum, bn.affine, bn.track_running_stats, 0.25), kwargs
+    # the last pair of a Sequential is fused too; a BatchNorm without a Dropout after it is not
+    head = fuse_bn_dropout(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.1)))
+    assert [type(m).__name__ for m in head] == ["Linear", "BatchNormDropout1d", "Identity"]
+    head = fuse_bn_dropout(nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 6), nn.Dropout(0.1)))
+    assert [type(m).__name__ for m in head] == ["BatchNorm1d", "Linear", "Dropout"]
+

@@ -76,3 +76,16 @@ def test_reduced_sizes_halve_each_side_while_it_is_even_and_over_the_limit():
     assert check._reduced([3, 768, 768]) == (3, 96, 96)
     assert check._reduced([3, 300, 256]) == (3, 75, 128)
     assert check._reduced([1, 257, 128]) == (1, 257, 128)
+
+
+def test_a_record_keeps_a_stride_that_differs_by_axis():
+    import dataclasses
+
+    from autocut.cut import Cut
+
+    cut = Cut("m", "stage", 8, "NHWC", (8, 14, 20), (16, 12.8), 0, "fx", (3, 224, 256), ("fc",), after="stage")
+    assert check._cut_record(cut) == {"where": "stage", "after": "stage", "nf": 8, "layout": "NHWC",
+                                      "feature_shape": [8, 14, 20], "stride": [16, 12.8], "prefix_tokens": 0,
+                                      "method": "fx", "dropped": ["fc"]}
+    assert check._cut_record(dataclasses.replace(cut, stride=16))["stride"] == 16
+
