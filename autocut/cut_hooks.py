@@ -115,9 +115,19 @@ def find_cut_by_hooks(model: nn.Module, calls: list[ModuleCall], input_size: tup
         prefix_tokens=feat.prefix_tokens,
         method="hooks",
         input_size=tuple(input_size),
-        dropped=dropped_modules(model, _modules_used(calls, where)),
+        dropped=dropped_modules(model, _with_bare_parameters(model, _modules_used(calls, where))),
         after="" if ":" in where else where,
     )
+
+
+def _with_bare_parameters(model: nn.Module, used: set[str]) -> set[str]:
+    """``used``, and the parameters held directly by the model or a module around a used one (a
+    class token, a scale on the input): hooks cannot see them used, so they stay with the body."""
+    out = set(used)
+    for path, module in model.named_modules():
+        if not path or any(u == path or u.startswith(path + ".") for u in used):
+            out.update(f"{path}.{n}" if path else n for n, _ in module.named_parameters(recurse=False))
+    return out
 
 
 def _modules_used(calls: list[ModuleCall], where: str) -> set[str]:
@@ -178,7 +188,7 @@ class EarlyExitBody(nn.Module):
                 self.register_parameter(name, p)
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b)
-        self.cut_path, self.cut_at = path, at or "output"
+        self.cut_path, self.cut_input = path, at == "input"  # "layer4:input", or the output of "layer4"
         self.to_nchw = ToNCHW(cut.layout, cut.prefix_tokens, cut.grid)
 
     def __getattr__(self, name: str) -> Any:
@@ -199,7 +209,7 @@ class EarlyExitBody(nn.Module):
         module = self.get_submodule(self.cut_path)
         handle = (
             module.register_forward_pre_hook(_raise_input)
-            if self.cut_at == "input"
+            if self.cut_input
             else module.register_forward_hook(_raise_output)
         )
         try:

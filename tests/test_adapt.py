@@ -147,4 +147,8 @@ def test_a_checkpoint_that_does_not_fit_says_which_keys_and_shapes(tmp_path):
     torch.save(wide, tmp_path / "wide.pt")
     with pytest.raises(autocut.CutError, match=r"2 of another shape \(e.g. stem.0.weight: \(8, 3, 5, 5\) vs \(8, 3, 3, 3\)\)"):
         autocut.adapt(FunctionalPoolNet(), n_out=2, weights=tmp_path / "wide.pt", input_size=(3, 32, 32))
+    both = {k: v for k, v in wide.items() if not k.startswith("stage.0.")}
+    torch.save(both, tmp_path / "both.pt")
+    with pytest.raises(autocut.CutError, match=r": 2 missing \(e.g. stage.0.weight, stage.0.bias\); 2 of another shape"):
+        autocut.adapt(FunctionalPoolNet(), n_out=2, weights=tmp_path / "both.pt", input_size=(3, 32, 32))
 

@@ -188,3 +188,16 @@ def test_bodies_refuse_what_they_cannot_build():
         build_body(model, dataclasses.replace(cut, method="magic"), SIZE, "net")
     with pytest.raises(autocut.CutError, match="no node 'elsewhere' in the graph of FunctionalPoolNet"):
         build_body(model, dataclasses.replace(cut, where="elsewhere"), SIZE, "net")
+
+
+def test_a_copied_body_keeps_its_record_its_mode_and_each_modules_mode():
+    body = autocut.create_body(TrainBranchNet(), input_size=(3, 8, 8)).train()
+    body.conv.eval()  # a module frozen on purpose (fastai's BnFreeze does this to norms)
+    clone = copy.deepcopy(body)
+    assert clone.cut == body.cut and clone.module_calls == body.module_calls
+    assert clone.norm_parameter_names == body.norm_parameter_names
+    assert clone.training and not clone.conv.training
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(clone(x), body(x))  # the train graph, without a .train() call
+    torch.testing.assert_close(clone(x), body.conv(x) * 2)
+

@@ -134,3 +134,28 @@ def test_the_body_keeps_the_models_methods_and_attributes():
     assert body.offset == 1.0 and body.scale == 3 and body.doubled == 2.0
     with pytest.raises(AttributeError):
         _ = body.nowhere
+
+
+def test_the_body_keeps_the_models_own_parameters_and_buffers():
+    class Scaled(Pooled):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.full((1, 3, 1, 1), 2.0))
+            self.register_buffer("shift", torch.full((1, 3, 1, 1), 0.5))
+            self.temperature = nn.Parameter(torch.tensor(3.0))  # used after the pool only, yet hooks cannot tell
+
+        def forward(self, x):
+            x = self.stage(x * self.scale + self.shift)
+            if x.sum() > -1e30:
+                x = self.pool(x)
+            return self.fc(x.flatten(1)) / self.temperature
+
+    model = Scaled().eval()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Scaled")
+    assert cut.dropped == ("fc",)  # bare parameters stay: the hooks see modules run, not tensors used
+    body = EarlyExitBody(model, cut)
+    assert body.scale is model.scale and body.shift is model.shift and body.temperature is model.temperature
+    assert set(body.state_dict()) == {"scale", "temperature", "shift", "stage.0.weight", "stage.0.bias"}
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(body(x), model.stage(x * 2.0 + 0.5))
+

@@ -19,3 +19,13 @@ def test_freeze_keeps_norms_trainable_and_unfreeze_restores():
     vit = autocut.adapt("vit_tiny_patch16_224", n_out=2).freeze()
     names = {n for n, p in vit.named_parameters() if p.requires_grad and n.startswith("0.")}
     assert names and all("norm" in n for n in names)  # LayerNorms of a graph body stay trainable
+
+
+def test_freeze_without_train_bn_freezes_norms_too():
+    model = autocut.adapt("resnet18", n_out=2, input_size=(3, 64, 64))
+    model.freeze(train_bn=False)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"1.{n}" for n, _ in model[1].named_parameters()}
+    model.freeze_to(1, train_bn=False)
+    assert not model[0].get_parameter("layer1.0.bn1.weight").requires_grad
+    assert model[0].get_parameter("layer4.0.bn1.weight").requires_grad
+

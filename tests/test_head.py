@@ -232,3 +232,20 @@ def test_a_fused_pair_keeps_every_batch_norm_option():
     head = fuse_bn_dropout(nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 6), nn.Dropout(0.1)))
     assert [type(m).__name__ for m in head] == ["BatchNorm1d", "Linear", "Dropout"]
 
+
+def test_batch_norm_dropout_without_running_statistics_in_eval_drops_nothing():
+    from autocut.layers import BatchNormDropout1d
+
+    x = torch.randn(8, 4)
+    # no running statistics: batch statistics in eval too, as BatchNorm1d, but never dropout
+    fused = BatchNormDropout1d(4, p=0.9, track_running_stats=False).eval()
+    bn = nn.BatchNorm1d(4, track_running_stats=False).eval()
+    torch.testing.assert_close(fused(x), bn(x))
+    # tracking switched off after construction: training leaves the running statistics alone
+    fused, bn = BatchNormDropout1d(4, p=0.0), nn.BatchNorm1d(4)
+    fused.track_running_stats = bn.track_running_stats = False
+    torch.testing.assert_close(fused(x), bn(x))
+    for a, b in zip(fused.buffers(), bn.buffers(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(fused.running_mean, torch.zeros(4)) and torch.equal(fused.running_var, torch.ones(4))
+
