@@ -65,3 +65,50 @@ class _ScaledInput(nn.Module):
 def test_model_without_an_input_layer_refuses_n_in():
     with pytest.raises(autocut.CutError, match="no Conv2d or Linear reads"):
         autocut.adapt(_ScaledInput(), n_out=2, input_size=(3, 16, 16), n_in=4)
+
+
+class LinearStem(nn.Module):
+    """Reads the image with a Linear over the channels (channels last), like an MLP-Mixer's stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.conv = nn.Conv2d(8, 8, 3, 2, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.embed(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_a_linear_input_layer_is_rebuilt_like_a_conv():
+    from autocut.channels import find_input_layer, set_input_channels
+
+    torch.manual_seed(0)
+    model = LinearStem()
+    w, b = model.embed.weight.detach().clone(), model.embed.bias.detach().clone()
+    assert find_input_layer(copy.deepcopy(model), (3, 16, 16)) == "embed"
+    for n_in, init, want in [
+        (1, None, w.sum(1, keepdim=True)),  # "sum" by default for one channel
+        (5, None, torch.cat([w, w[:, :2]], 1) * 3 / 5),  # timm's repeat-and-rescale
+        (5, "zero", torch.cat([w, torch.zeros(8, 2)], 1)),
+    ]:
+        body = copy.deepcopy(model)
+        assert set_input_channels(body, n_in, (3, 16, 16), init) == "embed"
+        assert isinstance(body.embed, nn.Linear) and body.embed.in_features == n_in
+        torch.testing.assert_close(body.embed.weight, want)
+        torch.testing.assert_close(body.embed.bias, b)
+    with pytest.raises(autocut.CutError, match="n_in_init='zero' keeps the 3 original channels: n_in must be >= 3, got 2"):
+        set_input_channels(copy.deepcopy(model), 2, (3, 16, 16), "zero")
+    for bad in (0, True, 2.0):
+        with pytest.raises(autocut.CutError, match="n_in must be a positive int"):
+            set_input_channels(copy.deepcopy(model), bad, (3, 16, 16))
+    rnd = copy.deepcopy(model)
+    set_input_channels(rnd, 4, (3, 16, 16), "random")
+    assert rnd.embed.weight.shape == (8, 4) and rnd.embed.weight.std() > 0
+
+
+def test_a_grouped_input_conv_is_refused():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(autocut.CutError, match="the input layer '0' is a grouped conv"):
+        autocut.adapt(model, n_out=2, input_size=(4, 16, 16), n_in=3)

@@ -1,6 +1,8 @@
 """The hooks rule (``autocut.cut_hooks``), for models fx cannot trace: module calls recorded in the
 order they finish, the cut found on them, and the body that stops the model's own forward there."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,9 @@ def test_the_body_stops_the_models_own_forward_at_the_cut():
     assert isinstance(body.fc, nn.Identity) and body.stage is model.stage
     assert set(body.state_dict()) == {"stage.0.weight", "stage.0.bias"}
     assert not body.pool._forward_pre_hooks, "the hook is removed after each call"
+    clone = copy.deepcopy(body)
+    torch.testing.assert_close(clone(x), model.stage(x))
+    assert clone.stage is not model.stage and clone.cut_path == "pool" and clone.cut_input
 
 
 def test_the_body_says_when_the_forward_never_reaches_the_cut():

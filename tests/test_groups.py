@@ -7,6 +7,7 @@ import timm
 import torch
 import torchvision
 from hypothesis import given
+from torch import nn
 
 import autocut
 from autocut import zoo
@@ -177,3 +178,44 @@ def test_a_vit_splits_between_its_blocks_whatever_runs_around_them():
         assert [g[:2] for g in model.cut.groups] == [("(embeddings)", "blocks.5"), ("blocks.6", "norm"), ("head", "head")]
         early, late = (sum(p.numel() for p in g) for g in autocut.layer_groups(model)[:2])
         assert abs(early - late) < 0.05 * (early + late), name
+
+
+class Ladder(nn.Module):
+    """A stem at stride 2, then stages that halve the map, a parameter-free pool between two of
+    them, and a stage whose first conv runs before its downsampling: strides known by construction."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(1, 8, 1, 1))  # loose: no module call owns it
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.s1 = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU())
+        self.pool = nn.MaxPool2d(2)
+        self.s2 = nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1), nn.Conv2d(16, 16, 3, 2, 1))  # 8 -> 16 inside
+        self.s3 = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.Conv2d(32, 32, 3, 1, 1))
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, x):
+        x = self.stem(x) + self.cls
+        x = self.s3(self.s2(self.pool(self.s1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_groups_follow_the_strides_modules_run_at():
+    model = autocut.adapt(Ladder(), n_out=3, input_size=(3, 64, 64))
+    body = model[0]
+    summary = autocut.group_summary(model, n=None)
+    assert [(g["first"], g["last"], g["stride"]) for g in summary] == [
+        ("(embeddings)", "stem", 2.0), ("s1", "s1", 4.0), ("s2.0", "s2.0", 8.0), ("s2.1", "s2.1", 16.0),
+        ("s3", "s3", 32.0), ("head", "head", None)]
+    assert [g["params"] for g in summary[:-1]] == [8 + 224, 584, 1168, 2320, 4640 + 9248]
+    early, late, head = autocut.layer_groups(model)  # late from the first module at stride 16
+    assert [id(p) for p in early] == [id(p) for p in (body.cls, body.stem.weight, body.stem.bias,
+                                                      *body.s1.parameters(), *body.get_submodule("s2.0").parameters())]
+    assert [id(p) for p in late] == [id(p) for p in (*body.get_submodule("s2.1").parameters(), *body.s3.parameters())]
+    assert [g["first"] for g in autocut.group_summary(model, n=3)] == ["(embeddings)", "s2.1", "head"]
+    # n merges the stages evenly into n - 1 body groups
+    assert [(g["first"], g["last"]) for g in autocut.group_summary(model, n=3 + 1)] == [
+        ("(embeddings)", "s1"), ("s2.0", "s2.1"), ("s3", "s3"), ("head", "head")]
+    assert [(g["first"], g["last"]) for g in autocut.group_summary(model, n=2)] == [("(embeddings)", "s3"), ("head", "head")]
+    with pytest.raises(autocut.CutError, match="n must be None or an int >= 2"):
+        autocut.layer_groups(model, n=1)

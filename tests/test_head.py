@@ -249,3 +249,68 @@ def test_batch_norm_dropout_without_running_statistics_in_eval_drops_nothing():
         torch.testing.assert_close(a, b)
     assert torch.equal(fused.running_mean, torch.zeros(4)) and torch.equal(fused.running_var, torch.ones(4))
 
+
+
+# --- the head against fastai's own recipe ------------------------------------------------------
+
+
+def _fastai_head_layers(nf, n_out, lin_ftrs=None, ps=0.5, pool=True, concat_pool=True, first_bn=True,
+                        bn_final=False, y_range=None):
+    """What fastai 2's ``create_head`` builds (``lin_first=False``), written from its source as a
+    list of layer descriptions: its ``LinBnDrop`` blocks are BatchNorm (if ``bn``), Dropout (if
+    ``p``), Linear (no bias after a BatchNorm), then the activation."""
+    if pool and concat_pool:
+        nf *= 2
+    widths = [nf, 512, n_out] if lin_ftrs is None else [nf, *lin_ftrs, n_out]
+    bns = [first_bn] + [True] * len(widths[1:])
+    ps = [ps] if isinstance(ps, float) else list(ps)
+    if len(ps) == 1:
+        ps = [ps[0] / 2] * (len(widths) - 2) + ps
+    acts = ["ReLU(inplace)"] * (len(widths) - 2) + [None]
+    layers = (["AdaptiveConcatPool2d" if concat_pool else "AdaptiveAvgPool2d(1)", "Flatten"] if pool else [])
+    for n_in, n_o, bn, p, act in zip(widths[:-1], widths[1:], bns, ps, acts):
+        layers += [f"BatchNorm1d({n_in}, eps=1e-05, momentum=0.1)"] if bn else []
+        layers += [f"Dropout({p})"] if p != 0 else []
+        layers += [f"Linear({n_in}, {n_o}, bias={not bn})"] + ([act] if act else [])
+    layers += [f"BatchNorm1d({widths[-1]}, eps=1e-05, momentum=0.01)"] if bn_final else []
+    layers += [f"SigmoidRange({y_range[0]}, {y_range[1]})"] if y_range is not None else []
+    return layers
+
+
+def _describe(head):
+    out = []
+    for m in head:
+        if isinstance(m, nn.BatchNorm1d):
+            out.append(f"BatchNorm1d({m.num_features}, eps={m.eps}, momentum={m.momentum})")
+        elif isinstance(m, nn.Dropout):
+            out.append(f"Dropout({m.p})")
+        elif isinstance(m, nn.Linear):
+            out.append(f"Linear({m.in_features}, {m.out_features}, bias={m.bias is not None})")
+        elif isinstance(m, nn.ReLU):
+            out.append("ReLU(inplace)" if m.inplace else "ReLU")
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            out.append(f"AdaptiveAvgPool2d({m.output_size})")
+        elif isinstance(m, SigmoidRange):
+            out.append(f"SigmoidRange({m.low}, {m.high})")
+        elif isinstance(m, AdaptiveConcatPool2d):
+            assert m.size == 1
+            out.append("AdaptiveConcatPool2d")
+        else:
+            out.append(type(m).__name__)
+    return out
+
+
+HEAD_OPTIONS = [
+    {}, dict(lin_ftrs=[256]), dict(lin_ftrs=[512, 128]), dict(lin_ftrs=[]), dict(ps=0.2), dict(ps=0.0),
+    dict(lin_ftrs=[256], ps=[0.1, 0.3]), dict(lin_ftrs=[512, 128], ps=[0.1, 0.2, 0.3]), dict(concat_pool=False),
+    dict(pool=False), dict(first_bn=False), dict(first_bn=False, lin_ftrs=[256], ps=[0.0, 0.4]), dict(bn_final=True),
+    dict(y_range=(0.0, 5.0)), dict(bn_final=True, y_range=(-1.0, 1.0), concat_pool=False, lin_ftrs=[64]),
+]
+
+
+@pytest.mark.parametrize("options", HEAD_OPTIONS, ids=[str(o) or "default" for o in HEAD_OPTIONS])
+def test_the_head_is_fastais_layer_for_layer(options):
+    head = create_head(40, 7, **options)
+    assert _describe(head) == _fastai_head_layers(40, 7, **options)
+    x = torch.randn(3, 40, 2, 2) if options.get("pool", True) else torch.randn(3, 40)
+    assert head.eval()(x).shape == (3, 7)
