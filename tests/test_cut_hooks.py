@@ -125,6 +125,10 @@ def test_the_body_keeps_the_models_methods_and_attributes():
         def doubled(self):
             return 2 * self.offset
 
+        @classmethod
+        def factor(cls):
+            return cls.scale
+
         def shift(self, x):
             return x * self.scale + self.offset
 
@@ -136,7 +140,7 @@ def test_the_body_keeps_the_models_methods_and_attributes():
     body = EarlyExitBody(model, find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "WithMethod"))
     x = torch.randn(2, *SIZE)
     torch.testing.assert_close(body(x), model.stage(x * 3 + 1.0))
-    assert body.offset == 1.0 and body.scale == 3 and body.doubled == 2.0
+    assert body.offset == 1.0 and body.scale == 3 and body.doubled == 2.0 and body.factor() == 3
     with pytest.raises(AttributeError):
         _ = body.nowhere
 
@@ -164,3 +168,135 @@ def test_the_body_keeps_the_models_own_parameters_and_buffers():
     x = torch.randn(2, *SIZE)
     torch.testing.assert_close(body(x), model.stage(x * 2.0 + 0.5))
 
+
+
+class Gated(nn.Module):
+    """A gate that pools the map to a vector mid-body (the main path goes on with maps), two
+    sibling pools for the head, BatchNorm buffers: the head is the pools, not the gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8))
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8))
+        self.stage2 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.maxpool, self.avgpool = nn.AdaptiveMaxPool2d(1), nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, x):
+        x = self.stage1(x)
+        x = x * self.gate(x).sigmoid()[:, :, None, None]
+        x = self.stage2(x)
+        if x.sum() > -1e30:  # fx cannot trace it
+            x = torch.cat([self.maxpool(x), self.avgpool(x)], 1)
+        return self.fc(x.flatten(1))
+
+
+def test_a_module_that_pools_mid_body_is_not_the_head():
+    torch.manual_seed(0)
+    model = Gated().eval()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Gated")
+    assert (cut.where, cut.nf, cut.feature_shape, cut.after) == ("maxpool:input", 16, (16, 4, 4), "")
+    assert cut.dropped == ("fc",)
+    body = EarlyExitBody(model, cut)
+    assert set(body.state_dict()) == {k for k in model.state_dict() if not k.startswith("fc.")}
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(body(x), model.stage2(model.stage1(x) * model.gate(model.stage1(x)).sigmoid()[:, :, None, None]))
+
+
+def test_the_module_around_a_lone_pool_is_the_head_and_its_parameters_are_dropped():
+    class AttnPoolHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(self.pool(x).flatten(1))
+
+    model = Pooled(pool=nn.Sequential(nn.AdaptiveAvgPool2d(1)))
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Pooled")
+    assert cut.where == "pool:input"  # the Sequential, not its one child
+    model = Pooled(pool=AttnPoolHead())
+    model.fc = nn.Linear(8, 2)
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Pooled")
+    assert (cut.where, cut.dropped) == ("pool:input", ("pool", "fc"))
+
+
+def test_a_cut_at_a_modules_output_keeps_that_module_and_returns_its_output():
+    class FunctionalPool(Pooled):
+        def forward(self, x):
+            x = self.stage(x)
+            if x.sum() > -1e30:
+                x = x.mean((2, 3))
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    model = FunctionalPool().eval()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "FunctionalPool")
+    assert (cut.where, cut.after, cut.dropped) == ("stage", "stage", ("fc",))
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(EarlyExitBody(model, cut).eval()(x), model.stage(x))
+
+
+def test_a_container_around_a_used_module_keeps_its_own_parameters():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(1, 8, 8, 8))
+            self.blocks = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1))
+
+        def forward(self, x):
+            return self.blocks(x + self.pos)
+
+    class Wrapped(Pooled):
+        def __init__(self):
+            super().__init__()
+            self.encoder = Encoder()
+            self.aux = nn.Module()
+            self.aux.weight = nn.Parameter(torch.zeros(3))  # a container nothing calls
+
+        def forward(self, x):
+            x = self.encoder(self.stage(x))
+            if x.sum() > -1e30:
+                x = self.pool(x)
+            return self.fc(x.flatten(1))
+
+    model = Wrapped()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Wrapped")
+    assert (cut.where, cut.dropped) == ("pool:input", ("fc", "aux"))
+
+
+def test_a_token_body_drops_its_prefix_tokens():
+    class TokenNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(3, 8, 4, 4)
+            self.cls = nn.Parameter(torch.randn(1, 1, 8))
+            self.blocks = nn.Sequential(nn.Linear(8, 8))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.proj(x).flatten(2).transpose(1, 2)
+            x = self.blocks(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1))
+            if x.sum() > -1e30:
+                x = x[:, 0]
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "TokenNet")
+    assert (cut.where, cut.layout, cut.prefix_tokens, cut.feature_shape) == ("blocks", Layout.NLC, 1, (8, 4, 4))
+    x = torch.randn(2, *SIZE)
+    tokens = model.blocks(torch.cat([model.cls.expand(2, -1, -1), model.proj(x).flatten(2).transpose(1, 2)], 1))
+    torch.testing.assert_close(EarlyExitBody(model, cut)(x), tokens[:, 1:].transpose(1, 2).reshape(2, 8, 4, 4))
+
+
+def test_tokens_lie_on_the_grid_of_the_nearest_map_before_them():
+    calls = [ModuleCall("a", 0, (B, 3, 16, 16), (B, 8, 2, 8)), ModuleCall("b", 1, (B, 8, 2, 8), (B, 8, 4, 4)),
+             ModuleCall("blocks", 2, (B, 17, 8), (B, 17, 8)), ModuleCall("head", 3, (B, 8), (B, 2))]
+    model = nn.Module()
+    model.a, model.b, model.blocks, model.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.LayerNorm(8), nn.Linear(8, 2)
+    assert find_cut_by_hooks(model, calls, SIZE, "m").feature_shape == (8, 4, 4)
+    calls[1] = ModuleCall("b", 1, (B, 8, 2, 8), (B, 17, 8))  # tokens first: their grid is no map's
+    calls[2] = ModuleCall("blocks", 2, (B, 17, 8), (B, 8, 4, 4))
+    assert find_cut_by_hooks(model, calls, SIZE, "m").where == "blocks"

@@ -29,3 +29,16 @@ def test_freeze_without_train_bn_freezes_norms_too():
     assert not model[0].get_parameter("layer1.0.bn1.weight").requires_grad
     assert model[0].get_parameter("layer4.0.bn1.weight").requires_grad
 
+
+def test_freezing_by_stage_and_by_default_keeps_norms_trainable():
+    from autocut.freeze import freeze_to
+
+    model = autocut.adapt("resnet18", n_out=2, input_size=(3, 64, 64))
+    model.freeze_to(1)  # train_bn by default
+    assert model[0].get_parameter("layer1.0.bn1.weight").requires_grad
+    assert not model[0].get_parameter("layer1.0.conv1.weight").requires_grad
+    freeze_to(model, 2, groups=None)  # the first two stages (stem, layer1), by stage
+    assert not model[0].get_parameter("layer1.0.conv1.weight").requires_grad
+    assert model[0].get_parameter("layer2.0.conv1.weight").requires_grad
+    assert model[0].get_parameter("bn1.weight").requires_grad  # a norm, and train_bn by default
+

@@ -121,3 +121,6 @@ def test_to_nchw_module_says_what_it_does():
     assert repr(ToNCHW(Layout.NHWC)) == "ToNCHW(NHWC)"
     t = torch.randn(2, 5, 6)
     assert torch.equal(m(t), tokens_to_nchw(t, 1, (2, 2)))
+    t = torch.randn(2, 4, 6)
+    assert torch.equal(ToNCHW("NLC", grid=(2, 2))(t), tokens_to_nchw(t, 0, (2, 2)))  # no prefix tokens by default
+
