@@ -55,8 +55,31 @@ def test_each_layer_group_gets_its_own_rate_early_body_lowest():
 
 def test_weight_decay_spares_exactly_norms_and_biases():
     model = autocut.adapt("resnet18", n_out=2, input_size=(3, 64, 64), first_bn=False)
-    decay = {id(p): g["weight_decay"] for g in autocut.param_groups(model, 1e-3, weight_decay=0.05) for p in g["params"]}
+    groups = autocut.param_groups(model, 1e-3, weight_decay=0.05)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()), "each parameter in exactly one group"
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     for name, p in model.named_parameters():
         is_norm = ".bn" in name or "downsample.1" in name or (name.startswith("1.") and p.ndim == 1)
         expected = 0.0 if (is_norm or name.endswith(".bias")) else 0.05
         assert decay[id(p)] == expected, name
+
+
+def test_param_groups_defaults_two_groups_and_refusals():
+    model = autocut.adapt("resnet18", n_out=2, input_size=(3, 64, 64))
+    assert {g["weight_decay"] for g in autocut.param_groups(model, 1e-3)} == {0.01, 0.0}
+    two = autocut.param_groups(model, slice(1e-5, 1e-3), n=2)  # body, head
+    assert [(g["layer_group"], g["lr"]) for g in two] == [(0, 1e-5), (0, 1e-5), (1, 1e-3), (1, 1e-3)]  # decay or not
+    with pytest.raises(autocut.CutError, match=r"^lr=slice\(\.\.\.\) needs a stop: slice\(lo, hi\) or slice\(hi\)$"):
+        autocut.param_groups(model, slice(1e-5, None))
+    with pytest.raises(autocut.CutError, match=r"^give lr as a float with layer_decay \(the decay spreads it over the groups\)$"):
+        autocut.param_groups(model, slice(1e-5, 1e-3), layer_decay=0.5)
+
+
+def test_a_norm_with_a_matrix_of_weights_gets_no_decay_either():
+    head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.LayerNorm((2, 2)), torch.nn.Flatten(),
+                               torch.nn.Linear(2048, 2))
+    model = autocut.adapt("resnet18", n_out=2, input_size=(3, 64, 64), custom_head=head, init=None)
+    decay = {id(p): g["weight_decay"] for g in autocut.param_groups(model, 1e-3) for p in g["params"]}
+    assert head[1].weight.ndim == 2 and decay[id(head[1].weight)] == 0.0 and decay[id(head[3].weight)] == 0.01
+
