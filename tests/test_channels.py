@@ -13,6 +13,7 @@ from torch import nn
 import autocut
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize(
     "name,size",
     [("resnet18", (3, 64, 64)), ("densenet121", (3, 64, 64)), ("efficientnet_b0", (3, 64, 64)),

@@ -62,6 +62,7 @@ def test_squeezenet_differs_from_fastai_on_purpose():
     assert first_late != 5
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("name", ["resnet50", "convnext_atto", "efficientnet_b0", "swin_tiny_patch4_window7_224", "regnetx_002"])
 def test_stage_boundaries_are_timm_group_matcher_boundaries(name):
     from timm.models._manipulate import group_parameters
@@ -78,6 +79,7 @@ def test_stage_boundaries_are_timm_group_matcher_boundaries(name):
         assert name_of[id(stage[0])] in timm_starts, name_of[id(stage[0])]
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize(
     "name", ["torchvision:densenet121", "convnext_atto", "swin_tiny_patch4_window7_224", "hrnet_w18_small"]
 )
@@ -92,6 +94,7 @@ def test_groups_read_from_the_trace_equal_groups_from_a_hooked_forward(name):
 
 
 # (not hrnet: its stages return one map per branch, and a hook reads the first, the finest)
+@pytest.mark.zoo
 @pytest.mark.parametrize(
     "name", ["torchvision:densenet121", "convnext_atto", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"]
 )
@@ -125,6 +128,7 @@ def test_a_module_fx_traced_through_runs_where_it_runs():
     assert model.cut.groups[1][:2] == ("blocks.6", "norm")
 
 
+@pytest.mark.zoo
 @given(model_and_size())
 def test_groups_partition_the_parameters_in_order(name_size):
     name, size = name_size

@@ -2,6 +2,7 @@
 2*nf (nf without concat pooling); the body's parameters are a subset of the model's; discovery
 is deterministic. Models are built on the meta device: these are shape properties."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,6 +12,8 @@ import autocut
 from autocut import zoo
 
 from zoo_strategies import head_options, model_and_size
+
+pytestmark = pytest.mark.zoo  # a sweep over many models: out of the mutation run (see pyproject.toml)
 
 
 def _first_width(head):

@@ -17,6 +17,8 @@ from autocut import zoo
 
 from timm_subset import TIMM_SUBSET
 
+pytestmark = pytest.mark.zoo  # a sweep over many models: out of the mutation run (see pyproject.toml)
+
 # Where autocut deliberately differs from forward_features, and why.
 DIFFERS = {
     # forward_features returns the class token(s) only, (B, 1, C): autocut cuts at the last

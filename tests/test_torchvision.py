@@ -17,6 +17,8 @@ from torch import nn
 import autocut
 from autocut import zoo
 
+pytestmark = pytest.mark.zoo  # a sweep over many models: out of the mutation run (see pyproject.toml)
+
 MODELS = torchvision.models.list_models(module=torchvision.models)
 
 
