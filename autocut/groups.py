@@ -151,11 +151,10 @@ def body_units(body: nn.Module, input_size: tuple[int, int, int]) -> list[Unit]:
 
 
 def _stages(units: list[Unit]) -> list[list[Unit]]:
+    """Runs of units at one stride (the embeddings come first, at the first unit's stride)."""
     stages: list[list[Unit]] = []
     for u in units:
         if stages and stages[-1][-1].stride == u.stride:
-            stages[-1].append(u)
-        elif stages and u.path == "(embeddings)":
             stages[-1].append(u)
         else:
             stages.append([u])

@@ -256,7 +256,7 @@ def test_a_container_around_a_used_module_keeps_its_own_parameters():
             self.aux.weight = nn.Parameter(torch.zeros(3))  # a container nothing calls
 
         def forward(self, x):
-            x = self.encoder(self.stage(x))
+            x = self.encoder.blocks(self.stage(x) + self.encoder.pos)  # the container itself is never called
             if x.sum() > -1e30:
                 x = self.pool(x)
             return self.fc(x.flatten(1))
@@ -264,6 +264,7 @@ def test_a_container_around_a_used_module_keeps_its_own_parameters():
     model = Wrapped()
     cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Wrapped")
     assert (cut.where, cut.dropped) == ("pool:input", ("fc", "aux"))
+    assert EarlyExitBody(model, cut).encoder.pos is model.encoder.pos
 
 
 def test_a_token_body_drops_its_prefix_tokens():
@@ -283,20 +284,37 @@ def test_a_token_body_drops_its_prefix_tokens():
             return self.head(x)
 
     torch.manual_seed(0)
-    model = TokenNet().eval()
-    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "TokenNet")
-    assert (cut.where, cut.layout, cut.prefix_tokens, cut.feature_shape) == ("blocks", Layout.NLC, 1, (8, 4, 4))
-    x = torch.randn(2, *SIZE)
+    model, size = TokenNet().eval(), (3, 16, 32)  # a 4x8 patch grid
+    cut = find_cut_by_hooks(model, probe_modules(model, size), size, "TokenNet")
+    assert (cut.where, cut.layout, cut.prefix_tokens, cut.feature_shape) == ("blocks", Layout.NLC, 1, (8, 4, 8))
+    x = torch.randn(2, *size)
     tokens = model.blocks(torch.cat([model.cls.expand(2, -1, -1), model.proj(x).flatten(2).transpose(1, 2)], 1))
-    torch.testing.assert_close(EarlyExitBody(model, cut)(x), tokens[:, 1:].transpose(1, 2).reshape(2, 8, 4, 4))
+    torch.testing.assert_close(EarlyExitBody(model, cut)(x), tokens[:, 1:].transpose(1, 2).reshape(2, 8, 4, 8))
 
 
 def test_tokens_lie_on_the_grid_of_the_nearest_map_before_them():
-    calls = [ModuleCall("a", 0, (B, 3, 16, 16), (B, 8, 2, 8)), ModuleCall("b", 1, (B, 8, 2, 8), (B, 8, 4, 4)),
-             ModuleCall("blocks", 2, (B, 17, 8), (B, 17, 8)), ModuleCall("head", 3, (B, 8), (B, 2))]
+    # two maps the tokens fit (40 tokens: 8 cells + 32 prefix tokens, or 32 cells + 8): the nearest wins
+    size = (3, 16, 32)
     model = nn.Module()
-    model.a, model.b, model.blocks, model.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.LayerNorm(8), nn.Linear(8, 2)
-    assert find_cut_by_hooks(model, calls, SIZE, "m").feature_shape == (8, 4, 4)
-    calls[1] = ModuleCall("b", 1, (B, 8, 2, 8), (B, 17, 8))  # tokens first: their grid is no map's
-    calls[2] = ModuleCall("blocks", 2, (B, 17, 8), (B, 8, 4, 4))
-    assert find_cut_by_hooks(model, calls, SIZE, "m").where == "blocks"
+    model.a, model.b, model.blocks, model.pool = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.LayerNorm(8), nn.Linear(8, 8)
+    calls = [ModuleCall("a", 0, (B, *size), (B, 8, 2, 4)), ModuleCall("b", 1, (B, 8, 2, 4), (B, 8, 4, 8)),
+             ModuleCall("blocks", 2, (B, 40, 8), (B, 40, 8))]
+    cut = find_cut_by_hooks(model, calls, size, "m")
+    assert (cut.where, cut.feature_shape, cut.prefix_tokens, cut.input_size) == ("blocks", (8, 4, 8), 8, size)
+    # the same reading for the tokens a head takes in (an attention pool: tokens in, a vector out)
+    calls.append(ModuleCall("pool", 3, (B, 40, 8), (B, 8)))
+    cut = find_cut_by_hooks(model, calls, size, "m")
+    assert (cut.where, cut.feature_shape, cut.prefix_tokens) == ("pool:input", (8, 4, 8), 8)
+
+
+def test_a_module_that_pools_just_before_the_next_map_is_not_the_head():
+    model = nn.Module()
+    for name in ("stem", "probe", "stage", "head", "fc"):
+        setattr(model, name, nn.Linear(1, 1))
+    calls = [ModuleCall("stem", 0, (B, *SIZE), (B, 8, 8, 8)), ModuleCall("probe", 1, (B, 8, 8, 8), (B, 8)),
+             ModuleCall("stage", 2, (B, 8, 8, 8), (B, 16, 4, 4)), ModuleCall("head", 3, (B, 16, 4, 4), (B, 16)),
+             ModuleCall("fc", 4, (B, 16), (B, 2))]
+    cut = find_cut_by_hooks(model, calls, SIZE, "m")
+    assert (cut.where, cut.feature_shape, cut.dropped) == ("head:input", (16, 4, 4), ("head", "fc"))
+    probed = probe_modules(Pooled(), SIZE, batch=5)
+    assert probed[0].in_shape == (5, *SIZE) and probed[-1].out_shape == (5, 2)

@@ -108,3 +108,33 @@ def test_a_model_that_fails_at_its_stated_size_is_cut_at_the_size_given_with_a_w
             assert autocut.discover(FixedGrid(), input_size=(3, 8, 8)).where == "add"
     finally:
         FixedGrid.pretrained_cfg = {"input_size": (3, 64, 64)}
+
+
+def test_a_named_model_is_discovered_on_the_meta_device_and_only_there(monkeypatch):
+    from autocut import zoo
+
+    built = []
+    build = zoo.build
+
+    def recording(spec, device="meta", pretrained=False):
+        built.append((str(spec), str(device)))
+        return build(spec, device=device, pretrained=pretrained)
+
+    monkeypatch.setattr(zoo, "build", recording)
+    cut = autocut.discover("resnet18")
+    assert built == [("resnet18", "meta")] and cut.method == "fx" and cut.where == "layer4.1.act2"
+    built.clear()
+    assert autocut.discover("torchvision:inception_v3").input_size == (3, 299, 299)  # the weights' crop size
+    built.clear()
+    cut = autocut.discover("efficientvit_b0")  # its forward needs values: one real CPU copy, for the trace
+    assert built == [("efficientvit_b0", "meta"), ("efficientvit_b0", "cpu")] and cut.method == "fx"
+    assert cut.nf == 128
+
+
+def test_a_module_states_its_own_input_size():
+    from autocut import zoo
+
+    vit = zoo.build(zoo.resolve("vit_tiny_patch16_384"))  # a built module: its pretrained_cfg says 384
+    cut = autocut.discover(vit)
+    assert cut.input_size == (3, 384, 384) and cut.feature_shape == (192, 24, 24)
+

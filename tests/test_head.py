@@ -18,6 +18,13 @@ def test_concat_pool_is_max_then_avg():
     torch.testing.assert_close(out[:, 5:], F.adaptive_avg_pool2d(x, 1))
 
 
+def test_concat_pool_to_a_grid():
+    x = torch.randn(2, 3, 6, 6)
+    out = AdaptiveConcatPool2d(2)(x)
+    assert out.shape == (2, 6, 2, 2) and repr(AdaptiveConcatPool2d(2)) == "AdaptiveConcatPool2d(size=2)"
+    torch.testing.assert_close(out, torch.cat([F.adaptive_max_pool2d(x, 2), F.adaptive_avg_pool2d(x, 2)], 1))
+
+
 def test_concat_pool_is_timm_catavgmax_with_halves_swapped():
     from timm.layers.adaptive_avgmax_pool import adaptive_catavgmax_pool2d
 

@@ -98,7 +98,7 @@ def test_tokens_to_nchw_drops_prefix_tokens_and_keeps_positions():
 
 def test_tokens_to_nchw_rederives_a_square_grid_and_refuses_others():
     assert tokens_to_nchw(torch.zeros(1, 1 + 25, 8), 1, (4, 4)).shape == (1, 8, 5, 5)  # a larger square input
-    with pytest.raises(ValueError, match=r"cut for a 2x3 token grid .* got 9 tokens"):
+    with pytest.raises(ValueError, match=r"cut for a 2x3 token grid \(6 tokens after 1 prefix tokens\) but got 9 tokens"):
         tokens_to_nchw(torch.zeros(1, 1 + 9, 8), 1, (2, 3))
     with pytest.raises(ValueError, match="got 10 tokens"):
         tokens_to_nchw(torch.zeros(1, 1 + 10, 8), 1, (3, 3))
@@ -110,17 +110,17 @@ def test_to_nchw_dispatches_on_the_layout():
     assert torch.equal(to_nchw(x, "NHWC"), x.permute(0, 3, 1, 2))
     t = torch.randn(2, 1 + 4, 6)
     assert torch.equal(to_nchw(t, "NLC", 1, (2, 2)), tokens_to_nchw(t, 1, (2, 2)))
-    with pytest.raises(ValueError, match="unknown layout 'CHW'"):
+    with pytest.raises(ValueError, match="^unknown layout 'CHW': one of NCHW, NHWC, NLC$"):
         to_nchw(x, "CHW")
 
 
 def test_to_nchw_module_says_what_it_does():
-    m = ToNCHW("NLC", 1, [2, 2])
-    assert m.layout is Layout.NLC and m.grid == (2, 2) and not list(m.parameters())
-    assert repr(m) == "ToNCHW(NLC, prefix_tokens=1, grid=(2, 2))"
+    m = ToNCHW("NLC", 1, [2, 3])
+    assert m.layout is Layout.NLC and m.grid == (2, 3) and not list(m.parameters())
+    assert repr(m) == "ToNCHW(NLC, prefix_tokens=1, grid=(2, 3))"
     assert repr(ToNCHW(Layout.NHWC)) == "ToNCHW(NHWC)"
-    t = torch.randn(2, 5, 6)
-    assert torch.equal(m(t), tokens_to_nchw(t, 1, (2, 2)))
+    t = torch.randn(2, 7, 6)
+    assert torch.equal(m(t), tokens_to_nchw(t, 1, (2, 3)))
     t = torch.randn(2, 4, 6)
     assert torch.equal(ToNCHW("NLC", grid=(2, 2))(t), tokens_to_nchw(t, 0, (2, 2)))  # no prefix tokens by default
 

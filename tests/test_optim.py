@@ -80,6 +80,9 @@ def test_a_norm_with_a_matrix_of_weights_gets_no_decay_either():
     head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.LayerNorm((2, 2)), torch.nn.Flatten(),
                                torch.nn.Linear(2048, 2))
     model = autocut.adapt("resnet18", n_out=2, input_size=(3, 64, 64), custom_head=head, init=None)
-    decay = {id(p): g["weight_decay"] for g in autocut.param_groups(model, 1e-3) for p in g["params"]}
+    groups = autocut.param_groups(model, 1e-3)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert head[1].weight.ndim == 2 and decay[id(head[1].weight)] == 0.0 and decay[id(head[3].weight)] == 0.01
 
