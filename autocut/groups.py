@@ -161,21 +161,18 @@ def _stages(units: list[Unit]) -> list[list[Unit]]:
     return stages
 
 
-def _finer(units: list[Unit], body: nn.Module, strides_order: dict[str, int]) -> list[Unit]:
-    """Split units into their children (for models at one stride throughout, like ViTs)."""
+def _finer(units: list[Unit], body: nn.Module) -> list[Unit]:
+    """Each unit split into its children with parameters, in order (for models at one stride
+    throughout, like ViTs); a unit's own parameters (a position embedding) go with its first child."""
     out: list[Unit] = []
     for u in units:
-        if u.path == "(embeddings)":
-            out.append(u)
-            continue
-        module = body.get_submodule(u.path)
-        kids = [(f"{u.path}.{n}", c) for n, c in module.named_children() if _has_params(c)]
+        module = body.get_submodule(u.path) if u.path != "(embeddings)" else None
+        kids = [(f"{u.path}.{n}", c) for n, c in module.named_children() if _has_params(c)] if module else []
         if len(kids) < 2:
             out.append(u)
             continue
-        own = list(module.parameters(recurse=False))  # (position embeddings) run first
-        for i, (p, c) in enumerate(kids):
-            out.append(Unit(p, u.stride, u.order * 10_000 + i, (own if i == 0 else []) + list(c.parameters())))
+        own = list(module.parameters(recurse=False))
+        out += [Unit(p, u.stride, u.order, (own if i == 0 else []) + list(c.parameters())) for i, (p, c) in enumerate(kids)]
     return out
 
 
@@ -191,7 +188,7 @@ def _early_late(units: list[Unit], body: nn.Module) -> tuple[list[Unit], list[Un
         sizes = [sum(p.numel() for p in u.params) for u in real_units]
         if len(real_units) >= 4 and max(sizes) <= sum(sizes) / 2:
             break
-        units = _finer(units, body, {})
+        units = _finer(units, body)
     sizes = np.cumsum([sum(p.numel() for p in u.params) for u in units])
     cut = int(np.searchsorted(sizes, sizes[-1] / 2)) + 1 if len(units) > 1 else 1
     cut = min(max(cut, 1), len(units) - 1) if len(units) > 1 else 1

@@ -113,3 +113,31 @@ def test_a_grouped_input_conv_is_refused():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
     with pytest.raises(autocut.CutError, match="the input layer '0' is a grouped conv"):
         autocut.adapt(model, n_out=2, input_size=(4, 16, 16), n_in=3)
+
+
+class NestedStem(nn.Module):
+    """The input layer inside a container, without a bias: a conv, or a Linear on channels last."""
+
+    def __init__(self, linear: bool):
+        super().__init__()
+        self.linear = linear
+        self.embed = nn.Sequential(nn.Linear(3, 8, bias=False) if linear else nn.Conv2d(3, 8, 1, bias=False))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.embed(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if self.linear else self.embed(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["conv", "linear"])
+def test_a_nested_input_layer_is_replaced_where_it_sits_in_its_dtype_and_bias(linear):
+    from autocut.channels import set_input_channels
+
+    model = NestedStem(linear).double()
+    first = model.embed[0]
+    path = set_input_channels(model, 4, (3, 16, 16), "zero")
+    new = model.get_submodule(path)
+    assert path == "embed.0" and model.embed[0] is new and new is not first
+    assert new.weight.dtype == torch.float64 and new.bias is None
+    assert new.weight.shape[1] == 4 and not new.weight[:, 3].any()
+    assert model(torch.randn(2, 4, 16, 16, dtype=torch.float64)).shape == (2, 2)

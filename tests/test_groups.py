@@ -223,3 +223,32 @@ def test_groups_follow_the_strides_modules_run_at():
     assert [(g["first"], g["last"]) for g in autocut.group_summary(model, n=2)] == [("(embeddings)", "s3"), ("head", "head")]
     with pytest.raises(autocut.CutError, match="n must be None or an int >= 2"):
         autocut.layer_groups(model, n=1)
+
+
+class Tower(nn.Module):
+    """One stride throughout: a patch embedding, then containers of blocks, one holding its own
+    parameter (a position embedding) and one with exactly two blocks: split into blocks for halves."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, 4)
+        self.stack = nn.Sequential(*[nn.Conv2d(8, 8, 3, 1, 1) for _ in range(2)])
+        self.stack.pos = nn.Parameter(torch.zeros(1, 8, 1, 1))
+        self.tail = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.patch(x)
+        x = self.stack(x + self.stack.pos)
+        return self.fc(self.tail(x).mean((2, 3)))
+
+
+def test_a_model_at_one_stride_splits_its_containers_into_blocks():
+    model = autocut.adapt(Tower(), n_out=2, input_size=(3, 32, 32))
+    body = model[0]
+    early, late, _ = autocut.layer_groups(model)
+    # units after splitting: patch (392), stack.0 (+ pos: 592), stack.1 (584), tail.0 (72), tail.1 (72)
+    assert [id(p) for p in early] == [id(p) for p in (*body.patch.parameters(), body.stack.pos,
+                                                      *body.get_submodule("stack.0").parameters())]
+    assert [id(p) for p in late] == [id(p) for p in (*body.get_submodule("stack.1").parameters(), *body.tail.parameters())]
+    assert [g[:2] for g in model.cut.groups] == [("patch", "stack.0"), ("stack.1", "tail.1"), ("head", "head")]
