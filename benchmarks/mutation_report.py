@@ -62,7 +62,11 @@ def main(argv=None) -> None:
 
     os.chdir(ROOT)  # mutmut reads mutants/ relative to the working directory
     statuses = load_statuses(args.mutants)
-    reasons = {r["mutant"]: r for r in tomllib.loads(SURVIVORS.read_text()).get("survivor", [])} if SURVIVORS.exists() else {}
+    entries = tomllib.loads(SURVIVORS.read_text()).get("survivor", []) if SURVIVORS.exists() else []
+    reasons = {}
+    for entry in entries:  # one mutant (`mutant`, with its `line`) or several sharing a reason (`mutants`)
+        for name in entry.get("mutants", [entry.get("mutant")]):
+            reasons[f"autocut.{name}" if not name.startswith("autocut.") else name] = entry
 
     by_file: dict[str, Counter] = defaultdict(Counter)
     rows = []
@@ -73,7 +77,7 @@ def main(argv=None) -> None:
             reason = reasons.get(name)
             if reason is None:
                 kind, text = "unexplained", "no reason recorded"
-            elif reason.get("line", added) != added:
+            elif "line" in reason and reason["line"] != added:
                 kind, text = "unexplained", f"stale reason (recorded for `{reason['line']}`): {reason['reason']}"
             else:
                 kind, text = reason["kind"], reason["reason"]
@@ -129,6 +133,11 @@ def main(argv=None) -> None:
             current = source
         short = name.rsplit(".", 1)[-1]
         md.append(f"- `{short}` ({status}, **{kind}**): `{removed}` → `{added}`. {text}")
+    unused = sorted(n for n in reasons if statuses.get(n, ("", "gone"))[1] not in ("survived", "no tests", "suspicious"))
+    if unused:
+        md += ["", "## Reasons no longer needed", "",
+               "These mutants have a recorded reason but are killed now or gone: the reasons can go.", ""]
+        md += [f"- `{n}`: {statuses.get(n, ('', 'gone'))[1]}" for n in unused]
     args.out.write_text("\n".join(md) + "\n")
     print(f"{caught} of {counted} killed ({100 * ratio:.1f}%); {counts['unexplained']} survivors unexplained")
 

@@ -64,7 +64,9 @@ class _ScaledInput(nn.Module):
 
 
 def test_model_without_an_input_layer_refuses_n_in():
-    with pytest.raises(autocut.CutError, match="no Conv2d or Linear reads"):
+    refusal = (r"^no Conv2d or Linear reads the 3 input channels of this model directly, so n_in cannot be changed "
+               r"automatically: adapt the first layer yourself, or pass cut= a callable$")
+    with pytest.raises(autocut.CutError, match=refusal):
         autocut.adapt(_ScaledInput(), n_out=2, input_size=(3, 16, 16), n_in=4)
 
 
