@@ -90,3 +90,72 @@ def test_a_record_keeps_a_stride_that_differs_by_axis():
                                       "method": "fx", "dropped": ["fc"]}
     assert check._cut_record(dataclasses.replace(cut, stride=16))["stride"] == 16
 
+
+
+class Boom(Exception):
+    pass
+
+
+def _boom(*args, **kwargs):
+    raise Boom("no")
+
+
+def _failed(record: dict, phase: str) -> None:
+    assert (record["status"], record["phase"], record["error_class"], record["error"]) == ("failed", phase, "Boom", "no")
+    assert record["times"]["total"] >= max(v for k, v in record["times"].items() if k != "total") > 0
+
+
+def test_each_phase_that_fails_is_named_with_its_error(monkeypatch):
+    from autocut.scan.oracles import OracleError
+
+    def oracle_error(model, x):
+        raise OracleError("a map that cannot be laid out")
+
+    with monkeypatch.context() as m:
+        m.setattr(check, "timm_expected", oracle_error)
+        record = check.check_model("resnet18")
+        assert (record["status"], record["phase"], record["error_class"]) == ("failed", "oracle", "OracleError")
+        assert record["input_size"] == [3, 224, 224] and record["params"] == 11689512 and "where" not in record
+    with monkeypatch.context() as m:  # neither adapt nor discovery can cut it
+        m.setattr(check, "adapt", _boom)
+        m.setattr(check, "discover_module", _boom)
+        _failed(check.check_model("resnet18"), "cut")
+    build = check.zoo.build
+    for failing, phase in [("build", "build (cpu)"), ("timm_expected", "oracle (cpu)"), ("create_body", "body (cpu)")]:
+        with monkeypatch.context() as m:  # the meta check cannot run: the CPU check, and its failures
+            m.setattr(check, "_verify_meta", lambda adapted, expected, x: None)
+            if failing == "build":
+                m.setattr(check.zoo, "build", lambda spec, device="meta": _boom() if device == "cpu" else build(spec, device))
+            else:
+                m.setattr(check, failing, _boom)
+            record = check.check_model("resnet18")
+            _failed(record, phase)
+            assert record["where"] == "layer4.1.act2" and "verified_on" not in record
+
+
+def test_a_model_adapted_only_through_discovery_is_checked_and_grouped_on_the_cpu(monkeypatch):
+    real_adapt = check.adapt
+
+    def meta_fails(model, *args, **kwargs):
+        if next(model.parameters()).is_meta:
+            raise Boom("meta")
+        return real_adapt(model, *args, **kwargs)
+
+    monkeypatch.setattr(check, "adapt", meta_fails)
+    record = check.check_model("resnet18")
+    record.pop("times")
+    assert record == {**_committed("resnet18"), "verified_on": "cpu", "groups_on": "cpu", "body_shape": [1, 512, 7, 7],
+                      "expected_shape": [1, 512, 7, 7]}
+    monkeypatch.setattr(check, "group_summary", _boom)
+    record = check.check_model("resnet18")
+    assert "groups" not in record and record["groups_error"] == "cpu: Boom: no"
+
+
+def test_a_body_whose_shape_is_not_its_cuts_is_a_mismatch(monkeypatch):
+    monkeypatch.setattr(check, "compare_shapes", lambda expected, got: {"body_shape": [3, 512, 8, 8], "status": "ok"})
+    record = check.check_model("resnet18")
+    assert record["status"] == "mismatch" and record["reason"] == "body returns [512, 8, 8] but the cut says [512, 7, 7]"
+    monkeypatch.setattr(check, "compare_shapes", lambda expected, got: {"body_shape": [3, 512, 7, 7], "status": "differs"})
+    assert check.check_model("resnet18")["status"] == "differs"
+    monkeypatch.setattr(check, "compare_shapes", lambda expected, got: {"body_shape": [3, 512, 8, 8], "status": "failed"})
+    assert check.check_model("resnet18")["status"] == "failed", "only an ok or a known difference is second-guessed"
