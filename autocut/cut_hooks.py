@@ -2,7 +2,8 @@
 the probe, the rule and the body, all on module calls instead of graph nodes.
 
 - :func:`probe_modules` runs one forward with a hook on every module and records each call's input
-  and output shapes, in the order calls finish.
+  and output shapes, in the order calls finish; a structured output (a tuple, a dict, a
+  dataclass, transformers' ``ModelOutput``) is read as the tensors inside it, by key.
 - :func:`find_cut_by_hooks` applies the graph rule's idea to those calls: the head is the first
   module that takes a feature map and returns none, after which no module returns a feature map;
   the cut is its input.
@@ -12,7 +13,7 @@ the probe, the rule and the body, all on module calls instead of graph nodes.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,19 +22,23 @@ from torch import nn
 from autocut.cut import HEAD_LIKE_MODULES, Cut, dropped_modules, stride_of
 from autocut.errors import CutError
 from autocut.layout import Feature, Layout, ToNCHW, feature_of
-from autocut.probe import PROBE_BATCH, probe_forward, shape_of
+from autocut.probe import PROBE_BATCH, first_input, leaf_at, probe_forward, shape_of, shapes_inside, tensor_leaves
 
 __all__ = ["ModuleCall", "probe_modules", "find_cut_by_hooks", "EarlyExitBody"]
 
 
 @dataclass
 class ModuleCall:
-    """One call of a module during a hooked forward: its path, input and output shapes."""
+    """One call of a module during a hooked forward: its path, the shape of its first input and
+    of its output (a tensor's shape, or ``{key: shape}`` of the tensors inside a structured
+    output, see :func:`autocut.probe.shapes_inside`)."""
 
     path: str
     index: int
     in_shape: Any
     out_shape: Any
+    out_ids: dict[str, int] = field(default_factory=dict)  # key -> id() of each tensor returned, while the probe ran
+    in_view_of: int | None = None  # id() of the tensor the first input is a re-laid view of (a transpose), if it is
 
 
 def probe_modules(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE_BATCH) -> list[ModuleCall]:
@@ -44,15 +49,23 @@ def probe_modules(model: nn.Module, input_size: tuple[int, int, int], batch: int
     fx fail, value-dependent code among it, runs as it would for a user).
     """
     calls: list[ModuleCall] = []
+    alive: list[torch.Tensor] = []  # every tensor returned, so that no id is reused during the probe
 
     def hook(path):
-        def fn(module, args, output):
-            first = args[0] if args else None
-            calls.append(ModuleCall(path, len(calls), shape_of(first), shape_of(output)))
+        def fn(module, args, kwargs, output):
+            leaves = tensor_leaves(output)
+            alive.extend(t for _, t in leaves)
+            ids = {key: id(t) for key, t in leaves}
+            first = first_input(args, kwargs)
+            base = getattr(first, "_base", None)
+            relaid = isinstance(base, torch.Tensor) and (base.shape, base.stride()) != (first.shape, first.stride())
+            view_of = id(base) if relaid else None
+            calls.append(ModuleCall(path, len(calls), shape_of(first), shapes_inside(output), ids, view_of))
 
         return fn
 
-    handles = [module.register_forward_hook(hook(path)) for path, module in model.named_modules() if path]
+    # the model itself too (path ""): a backbone's own output is the last map it makes
+    handles = [module.register_forward_hook(hook(path), with_kwargs=True) for path, module in model.named_modules()]
     try:
         probe_forward(model, input_size, batch, fake=False)
     finally:
@@ -68,23 +81,29 @@ def find_cut_by_hooks(model: nn.Module, calls: list[ModuleCall], input_size: tup
     module returns a feature map; the cut is its input (climbing to the outermost enclosing
     module that does the same). Without such a module (pooling done by a function), the cut is
     the last module output that is a feature map. ``where`` is a module path, with ``":input"``
-    for a module's input."""
+    for a module's input, or ``":KEY"`` for the tensor ``KEY`` inside a structured output
+    (``"resnet.encoder:last_hidden_state"``); of the maps in a structured output, the one made
+    last is the cut (the first of equals: ``last_hidden_state`` before ``hidden_states``)."""
     in_hw = tuple(input_size[1:])
     image = (PROBE_BATCH, *input_size)
     grids: list[tuple[int, int]] = []
     outs: list[Feature | None] = []
+    maps: list[list[tuple[str, Feature]]] = []  # the maps in each output, by key ("" for a tensor output)
     ins: list[Feature | None] = []
     for call in calls:
         ins.append(None if call.in_shape == image else feature_of(call.in_shape, in_hw, grids[::-1]))
-        feat = feature_of(call.out_shape, in_hw, grids[::-1])
-        outs.append(feat)
-        if feat is not None and feat.layout != Layout.NLC:
-            grids.append(feat.grid)
+        found = _features(call.out_shape, in_hw, grids[::-1])
+        if not call.path and found and not found[0][0]:
+            found = []  # a model that returns a bare map is cut where a module made it, as before
+        maps.append(found)
+        outs.append(found[0][1] if found else None)
+        if found and found[0][1].layout != Layout.NLC:
+            grids.append(found[0][1].grid)
     if not any(outs) and not any(ins):
         raise CutError(f"{arch} has no module that returns a feature map with spatial or token extent: pass cut=")
 
     def encloses(outer: str, inner: str) -> bool:
-        return inner == outer or inner.startswith(outer + ".")
+        return inner == outer or _inside(outer, inner)
 
     where, feat = None, None
     for i, call in enumerate(calls):
@@ -98,6 +117,7 @@ def find_cut_by_hooks(model: nn.Module, calls: list[ModuleCall], input_size: tup
             if encloses(calls[j].path, call.path) and ins[j] is not None and outs[j] is None:
                 where, feat = calls[j].path, ins[j]
         where = f"{where}:input"
+        where, feat = _where_viewed(calls, i, maps, where, feat)
         break
     if where is None:
         last = max(i for i, f in enumerate(outs) if f is not None)
@@ -105,6 +125,9 @@ def find_cut_by_hooks(model: nn.Module, calls: list[ModuleCall], input_size: tup
         module = model.get_submodule(where)
         if isinstance(module, HEAD_LIKE_MODULES) and ins[last] is not None:
             where, feat = f"{where}:input", ins[last]
+        elif maps[last][0][0]:  # a structured output: its map made last, where it was made
+            key, feat = _made_last(calls, last, maps[last])
+            where = _innermost_returning(calls, last, key)
     return Cut(
         arch=arch,
         where=where,
@@ -118,6 +141,62 @@ def find_cut_by_hooks(model: nn.Module, calls: list[ModuleCall], input_size: tup
         dropped=dropped_modules(model, _with_bare_parameters(model, _modules_used(calls, where))),
         after="" if ":" in where else where,
     )
+
+
+def _inside(outer: str, inner: str) -> bool:
+    """Whether module path ``inner`` is strictly inside ``outer`` (``""``, the model, holds all)."""
+    return inner != outer and (outer == "" or inner.startswith(outer + "."))
+
+
+def _innermost_returning(calls: list[ModuleCall], last: int, key: str) -> str:
+    """Where the tensor ``key`` of call ``last``'s output was made: the module inside it that
+    returned that same tensor last (a stack's ``last_hidden_state`` is its final norm's output),
+    so that the body stops there and leaves out what the outer module computes after it (a pooler)."""
+    outer, made = calls[last], calls[last].out_ids.get(key)
+    for call in reversed(calls[:last]):
+        if made is None or not _inside(outer.path, call.path):
+            continue
+        inner_key = next((k for k, i in call.out_ids.items() if i == made), None)
+        if inner_key is not None:
+            return f"{call.path}:{inner_key}" if inner_key else call.path
+    return f"{outer.path}:{key}" if key else outer.path
+
+
+def _where_viewed(calls: list[ModuleCall], head: int, maps: list[list[tuple[str, Feature]]], where: str,
+                  feat: Feature) -> tuple[str, Feature]:
+    """A head whose input re-lays a map a module returned (``(B, C, L)``, transposed to pool
+    it) is cut at that module's output instead: its layout is the map's own, where a re-laid
+    one can read two ways (``C == L``)."""
+    view_of = calls[head].in_view_of
+    for j in range(head - 1, -1, -1):
+        if view_of is None:
+            break
+        for key, found in maps[j]:
+            if calls[j].out_ids.get(key) == view_of:
+                return (f"{calls[j].path}:{key}" if key else calls[j].path), found
+    return where, feat
+
+
+def _made_last(calls: list[ModuleCall], last: int, found: list[tuple[str, Feature]]) -> tuple[str, Feature]:
+    """Of the maps in call ``last``'s structured output, the one made last: by the module inside
+    it that finished last, or by its own code (after all of them); the first of equals."""
+    outer = calls[last]
+
+    def made_at(key: str) -> int:
+        made = outer.out_ids.get(key)
+        for call in reversed(calls[:last]):
+            if _inside(outer.path, call.path) and made in call.out_ids.values():
+                return call.index
+        return outer.index
+
+    return max(found, key=lambda kf: made_at(kf[0]))
+
+
+def _features(shapes: Any, in_hw: tuple[int, int], grids: list[tuple[int, int]]) -> list[tuple[str, Feature]]:
+    """The key and reading of each feature map in a call's output shapes (key ``""`` for a
+    tensor output), in order."""
+    items = shapes.items() if isinstance(shapes, dict) else [("", shapes)]
+    return [(key, feat) for key, shape in items if (feat := feature_of(shape, in_hw, grids)) is not None]
 
 
 def _with_bare_parameters(model: nn.Module, used: set[str]) -> set[str]:
@@ -136,11 +215,11 @@ def _modules_used(calls: list[ModuleCall], where: str) -> set[str]:
     target = next(c for c in calls if c.path == path)
     used = set()
     for c in calls:
-        if c.index < target.index or (c.path == path and not at) or c.path.startswith(path + "."):
-            if at and c.path.startswith(path + "."):
+        if c.index < target.index or (c.path == path and at != "input") or _inside(path, c.path):
+            if at == "input" and _inside(path, c.path):
                 continue
             used.add(c.path)
-    return used
+    return used - {""}
 
 
 # --- the body ------------------------------------------------------------------------------
@@ -157,8 +236,15 @@ def _raise_output(module, args, output):
     raise _Exit(output)
 
 
-def _raise_input(module, args):
-    raise _Exit(args[0])
+def _raise_output_leaf(key: str):
+    def hook(module, args, output):
+        raise _Exit(leaf_at(output, key))
+
+    return hook
+
+
+def _raise_input(module, args, kwargs):
+    raise _Exit(first_input(args, kwargs))
 
 
 _MISSING = object()
@@ -188,7 +274,9 @@ class EarlyExitBody(nn.Module):
                 self.register_parameter(name, p)
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b)
-        self.cut_path, self.cut_input = path, at == "input"  # "layer4:input", or the output of "layer4"
+        # "layer4:input", the output of "layer4", or the tensor "last_hidden_state" in "encoder"'s output
+        self.cut_path, self.cut_input = path, at == "input"
+        self.cut_key = "" if at == "input" else at
         self.to_nchw = ToNCHW(cut.layout, cut.prefix_tokens, cut.grid)
 
     def __getattr__(self, name: str) -> Any:
@@ -206,12 +294,13 @@ class EarlyExitBody(nn.Module):
             return attr.__get__(self, cls) if hasattr(attr, "__get__") else attr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cut_path:  # a map in the model's own (structured) output: a backbone's
+            return self.to_nchw(leaf_at(self._model_cls.forward(self, x), self.cut_key))
         module = self.get_submodule(self.cut_path)
-        handle = (
-            module.register_forward_pre_hook(_raise_input)
-            if self.cut_input
-            else module.register_forward_hook(_raise_output)
-        )
+        if self.cut_input:
+            handle = module.register_forward_pre_hook(_raise_input, with_kwargs=True)
+        else:
+            handle = module.register_forward_hook(_raise_output_leaf(self.cut_key) if self.cut_key else _raise_output)
         try:
             self._model_cls.forward(self, x)
         except _Exit as exit_:

@@ -15,6 +15,7 @@ from torch import nn
 
 from autocut import zoo
 from autocut.cut import Cut
+from autocut.cut_check import check_graph_cut, check_module_cut
 from autocut.cut_graph import cut_at_node, find_cut
 from autocut.cut_hooks import find_cut_by_hooks, probe_modules
 from autocut.errors import CutError, first_line
@@ -113,7 +114,10 @@ def discover_with_trace(
         except Exception as err:  # fx or meta/fake tensors fail: next attempt; listed in the CutError if all fail
             errors.append(f"fx: {type(err).__name__}: {first_line(err)}")
             continue
-        cut = cut_at_node(traced, where, arch) if where is not None else _find_cut_at_own_size(traced, arch)
+        if where is not None:
+            return cut_at_node(traced, where, arch), (traced if candidate is module else None)
+        cut = _find_cut_at_own_size(traced, arch)
+        check_graph_cut(traced, cut).raise_for(cut)
         return cut, (traced if candidate is module else None)
     if where is not None:
         raise CutError(f"cannot cut {arch} at {where!r}: it cannot be traced ({errors[0]}); pass a callable or an int")
@@ -123,11 +127,23 @@ def discover_with_trace(
         except Exception as err:  # the model's forward fails: next attempt; listed in the CutError if all fail
             errors.append(f"hooks: {type(err).__name__}: {first_line(err)}")
             continue
-        return find_cut_by_hooks(candidate, calls, input_size, arch), None
+        cut = find_cut_by_hooks(candidate, calls, input_size, arch)
+        check_module_cut(candidate, cut).raise_for(cut)
+        return cut, None
     raise CutError(
-        f"could not probe {arch} at input size {tuple(input_size)} ({'; '.join(errors)}). "
-        "Check the input size (input_size=(C, H, W)) or pass cut= explicitly"
+        f"could not probe {arch} at input size {tuple(input_size)}, {_size_note(module, tuple(input_size))} "
+        f"({'; '.join(errors)}). Check the input size (input_size=(C, H, W)) or pass cut= explicitly"
     )
+
+
+def _size_note(module: nn.Module, size: tuple[int, int, int]) -> str:
+    """Where the size probed came from, for a failed probe's message."""
+    found = zoo.input_size_source(module)
+    if found is None:
+        given = "the default 224 px" if size == zoo.default_input_size(module) else "the size given"
+        return f"{given}; it states no input size (read: {', '.join(zoo.INPUT_SIZE_SOURCES)})"
+    stated, source = found
+    return f"the size it states ({source})" if stated == size else f"not the size it states: {stated} from {source}"
 
 
 def _find_cut_at_own_size(traced: Traced, arch: str) -> Cut:

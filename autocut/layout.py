@@ -67,10 +67,13 @@ def _layout4(shape: tuple[int, ...], in_hw: tuple[int, int], hint: Layout | None
 
 def _grid_of_tokens(length: int, grids: list[tuple[int, int]]) -> tuple[tuple[int, int], int] | None:
     """The patch grid and prefix count for ``length`` tokens: the nearest map seen before whose
-    cells account for all but a few tokens, else a square grid."""
+    cells account for all but a few tokens; where no map was seen before, a square grid. Tokens
+    that fit no map seen before are none (a pooler's few soft tokens, a Perceiver's latents)."""
     for h, w in grids:
         if h * w > 1 and 0 <= length - h * w <= MAX_PREFIX_TOKENS:
             return (h, w), length - h * w
+    if any(h * w > 1 for h, w in grids):
+        return None
     for prefix in range(0, 9):
         side = math.isqrt(length - prefix) if length - prefix > 0 else 0
         if side > 1 and side * side == length - prefix:
@@ -118,7 +121,10 @@ def feature_of(
     _, length, nf = shape
     if nf < 2 or length < 2:
         return None
-    found = _grid_of_tokens(length, list(grids))
+    grids = list(grids)
+    if grids and nf == grids[0][0] * grids[0][1] > 1 and not 0 <= length - nf <= MAX_PREFIX_TOKENS:
+        return None  # (B, C, h*w): the nearest map flattened channels-first (to pool it), not tokens
+    found = _grid_of_tokens(length, grids)
     if found is None:
         return None
     grid, prefix = found

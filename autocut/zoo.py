@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +25,19 @@ __all__ = [
     "build",
     "default_input_size",
     "stated_input_size",
+    "input_size_source",
+    "INPUT_SIZE_SOURCES",
     "normalization",
     "load_checkpoint",
     "timm_names",
     "torchvision_names",
+    "transformers_types",
+    "transformers_names",
 ]
 
 TORCHVISION = "torchvision"
 TIMM = "timm"
+TRANSFORMERS = "transformers"
 _DEFAULT_INPUT = (3, 224, 224)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,13 +45,14 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model named in a zoo: ``source`` is ``"timm"`` or ``"torchvision"``."""
+    """A model named in a zoo: ``source`` is ``"timm"``, ``"torchvision"`` or ``"transformers"``
+    (``name`` a model type such as ``"convnext"``, a hub id ``"ORG/NAME"`` or a local folder)."""
 
     source: str
     name: str
 
     def __str__(self) -> str:
-        return self.name if self.source == TIMM else f"{TORCHVISION}:{self.name}"
+        return self.name if self.source == TIMM else f"{self.source}:{self.name}"
 
 
 @functools.cache
@@ -63,6 +71,38 @@ def torchvision_names() -> tuple[str, ...]:
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
 
+@functools.cache
+def transformers_types() -> dict[str, str]:
+    """Every model type of transformers' image-classification and backbone mappings, with the
+    auto class that builds it: ``"AutoModelForImageClassification"`` where the type has a
+    classifier, else ``"AutoBackbone"``. Empty without transformers installed."""
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:
+        return {}
+    types = dict.fromkeys(modeling_auto.MODEL_FOR_BACKBONE_MAPPING_NAMES, "AutoBackbone")
+    types.update(dict.fromkeys(modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, "AutoModelForImageClassification"))
+    return dict(sorted(types.items()))
+
+
+def transformers_names() -> tuple[str, ...]:
+    """Every transformers model type autocut's scan covers, as zoo names (``"transformers:convnext"``)."""
+    return tuple(f"{TRANSFORMERS}:{t}" for t in transformers_types())
+
+
+def _resolve_transformers(bare: str) -> ModelSpec:
+    if not transformers_types():
+        raise CutError("transformers: names need the transformers package: pip install 'autocut[transformers]'")
+    if bare in transformers_types() or Path(bare).is_dir() or (bare.count("/") == 1 and not bare.startswith((".", "/"))):
+        return ModelSpec(TRANSFORMERS, bare)
+    close = difflib.get_close_matches(bare, list(transformers_types()), n=5, cutoff=0.6)
+    hint = f"; close model types: {', '.join(close)}" if close else ""
+    raise CutError(
+        f"unknown transformers model {bare!r}{hint}: name a model type of the image-classification or backbone "
+        "mappings (autocut.zoo.transformers_types()), a hub id 'ORG/NAME' or a local folder saved with save_pretrained"
+    )
+
+
 def _is_timm(name: str) -> bool:
     import timm
 
@@ -70,14 +110,17 @@ def _is_timm(name: str) -> bool:
 
 
 def resolve(name: str) -> ModelSpec:
-    """``"convnext_tiny"`` (timm), ``"torchvision:densenet121"``, or a bare torchvision name that
-    timm does not have. Unknown names raise a :class:`CutError` (a ``ValueError``) listing close
-    matches."""
+    """``"convnext_tiny"`` (timm), ``"torchvision:densenet121"``, a bare torchvision name that
+    timm does not have, or ``"transformers:convnext"`` (a model type, built from its default
+    config), ``"transformers:ORG/NAME"`` or ``"transformers:/a/local/folder"`` (a checkpoint).
+    Unknown names raise a :class:`CutError` (a ``ValueError``) listing close matches."""
     if not isinstance(name, str) or not name:
         raise CutError(f"expected a model name or an nn.Module, got {name!r}")
+    if name.startswith(f"{TRANSFORMERS}:"):
+        return _resolve_transformers(name[len(TRANSFORMERS) + 1:])
     source, _, bare = name.rpartition(":")
     if source not in ("", TIMM, TORCHVISION):
-        raise CutError(f"unknown zoo {source!r} in {name!r}: prefix with 'timm:' or 'torchvision:' or none")
+        raise CutError(f"unknown zoo {source!r} in {name!r}: prefix with 'timm:', 'torchvision:', 'transformers:' or none")
     if source in ("", TIMM) and _is_timm(bare):
         return ModelSpec(TIMM, bare)
     if source in ("", TORCHVISION) and bare in torchvision_names():
@@ -103,6 +146,32 @@ def _build_torchvision(name: str, pretrained: bool) -> nn.Module:
 
     weights = "DEFAULT" if pretrained else None
     return torchvision.models.get_model(name, weights=weights)
+
+
+def _build_transformers(name: str, pretrained: bool) -> nn.Module:
+    """A model type from its default config (random weights), or a checkpoint: its config with
+    random weights, or with ``pretrained`` its weights (``from_pretrained``)."""
+    import transformers
+
+    if name in transformers_types():
+        if pretrained:
+            raise CutError(f"transformers:{name} is a model type, which has no weights: name a checkpoint "
+                           "('transformers:ORG/NAME' or a local folder) for pretrained weights")
+        config = transformers.AutoConfig.for_model(name)
+        if not config.architectures:  # the auto class cannot choose among a type's several classes without it
+            from transformers.models.auto import modeling_auto
+
+            mapping = (modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+                       if transformers_types()[name] == "AutoModelForImageClassification"
+                       else modeling_auto.MODEL_FOR_BACKBONE_MAPPING_NAMES)
+            classes = mapping[name]
+            config.architectures = [classes if isinstance(classes, str) else classes[0]]
+    else:
+        config = transformers.AutoConfig.from_pretrained(name)
+    auto = getattr(transformers, transformers_types().get(config.model_type, "AutoModel"))
+    if pretrained:
+        return auto.from_pretrained(name)
+    return auto.from_config(config)
 
 
 # in-place ops that change a tensor's shape, strides or flags, not just its values
@@ -161,16 +230,18 @@ def build(spec: ModelSpec, device: str | torch.device = "meta", pretrained: bool
     initialised; models whose constructors cannot run on meta (regnets) are built on the CPU
     with each parameter moved to meta as it is made.
 
-    ``pretrained=True`` downloads weights through timm's or torchvision's own loader and fails
-    with a ``RuntimeError`` that says so when they cannot be fetched (no network).
+    ``pretrained=True`` downloads weights through timm's, torchvision's or transformers' own
+    loader and fails with a ``RuntimeError`` that says so when they cannot be fetched (no network).
     """
-    builder = _build_timm if spec.source == TIMM else _build_torchvision
+    builder = {TIMM: _build_timm, TORCHVISION: _build_torchvision, TRANSFORMERS: _build_transformers}[spec.source]
     device = torch.device(device)
     if pretrained:
         if device.type == "meta":
             raise CutError("pretrained weights cannot be loaded on the meta device: build on the CPU (device='cpu')")
         try:
             model = builder(spec.name, True)
+        except CutError:
+            raise
         except Exception as err:  # hub/network errors come in many types
             raise RuntimeError(
                 f"could not load pretrained weights for {spec} through {spec.source}'s loader "
@@ -201,26 +272,113 @@ def default_input_size(model: nn.Module | ModelSpec, built: nn.Module | None = N
 
 
 def stated_input_size(model: nn.Module | ModelSpec, built: nn.Module | None = None) -> tuple[int, int, int] | None:
-    """The input size the model states, or ``None``: timm's ``pretrained_cfg``, a fixed
-    ``image_size`` the built model insists on (torchvision's ViTs), torchvision's weights' crop
-    size."""
-    fixed = getattr(built if built is not None else model, "image_size", None)
-    is_timm = isinstance(model, ModelSpec) and model.source == TIMM
-    if isinstance(fixed, int) and not is_timm:
-        return (3, fixed, fixed)
+    """The input size the model states, or ``None`` (see :func:`input_size_source`)."""
+    found = input_size_source(model, built)
+    return found[0] if found else None
+
+
+# where a module states its input size, in the order they are read (for messages and docs)
+INPUT_SIZE_SOURCES = (
+    "pretrained_cfg / default_cfg input_size",
+    "config.image_size (or a nested vision_config's)",
+    "an image_size / img_size attribute (the model's or a patch embedding's)",
+    "positional embedding length x patch size",
+)
+
+
+def input_size_source(model: nn.Module | ModelSpec, built: nn.Module | None = None) -> tuple[tuple[int, int, int], str] | None:
+    """The input size the model states and where it says so, or ``None`` where it says nothing.
+
+    For a named model: timm's ``pretrained_cfg``; a fixed ``image_size`` the built torchvision
+    model insists on (its ViTs); torchvision's weights' crop size. For a module, the first of
+    :data:`INPUT_SIZE_SOURCES`: ``pretrained_cfg``/``default_cfg``; ``config.image_size`` (and
+    ``config.num_channels``), also of a nested ``vision_config`` (transformers); an
+    ``image_size``/``img_size`` attribute of the model or of a submodule (a patch embedding);
+    the side of a square positional embedding times the patch size.
+
+    Example:
+        >>> input_size_source(timm.create_model("vit_base_patch16_384"))
+        ((3, 384, 384), 'pretrained_cfg')
+    """
+    if isinstance(model, ModelSpec) and model.source == TRANSFORMERS:
+        model = built if built is not None else build(model)
     if isinstance(model, ModelSpec):
+        fixed = getattr(built, "image_size", None)
         if model.source == TIMM:
             import timm
 
             cfg = timm.get_pretrained_cfg(model.name)
-            cfg = cfg.to_dict() if cfg is not None else {}
-            size = cfg.get("input_size")
-            return tuple(size) if size else None
+            size = (cfg.to_dict() if cfg is not None else {}).get("input_size")
+            return (tuple(size), "pretrained_cfg") if size else None
+        if isinstance(fixed, int):
+            return (3, fixed, fixed), "image_size"
         crop = _torchvision_transform_kwargs(model.name).get("crop_size")
-        return (3, *_pair(crop)) if crop else None
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    return tuple(size) if size else None
+        return ((3, *_pair(crop)), "torchvision weights' crop_size") if crop else None
+    for read in (_from_pretrained_cfg, _from_config, _from_attributes, _from_position_embedding):
+        found = read(model)
+        if found is not None:
+            return found
+    return None
+
+
+def _size(channels: Any, side: Any) -> tuple[int, int, int] | None:
+    if isinstance(side, int) and not isinstance(side, bool) and side > 0:
+        side = (side, side)
+    if not (isinstance(side, (tuple, list)) and len(side) == 2 and all(isinstance(d, int) and d > 0 for d in side)):
+        return None
+    channels = channels if isinstance(channels, int) and channels > 0 else 3
+    return (channels, int(side[0]), int(side[1]))
+
+
+def _from_pretrained_cfg(model: nn.Module) -> tuple[tuple[int, int, int], str] | None:
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        if size:
+            return tuple(size), attr
+    return None
+
+
+def _from_config(model: nn.Module) -> tuple[tuple[int, int, int], str] | None:
+    config = getattr(model, "config", None)
+    for path, cfg in (("config", config), ("config.vision_config", getattr(config, "vision_config", None))):
+        size = _size(getattr(cfg, "num_channels", None), getattr(cfg, "image_size", None)) if cfg is not None else None
+        if size is not None:
+            return size, f"{path}.image_size"
+    return None
+
+
+def _from_attributes(model: nn.Module) -> tuple[tuple[int, int, int], str] | None:
+    for path, module in model.named_modules():
+        for attr in ("image_size", "img_size"):
+            size = _size(getattr(module, "in_chans", getattr(module, "num_channels", None)), getattr(module, attr, None))
+            if size is not None:
+                return size, f"{path}.{attr}" if path else attr
+    return None
+
+
+_POSITION_NAMES = ("pos_embed", "pos_embedding", "position_embedding", "position_embeddings", "absolute_pos_embed")
+
+
+def _from_position_embedding(model: nn.Module) -> tuple[tuple[int, int, int], str] | None:
+    """A square grid of learned positions (a few prefix tokens aside) times the stride of the
+    patch embedding: the first convolution whose kernel equals its stride."""
+    patch = next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == m.stride and m.stride[0] > 1), None)
+    if patch is None:
+        return None
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name.rsplit(".", 1)[-1] in ("weight",) and any(p in name for p in _POSITION_NAMES):
+            length = tensor.shape[0]  # nn.Embedding(positions, dim)
+        elif name.rsplit(".", 1)[-1] in _POSITION_NAMES and tensor.ndim == 3:
+            length = tensor.shape[1]  # (1, positions, dim)
+        else:
+            continue
+        for prefix in range(0, 9):
+            side = math.isqrt(max(length - prefix, 0))
+            if side > 1 and side * side == length - prefix:
+                size = (patch.in_channels, side * patch.stride[0], side * patch.stride[1])
+                return size, f"{name} ({length} positions) x patch {patch.stride[0]}"
+    return None
 
 
 def normalization(model: nn.Module | ModelSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -228,7 +386,12 @@ def normalization(model: nn.Module | ModelSpec) -> tuple[tuple[float, ...], tupl
     if isinstance(model, ModelSpec) and model.source == TORCHVISION:
         kw = _torchvision_transform_kwargs(model.name)
         return tuple(kw.get("mean", _IMAGENET_MEAN)), tuple(kw.get("std", _IMAGENET_STD))
-    if isinstance(model, ModelSpec):
+    if isinstance(model, ModelSpec) and model.source == TRANSFORMERS:
+        # a checkpoint folder's image processor says; a bare model type has no weights to match
+        path = Path(model.name) / "preprocessor_config.json"
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+        cfg = {"mean": cfg.get("image_mean", _IMAGENET_MEAN), "std": cfg.get("image_std", _IMAGENET_STD)}
+    elif isinstance(model, ModelSpec):
         import timm
 
         cfg = timm.get_pretrained_cfg(model.name)

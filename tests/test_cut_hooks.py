@@ -2,6 +2,7 @@
 order they finish, the cut found on them, and the body that stops the model's own forward there."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ def test_calls_are_recorded_in_the_order_they_finish_with_their_shapes():
         ("stage", 2, (B, 3, 16, 16), (B, 8, 8, 8)),
         ("pool", 3, (B, 8, 8, 8), (B, 8, 1, 1)),
         ("fc", 4, (B, 8), (B, 2)),
+        ("", 5, (B, 3, 16, 16), (B, 2)),  # the model itself: a backbone's own output can be its last map
     ]
 
 
@@ -318,3 +320,153 @@ def test_a_module_that_pools_just_before_the_next_map_is_not_the_head():
     assert (cut.where, cut.feature_shape, cut.dropped) == ("head:input", (16, 4, 4), ("head", "fc"))
     probed = probe_modules(Pooled(), SIZE, batch=5)
     assert probed[0].in_shape == (5, *SIZE) and probed[-1].out_shape == (5, 2)
+
+
+# --- structured outputs: tuples, dicts, dataclasses, transformers' ModelOutput ---------------------
+
+
+@dataclasses.dataclass
+class Maps:
+    maps: tuple
+    pooled: torch.Tensor | None = None
+
+
+class Encoder(nn.Module):
+    """Two stages returning a structure, as transformers' encoders do; ``kind`` picks which."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.stage1 = nn.Conv2d(8, 12, 3, 2, 1)
+        self.stage2 = nn.Conv2d(12, 16, 3, 2, 1)
+
+    def forward(self, hidden):
+        early = self.stage1(hidden)
+        late = self.stage2(early)
+        if self.kind == "dict":
+            return {"last_hidden_state": late, "hidden_states": (hidden, early, late)}
+        if self.kind == "tuple":
+            return late, (early,)
+        if self.kind == "dataclass":  # the earlier map first: the cut is the one made last
+            return Maps(maps=(early, late))
+        return ModelOutput(last_hidden_state=late, hidden_states=(early, late))
+
+
+def _model_output():
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+    return outputs.BaseModelOutputWithNoAttention
+
+
+class ModelOutput:  # replaced by transformers' class in the test that uses it
+    pass
+
+
+class Structured(nn.Module):
+    """A stem, an encoder returning a structure (called by keyword), a pool and a classifier;
+    data-dependent control flow, so only the hooks rule applies."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.encoder = Encoder(kind)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 2)
+
+    def deepest(self, out):
+        if isinstance(out, dict) or hasattr(out, "last_hidden_state"):
+            return out["last_hidden_state"]
+        return out.maps[-1] if isinstance(out, Maps) else out[0]
+
+    def forward(self, x):
+        out = self.encoder(hidden=self.stem(x))
+        h = self.deepest(out)
+        if h.sum() > -1e30:
+            h = self.pool(h)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple", "dataclass", "model_output"])
+def test_a_map_inside_a_structured_output_is_seen_and_the_cut_is_after_the_encoder(kind, monkeypatch):
+    if kind == "model_output":
+        monkeypatch.setitem(globals(), "ModelOutput", _model_output())
+    torch.manual_seed(0)
+    model = Structured(kind).eval()
+    calls = probe_modules(model, SIZE)
+    assert next(c for c in calls if c.path == "encoder").in_shape == (B, 8, 16, 16)  # passed by keyword
+    cut = find_cut_by_hooks(model, calls, SIZE, "Structured")
+    # read as no map, the encoder would be the head and the cut its input, the stem's output
+    assert (cut.where, cut.nf, cut.feature_shape, cut.stride, cut.dropped) == ("pool:input", 16, (16, 4, 4), 4, ("fc",))
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        want = model.encoder.stage2(model.encoder.stage1(model.stem(x)))
+        assert torch.equal(EarlyExitBody(model, cut).eval()(x), want)
+
+
+class Backbone(nn.Module):
+    """A backbone: its own forward returns its maps, the last one made by the forward itself
+    (windows of tokens put back on their grid) and a norm after the stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Conv2d(3, 8, 4, 4)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        m = self.stage(x)
+        if m.sum() > -1e30:
+            tokens = self.norm(m.flatten(2).transpose(1, 2))  # (B, 16, 8)
+            return {"feature_maps": (m, tokens.transpose(1, 2).reshape(m.shape))}
+        return {"feature_maps": (m,)}
+
+
+def test_a_backbones_own_output_is_its_last_map_and_the_body_returns_it():
+    torch.manual_seed(0)
+    model = Backbone().eval()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Backbone")
+    assert (cut.where, cut.after, cut.nf, cut.feature_shape, cut.dropped) == (":feature_maps.1", "", 8, (8, 4, 4), ())
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(EarlyExitBody(model, cut).eval()(x), model(x)["feature_maps"][1])
+
+
+class Stack(nn.Module):
+    """transformers' ViT shape: the stack returns its blocks' output, the model adds a final norm
+    and returns a structure whose ``last_hidden_state`` is the norm's output, and a pooler after."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.blocks = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+        self.norm = nn.LayerNorm(8)
+        self.pooler = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.norm(self.blocks(self.embed(x).flatten(2).transpose(1, 2)))
+        return {"last_hidden_state": h, "pooler_output": self.pooler(h.mean(1))}
+
+
+class StackClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.vit = Stack()
+        self.classifier = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.vit(x)["last_hidden_state"]
+        if h.sum() > -1e30:
+            h = h.mean(1)
+        return self.classifier(h)
+
+
+def test_a_map_in_a_structure_is_cut_where_it_was_made_leaving_out_what_runs_after_it():
+    torch.manual_seed(0)
+    model = StackClassifier().eval()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "StackClassifier")
+    # not "vit:last_hidden_state": the body would run the pooler, whose parameters never get a gradient
+    assert (cut.where, cut.layout, cut.feature_shape, cut.dropped) == ("vit.norm", Layout.NLC, (8, 4, 4),
+                                                                         ("vit.pooler", "classifier"))
+    x = torch.randn(2, *SIZE)
+    body = EarlyExitBody(model, cut).eval()
+    with torch.no_grad():
+        want = model.vit(x)["last_hidden_state"].transpose(1, 2).reshape(2, 8, 4, 4)
+        assert torch.equal(body(x), want)

@@ -1,11 +1,23 @@
 """The one-off forward (``autocut.probe``): meta tensors for meta models, fake tensors for real
 weights, one small real forward only where the code reads values; modes and weights untouched."""
 
+import collections
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from autocut.probe import PROBE_BATCH, model_device, probe_forward, probe_input, shape_of
+from autocut.probe import (
+    PROBE_BATCH,
+    leaf_at,
+    model_device,
+    probe_forward,
+    probe_input,
+    shape_of,
+    shapes_inside,
+    tensor_leaves,
+)
 
 
 class Recorder(nn.Module):
@@ -103,3 +115,42 @@ def test_a_stop_signal_and_other_errors_propagate_and_the_mode_comes_back():
     with pytest.raises(TypeError, match="not this input"):  # not a RuntimeError of fake tensors: no real retry
         probe_forward(refuses, (3, 8, 8))
     assert len(refuses.seen) == 1
+
+
+# --- structured outputs --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Features:
+    maps: tuple
+    pooled: torch.Tensor | None = None
+
+
+Pair = collections.namedtuple("Pair", "logits features")
+
+
+def test_tensor_leaves_look_inside_every_kind_of_structure_with_their_keys():
+    a, b, c, d, e = (torch.zeros(i + 1) for i in range(5))
+    value = {"x": a, "seq": [b, (c, None)], "data": Features(maps=(d,)), "pair": Pair(e, 3), "n": "text"}
+    leaves = tensor_leaves(value)
+    assert [k for k, _ in leaves] == ["x", "seq.0", "seq.1.0", "data.maps.0", "pair.logits"]
+    assert all(t is want for (_, t), want in zip(leaves, (a, b, c, d, e)))
+    assert tensor_leaves(a) == [("", a)] and tensor_leaves(None) == [] and tensor_leaves(3) == []
+
+
+def test_a_transformers_model_output_is_read_by_its_keys():
+    outputs = pytest.importorskip("transformers.modeling_outputs")
+    h, hidden = torch.zeros(2, 4, 3, 3), (torch.zeros(2, 4, 6, 6), torch.zeros(2, 4, 3, 3))
+    out = outputs.BaseModelOutputWithPoolingAndNoAttention(last_hidden_state=h, hidden_states=hidden)
+    assert shapes_inside(out) == {"last_hidden_state": (2, 4, 3, 3), "hidden_states.0": (2, 4, 6, 6),
+                                  "hidden_states.1": (2, 4, 3, 3)}
+    assert leaf_at(out, "last_hidden_state") is h and leaf_at(out, "hidden_states.0") is hidden[0]
+
+
+def test_shapes_inside_and_leaf_at():
+    t = torch.zeros(2, 3)
+    assert shapes_inside(t) == (2, 3) and shapes_inside({"a": None}) is None
+    assert shapes_inside(Features(maps=(t,), pooled=t[:, 0])) == {"maps.0": (2, 3), "pooled": (2,)}
+    assert leaf_at(t, "") is t
+    with pytest.raises(KeyError, match=r"no tensor 'b' in the dict returned \(it holds \['a'\]\)"):
+        leaf_at({"a": t}, "b")

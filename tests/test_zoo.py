@@ -126,3 +126,81 @@ def test_checkpoints_are_unwrapped_and_refused_when_they_hold_anything_but_tenso
 def test_pretrained_weights_are_never_loaded_on_meta():
     with pytest.raises(autocut.CutError, match="cannot be loaded on the meta device"):
         zoo.build(zoo.resolve("resnet18"), device="meta", pretrained=True)
+
+
+# --- a module's own input size: every place it can state it --------------------------------------
+
+
+class PatchEmbed(torch.nn.Module):
+    def __init__(self, patch: int, img_size=None):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, 8, patch, patch)
+        if img_size is not None:
+            self.img_size = img_size
+
+
+class FixedGrid(torch.nn.Module):
+    """A token model whose positional embedding fixes its grid: it fails at any other size."""
+
+    def __init__(self, side: int = 256, patch: int = 16, prefix: int = 1, img_size=None, pos_name: str = "pos_embed"):
+        super().__init__()
+        self.patch_embed = PatchEmbed(patch, img_size)
+        self.pos_name = pos_name
+        setattr(self, pos_name, torch.nn.Parameter(torch.zeros(1, prefix + (side // patch) ** 2, 8)))
+        self.prefix = prefix
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        t = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        t = torch.cat([t.new_zeros(t.shape[0], self.prefix, 8), t], 1) + getattr(self, self.pos_name)
+        return self.head(t[:, 0])
+
+
+class Config:
+    def __init__(self, **kw):
+        vars(self).update(kw)
+
+
+@pytest.mark.parametrize("state, want, source", [
+    (lambda m: setattr(m, "pretrained_cfg", {"input_size": (3, 256, 256)}), (3, 256, 256), "pretrained_cfg"),
+    (lambda m: setattr(m, "default_cfg", {"input_size": (3, 256, 256)}), (3, 256, 256), "default_cfg"),
+    (lambda m: setattr(m, "config", Config(image_size=256, num_channels=3)), (3, 256, 256), "config.image_size"),
+    (lambda m: setattr(m, "config", Config(vision_config=Config(image_size=[256, 256]))), (3, 256, 256),
+     "config.vision_config.image_size"),
+    (lambda m: setattr(m, "image_size", 256), (3, 256, 256), "image_size"),
+    (lambda m: setattr(m.patch_embed, "img_size", (256, 256)), (3, 256, 256), "patch_embed.img_size"),
+    (lambda m: None, (3, 256, 256), "pos_embed (257 positions) x patch 16"),
+])
+def test_a_module_states_its_input_size_in_each_of_these_places(state, want, source):
+    model = FixedGrid()
+    state(model)
+    assert zoo.input_size_source(model) == (want, source)
+    cut = autocut.discover(model)  # probed at 224 px, its 14x14 tokens would not add to 16x16 positions
+    assert (cut.input_size, cut.feature_shape, cut.prefix_tokens) == (want, (8, 16, 16), 1)
+
+
+def test_the_first_place_wins_and_a_plain_module_states_nothing():
+    model = FixedGrid(side=384)
+    model.config = Config(image_size=320)
+    model.pretrained_cfg = {"input_size": (3, 288, 288)}
+    assert zoo.input_size_source(model) == ((3, 288, 288), "pretrained_cfg")
+    del model.pretrained_cfg
+    assert zoo.input_size_source(model) == ((3, 320, 320), "config.image_size")
+    del model.config
+    assert zoo.input_size_source(model) == ((3, 384, 384), "pos_embed (577 positions) x patch 16")
+    assert zoo.input_size_source(torch.nn.Conv2d(3, 8, 16, 16)) is None  # a patch conv and no positions
+
+
+def test_a_probe_that_fails_says_which_size_was_tried_and_what_the_model_said():
+    with pytest.raises(autocut.CutError, match=r"could not probe FixedGrid at input size \(3, 224, 224\), not the "
+                                               r"size it states: \(3, 256, 256\) from pos_embed \(257 positions\)"):
+        autocut.discover(FixedGrid(), input_size=(3, 224, 224))
+    with pytest.raises(autocut.CutError, match=r"could not probe FixedGrid at input size \(3, 384, 384\), the size "
+                                               r"it states \(config.image_size\)"):
+        model = FixedGrid()
+        model.config = Config(image_size=384)  # wrong: its positions are for 256 px
+        autocut.discover(model)
+    unnamed = FixedGrid(pos_name="table")  # positions named as no model names them
+    with pytest.raises(autocut.CutError, match=r"at input size \(3, 224, 224\), the default 224 px; it states no "
+                                               r"input size \(read: pretrained_cfg / default_cfg input_size, config"):
+        autocut.discover(unnamed)

@@ -18,10 +18,20 @@ from autocut.adapt import adapt, create_body
 from autocut.discover import discover_module
 from autocut.errors import CutError
 from autocut.groups import group_summary
-from autocut.scan.oracles import DIFFERS, Differs, OracleError, timm_expected, torchvision_expected
+from autocut.scan.oracles import (
+    DIFFERS,
+    Differs,
+    OracleError,
+    timm_expected,
+    timm_reduced,
+    torchvision_expected,
+    torchvision_reduced,
+    transformers_expected,
+    transformers_reduced,
+)
 from autocut.scan.worker import error_record
 
-__all__ = ["check_model", "compare_shapes", "STATUSES"]
+__all__ = ["check_model", "check_model_values", "compare_shapes", "compare_values", "STATUSES"]
 
 # ok: the body's output shape is the oracle's; differs: a known deliberate difference (reason);
 # mismatch: both ran and disagree; failed: an exception (phase, error); timeout / crashed / oom:
@@ -36,9 +46,50 @@ REAL_BATCH = 1  # real tensors only where the meta device cannot run the model: 
 REDUCED_SIZE = 128
 
 
+# known differences where autocut refuses the model: the CutError it must raise (a part of its message)
+REFUSALS = {
+    "list features": "branches only meet after pooling",
+    "no image input": "",
+    "anisotropic map": "does not hold",
+}
+
+
+VALUES_BATCH = 2
+VALUES_RTOL, VALUES_ATOL = 1e-4, 1e-4  # float32, the same ops in the same order: only summation order may differ
+
+
+def _reduced_tensor(spec: zoo.ModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if spec.source == zoo.TIMM:
+        return timm_reduced(model, x)
+    if spec.source == zoo.TRANSFORMERS:
+        return transformers_reduced(model, x)
+    return torchvision_reduced(model, spec.name, x)
+
+
+def compare_values(spec: zoo.ModelSpec, model: torch.nn.Module, cut, size: tuple[int, int, int]) -> dict[str, Any]:
+    """The body's output against the oracle's on the same random input (batch 2, the size
+    checked), real CPU weights (the model's own random init, seeded): ``values`` is ``"equal"``
+    within ``VALUES_RTOL``/``VALUES_ATOL`` (``torch.allclose``), else ``"differ"``; with the
+    largest absolute difference and the oracle's largest magnitude, for scale."""
+    torch.manual_seed(0)
+    x = torch.randn(VALUES_BATCH, *size)
+    model = model.eval()
+    with torch.no_grad():
+        expected = _reduced_tensor(spec, model, x)
+        got = create_body(model, cut=cut, input_size=size).eval()(x)
+    if got.shape != expected.shape:
+        shapes = f"shapes {list(got.shape)} and {list(expected.shape)}"
+        return {"values": "differ", "values_max_diff": None, "values_reason": shapes}
+    diff = float((got - expected).abs().max())
+    equal = torch.allclose(got, expected, rtol=VALUES_RTOL, atol=VALUES_ATOL)
+    return {"values": "equal" if equal else "differ", "values_max_diff": diff, "values_scale": float(expected.abs().max())}
+
+
 def _expected(spec: zoo.ModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch.Size:
     if spec.source == zoo.TIMM:
         return timm_expected(model, x)
+    if spec.source == zoo.TRANSFORMERS:
+        return transformers_expected(model, x)
     return torchvision_expected(model, spec.name, x)
 
 
@@ -56,7 +107,13 @@ def _cut_record(cut) -> dict[str, Any]:
     }
 
 
-def check_model(name: str) -> dict[str, Any]:
+def check_model_values(name: str) -> dict[str, Any]:
+    """:func:`check_model`, and the body's output values against the oracle's on real CPU
+    weights (``autocut scan --values``): see :func:`compare_values`."""
+    return check_model(name, values=True)
+
+
+def check_model(name: str, values: bool = False) -> dict[str, Any]:
     """Discover, verify and group ``name`` (a zoo name); a JSON-ready record.
 
     Steps, timed: build on the meta device; the oracle on meta tensors; the cut and body
@@ -72,12 +129,12 @@ def check_model(name: str) -> dict[str, Any]:
         ('ok', 'layer4.1.act2')
     """
     real: list[torch.nn.Module] = []  # the real CPU copy, built once for both attempts
-    rec = _check(name, None, real)
+    rec = _check(name, None, real, values)
     size = rec.get("input_size")
     if rec.get("status") == "oom" and rec.get("phase") == "cut" and size and max(size[1:]) > REDUCED_SIZE:
         # only a real forward can probe it (value-dependent code), and at its own size that forward
         # does not fit: verify it at a smaller size, and say so
-        retry = _check(name, _reduced(size), real)
+        retry = _check(name, _reduced(size), real, values)
         retry["reduced_from"] = size
         retry["reduced_because"] = f"{rec['error_class']} at {size[1]}x{size[2]}: {rec['error'][:300]}"
         retry["times"]["total"] = round(retry["times"]["total"] + rec["times"]["total"], 4)
@@ -96,7 +153,7 @@ def _reduced(size: list[int]) -> tuple[int, int, int]:
     return (size[0], *sides)
 
 
-def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Module]) -> dict[str, Any]:
+def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Module], values: bool = False) -> dict[str, Any]:
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -149,9 +206,8 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
         except Exception as err:  # recorded: the cut phase failed
             lap("cut")
             rec["times"]["total"] = round(time.perf_counter() - started, 4)
-            if isinstance(expected, Differs) and expected.reason == "list features" and isinstance(err, CutError) \
-                    and "branches only meet after pooling" in str(err):
-                return {**rec, "status": "differs", "reason": "list features", "error_class": type(err).__name__,
+            if isinstance(expected, Differs) and isinstance(err, CutError) and REFUSALS.get(expected.reason, "\0") in str(err):
+                return {**rec, "status": "differs", "reason": expected.reason, "error_class": type(err).__name__,
                         "error": str(err)[:1500]}
             return {**rec, **error_record("cut", err)}
         try:
@@ -189,6 +245,13 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
     if rec["status"] in ("ok", "differs") and tuple(rec["body_shape"][1:]) != tuple(cut.feature_shape):
         rec.update(status="mismatch", reason=f"body returns {rec['body_shape'][1:]} but the cut says {list(cut.feature_shape)}")
     lap("verify")
+
+    if values and rec["status"] == "ok":
+        try:
+            rec.update(compare_values(spec, rebuild(), cut, size))
+        except Exception as err:  # recorded: the values could not be compared (memory, a real forward failing)
+            rec.update(values="failed", values_error=f"{type(err).__name__}: {str(err)[:500]}")
+        lap("values")
 
     # layer groups on the meta adapt (the real one where the meta body could not be built)
     groups, errors = None, []
@@ -231,6 +294,8 @@ def compare_shapes(expected: torch.Size | Differs, got: torch.Size) -> dict[str,
     rec: dict[str, Any] = {"body_shape": list(got)}
     if isinstance(expected, Differs):
         if expected.reason == "cls-only features" and len(got) == 4 and got[1] == expected.channels:
+            return {**rec, "status": "differs", "reason": expected.reason}
+        if expected.reason == "latent array" and len(got) == 4:  # a body is made, on the latents
             return {**rec, "status": "differs", "reason": expected.reason}
         return {**rec, "status": "mismatch", "reason": f"{expected.reason} ({DIFFERS[expected.reason]}), but the body "
                 f"returns {list(got)}"}

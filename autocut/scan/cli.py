@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from autocut.scan.runner import ZOOS
+
 __all__ = ["add_parser"]
 
 
@@ -19,7 +21,9 @@ def _scan(args: argparse.Namespace) -> int:
             return 2
         try:
             counts = scan(names, args.out, jobs=args.jobs, timeout=args.timeout, memory_limit_gb=args.memory_limit_gb or None,
-                          retry=args.retry, progress=not args.quiet, argv=_command(args))
+                          retry=args.retry, progress=not args.quiet, argv=_command(args),
+                          check="autocut.scan.check:check_model_values" if args.values else None,
+                          recheck=_without_values if args.values else None)
         except KeyboardInterrupt:
             write_report(args.out)  # what is recorded so far
             print(f"autocut scan: interrupted; run the same command again to resume ({args.out}/results.jsonl)", file=sys.stderr)
@@ -33,6 +37,10 @@ def _scan(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _without_values(rec: dict) -> bool:
+    return rec.get("status") == "ok" and "values" not in rec
+
+
 def _command(args: argparse.Namespace) -> list[str]:
     """The command line that makes this scan, options spelled out (for the report)."""
     cmd = ["autocut", "scan", "--zoo", args.zoo]
@@ -41,6 +49,8 @@ def _command(args: argparse.Namespace) -> list[str]:
     cmd += ["--jobs", str(args.jobs), "--timeout", f"{args.timeout:g}", "--memory-limit-gb", f"{args.memory_limit_gb:g}"]
     if args.retry:
         cmd += ["--retry", *args.retry]
+    if args.values:
+        cmd += ["--values"]
     return cmd + ["--out", str(args.out)]
 
 
@@ -48,12 +58,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``scan`` to the ``autocut`` command's subparsers."""
     p = sub.add_parser(
         "scan",
-        help="cut and verify every timm / torchvision model; write results.jsonl, model_meta.json, report.md",
+        help="cut and verify every timm / torchvision / transformers model; write results.jsonl, model_meta.json, report.md",
         description="Cut every model of a zoo, each in its own process, check the body against the model's own "
-        "code (timm: forward_features; torchvision: the input of its global pooling), and write results.jsonl "
+        "code (timm: forward_features; torchvision: the input of its global pooling; transformers: the base model's "
+        "last_hidden_state or a backbone's last feature map), and write results.jsonl "
         "(append-only: a rerun resumes), model_meta.json, report.md and plots into --out.",
     )
-    p.add_argument("--zoo", choices=("timm", "torchvision", "all"), default="all", help="which zoo (default all)")
+    p.add_argument("--zoo", choices=ZOOS, default="all", help="which zoo (default all)")
+    p.add_argument("--values", action="store_true",
+                   help="also compare the body's output values with the oracle's on real CPU weights (batch 2, the "
+                   "model's own size); re-checks verified records that have no values yet")
     p.add_argument("--filter", nargs="+", metavar="GLOB", help="only names matching one of these globs ('resnet*' 'vit_*')")
     p.add_argument("--jobs", type=int, default=2, help="models checked at once (default 2)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per model before it is killed (default 300)")

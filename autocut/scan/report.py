@@ -145,7 +145,8 @@ def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
     if zoo_sizes:
         md.append("Scanned: " + "; ".join(f"{zoo} {sum(r.get('zoo') == zoo for r in recs)} of {zoo_sizes[zoo]} names"
                                          for zoo in sorted(zoo_sizes)) + " (`timm.list_models()`, "
-                  "`torchvision.models.list_models(module=torchvision.models)`).\n\n")
+                  "`torchvision.models.list_models(module=torchvision.models)`, the model types of transformers' "
+                  "image-classification and backbone mappings).\n\n")
     rows = []
     for zoo in zoos + ["all"]:
         sel = [r for r in recs if zoo == "all" or r.get("zoo") == zoo]
@@ -321,6 +322,8 @@ def _zoo_sizes(records: dict[str, dict[str, Any]]) -> dict[str, int]:
             sizes["timm"] = len(zoo.timm_names())
         elif rec.get("zoo") == "torchvision" and "torchvision" not in sizes:
             sizes["torchvision"] = len(zoo.torchvision_names())
+        elif rec.get("zoo") == "transformers" and "transformers" not in sizes:
+            sizes["transformers"] = len(zoo.transformers_names())
     return sizes
 
 

@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["scan", "zoo_names", "family_of", "load_results", "RESULTS", "RUNS", "FAILED_STATUSES"]
+ZOOS = ("timm", "torchvision", "transformers", "all")
+
+__all__ = ["scan", "zoo_names", "ZOOS", "family_of", "load_results", "RESULTS", "RUNS", "FAILED_STATUSES"]
 
 RESULTS = "results.jsonl"
 RUNS = "scan_runs.jsonl"
@@ -45,18 +47,22 @@ FAILED_STATUSES = ("failed", "timeout", "crashed", "oom")
 
 
 def zoo_names(zoo: str = "all", filters: Iterable[str] = ()) -> list[str]:
-    """Zoo names to scan: every ``timm.list_models()`` name and every torchvision classification
-    model (as ``torchvision:NAME``), kept when the bare or full name matches a glob of ``filters``.
+    """Zoo names to scan: every ``timm.list_models()`` name, every torchvision classification
+    model (as ``torchvision:NAME``) and every transformers model type of the image-classification
+    and backbone mappings (as ``transformers:TYPE``), kept when the bare or full name matches a
+    glob of ``filters``.
     """
     from autocut import zoo as zoo_
 
-    if zoo not in ("timm", "torchvision", "all"):
-        raise ValueError(f"zoo must be 'timm', 'torchvision' or 'all', got {zoo!r}")
+    if zoo not in ZOOS:
+        raise ValueError(f"zoo must be one of {', '.join(map(repr, ZOOS))}, got {zoo!r}")
     names: list[str] = []
     if zoo in ("timm", "all"):
         names += list(zoo_.timm_names())
     if zoo in ("torchvision", "all"):
         names += [f"torchvision:{n}" for n in zoo_.torchvision_names()]
+    if zoo in ("transformers", "all"):
+        names += list(zoo_.transformers_names())  # none without transformers installed
     filters = list(filters)
     if filters:
         names = [n for n in names
@@ -69,6 +75,8 @@ def family_of(name: str) -> tuple[str, str]:
     torchvision model module a name is defined in."""
     source, _, bare = name.rpartition(":")
     try:
+        if source == "transformers":
+            return "transformers", bare  # a model type is its own family
         if source == "torchvision":
             import torchvision
 
@@ -260,6 +268,7 @@ def scan(
     check: Callable[[str], dict] | str | None = None,
     progress: bool = True,
     argv: list[str] | None = None,
+    recheck: Callable[[dict], bool] | None = None,
 ) -> dict[str, int]:
     """Check every name in isolation; append records to ``out/results.jsonl``.
 
@@ -275,6 +284,8 @@ def scan(
             by the worker; default :func:`autocut.scan.check.check_model`.
         progress: show a progress bar (stderr).
         argv: the command line, recorded in ``out/scan_runs.jsonl``.
+        recheck: records for which this says yes are checked again (a ``--values`` scan over
+            records that have no values yet).
 
     Returns:
         Counts of this run's records by status.
@@ -290,7 +301,7 @@ def scan(
     done = load_results(out)
     retry = set(retry)
     names = list(dict.fromkeys(names))
-    todo = [n for n in names if n not in done or done[n].get("status") in retry]
+    todo = [n for n in names if n not in done or done[n].get("status") in retry or (recheck is not None and recheck(done[n]))]
     command = [sys.executable, str(Path(__file__).with_name("worker.py")), "--check", _check_path(check),
                "--timeout", str(timeout), "--log", str(out / WORKER_LOG)]
     if memory_limit_gb:

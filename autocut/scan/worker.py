@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     check = resolve_check(args.check)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-    if args.check == "autocut.scan.check:check_model":
+    if args.check in ("autocut.scan.check:check_model", "autocut.scan.check:check_model_values"):
         _warm(check, args.warm)
     gc.collect()
     gc.freeze()  # forked children then copy fewer pages
