@@ -143,3 +143,55 @@ def test_a_nested_input_layer_is_replaced_where_it_sits_in_its_dtype_and_bias(li
     assert new.weight.dtype == torch.float64 and new.bias is None
     assert new.weight.shape[1] == 4 and not new.weight[:, 3].any()
     assert model(torch.randn(2, 4, 16, 16, dtype=torch.float64)).shape == (2, 2)
+
+
+class PaddedStem(nn.Module):
+    """A stem conv with a bias and reflect padding, as a hand-written model may have."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.stem(x).mean((2, 3)))
+
+
+def test_the_rebuilt_conv_keeps_its_bias_padding_mode_and_device():
+    from autocut.channels import set_input_channels
+
+    torch.manual_seed(0)
+    model = PaddedStem()
+    old = model.stem
+    set_input_channels(model, 4, (3, 16, 16), "zero")
+    new = model.stem
+    assert (new.padding_mode, new.in_channels) == ("reflect", 4)
+    assert torch.equal(new.bias, old.bias) and torch.equal(new.weight[:, :3], old.weight)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():  # zero extra channels: the same output as the RGB model, at the borders too
+        torch.testing.assert_close(new(torch.cat([x, torch.randn(2, 1, 16, 16)], 1)), old(x))
+    meta = PaddedStem().to("meta")
+    set_input_channels(meta, 2, (3, 16, 16))  # a meta body stays on meta (no copy out of it)
+    assert meta.stem.weight.is_meta and meta.stem.weight.shape == (8, 2, 3, 3)
+    linear = NestedStem(linear=True).to("meta")
+    set_input_channels(linear, 2, (3, 16, 16))
+    assert linear.embed[0].weight.is_meta and linear.embed[0].weight.shape == (8, 2)
+
+
+def test_default_inits_and_the_same_channel_count():
+    from timm.models import adapt_input_conv
+
+    from autocut.channels import set_input_channels
+
+    torch.manual_seed(0)
+    model = PaddedStem()
+    rgb = model.stem.weight.detach().clone()
+    set_input_channels(model, 2, (3, 16, 16))  # two channels: timm's repeat-and-rescale by default
+    torch.testing.assert_close(model.stem.weight, adapt_input_conv(2, rgb))
+    model = PaddedStem()
+    rgb = model.stem.weight.detach().clone()
+    set_input_channels(model, 3, (3, 16, 16), "zero")  # zero init to the same count copies the weights
+    assert torch.equal(model.stem.weight, rgb)
+    with pytest.raises(autocut.CutError, match=r"^n_in_init must be one of \('repeat', 'sum', 'zero', 'random'\), "
+                                               r"got 'spread'$"):
+        set_input_channels(PaddedStem(), 2, (3, 16, 16), "spread")

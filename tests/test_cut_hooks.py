@@ -470,3 +470,40 @@ def test_a_map_in_a_structure_is_cut_where_it_was_made_leaving_out_what_runs_aft
     with torch.no_grad():
         want = model.vit(x)["last_hidden_state"].transpose(1, 2).reshape(2, 8, 4, 4)
         assert torch.equal(body(x), want)
+
+
+class TokenMean(nn.Module):
+    def forward(self, t):
+        return t.mean(1)
+
+
+@pytest.mark.parametrize("pooled_by", ["select", "module"])
+def test_tokens_lie_on_the_nearest_grid_they_fit_not_only_the_nearest_grid(pooled_by):
+    class ThreeGrids(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 4, 4)  # 16x32
+            self.b = nn.Conv2d(8, 8, 2, 2)  # 8x16
+            self.c = nn.Conv2d(8, 8, 2, 2)  # 4x8, not used
+            self.cls = nn.Parameter(torch.zeros(1, 1, 8))  # a bare parameter of the model itself
+            self.blocks = nn.Linear(8, 8)
+            self.pool = TokenMean()
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            m = self.b(self.a(x))
+            self.c(m)
+            t = torch.cat([self.cls.expand(x.shape[0], -1, -1), m.flatten(2).transpose(1, 2)], 1)
+            t = self.blocks(t)
+            if t.sum() > -1e30:
+                t = t[:, 0] if pooled_by == "select" else self.pool(t)
+            return self.head(t)
+
+    size = (3, 64, 128)
+    model = ThreeGrids()
+    cut = find_cut_by_hooks(model, probe_modules(model, size), size, "ThreeGrids")
+    # 129 tokens: the 8x16 grid behind one class token (not the nearer 4x8, nor a square 11x11 behind 8),
+    # read on the output of the last module that makes them, or on the input of the module that pools them
+    where = "blocks" if pooled_by == "select" else "pool:input"
+    assert (cut.where, cut.layout, cut.feature_shape, cut.prefix_tokens) == (where, Layout.NLC, (8, 8, 16), 1)
+    assert cut.dropped == ("head",)  # the model's own class token stays with the body

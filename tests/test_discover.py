@@ -142,3 +142,8 @@ def test_a_module_states_its_own_input_size():
     cut = autocut.discover(vit)
     assert cut.input_size == (3, 384, 384) and cut.feature_shape == (192, 24, 24)
 
+
+
+def test_a_named_model_is_probed_at_the_size_the_built_model_insists_on():
+    # torchvision's vit_h_14 is built for 224 px; its default weights' transforms crop 518
+    assert autocut.discover("torchvision:vit_h_14").input_size == (3, 224, 224)

@@ -124,3 +124,21 @@ def test_to_nchw_module_says_what_it_does():
     t = torch.randn(2, 4, 6)
     assert torch.equal(ToNCHW("NLC", grid=(2, 2))(t), tokens_to_nchw(t, 0, (2, 2)))  # no prefix tokens by default
 
+
+
+def test_token_grids_at_their_edges():
+    f = Feature
+    # a grid seen before takes tokens that fill it exactly, or with up to MAX_PREFIX_TOKENS ahead
+    assert feature_of((B, 32, 8), IN, grids=[(4, 8)]) == f(Layout.NLC, 8, (4, 8), 0)  # not the 5x5 after 7
+    assert feature_of((B, 3, 8), IN, grids=[(2, 1)]) == f(Layout.NLC, 8, (2, 1), 1)  # two cells are a grid
+    assert feature_of((B, 5, 8), IN, grids=[(1, 1)]) == f(Layout.NLC, 8, (2, 2), 1)  # one cell is not
+    # else a square grid behind at most 8 prefix tokens, of at least 2x2
+    assert feature_of((B, 4, 8), IN) == f(Layout.NLC, 8, (2, 2), 0)
+    assert feature_of((B, 25 + 8, 8), IN) == f(Layout.NLC, 8, (5, 5), 8)
+    assert feature_of((B, 25 + 9, 8), IN) is None
+    assert feature_of((B, 2, 8), IN) is None and feature_of((B, 3, 8), IN) is None  # fewer tokens than prefixes tried
+
+
+def test_to_nchw_drops_no_token_unless_told():
+    t = torch.randn(2, 4, 6)
+    assert torch.equal(to_nchw(t, "NLC", grid=(2, 2)), t.transpose(1, 2).reshape(2, 6, 2, 2))

@@ -86,8 +86,10 @@ def test_code_that_reads_values_gets_one_small_real_forward():
     assert [s[:3] for s in model.seen] == [("FakeTensor", PROBE_BATCH, "cpu"), ("Tensor", 1, "cpu")]
     with pytest.raises(RuntimeError):
         probe_forward(Recorder(reads_values=True), (3, 8, 8), real_batch=None)
+    meta, cleared = Recorder(reads_values=True).to("meta"), []
     with pytest.raises(RuntimeError):  # meta tensors have no values either, and no real copy here
-        probe_forward(Recorder(reads_values=True).to("meta"), (3, 8, 8))
+        probe_forward(meta, (3, 8, 8), before_real=lambda: cleared.append(True))
+    assert cleared == [] and len(meta.seen) == 1  # no second forward was tried
 
 
 def test_fake_false_runs_real_zeros_of_the_probe_batch():

@@ -57,12 +57,12 @@ def test_an_out_of_memory_probe_is_checked_again_at_a_reduced_size(monkeypatch):
     calls = []
     real = check._check
 
-    def fake(name, size, models):
+    def fake(name, size, models, values=False):
         calls.append(size)
         if size is None:
             return {"times": {"total": 1.5}, "input_size": [3, 768, 768], "status": "oom", "phase": "cut",
                     "error_class": "MemoryError", "error": "out of memory"}
-        return real(name, size, models)
+        return real(name, size, models, values)
 
     monkeypatch.setattr(check, "_check", fake)
     record = check.check_model("resnet18")
@@ -159,3 +159,119 @@ def test_a_body_whose_shape_is_not_its_cuts_is_a_mismatch(monkeypatch):
     assert check.check_model("resnet18")["status"] == "differs"
     monkeypatch.setattr(check, "compare_shapes", lambda expected, got: {"body_shape": [3, 512, 8, 8], "status": "failed"})
     assert check.check_model("resnet18")["status"] == "failed", "only an ok or a known difference is second-guessed"
+
+
+class Clock:
+    """``time`` for the check, whose ``perf_counter`` moves on by ``step`` at every reading."""
+
+    def __init__(self, step: float = 0.1234567):
+        self.now, self.step = 100.0, step
+
+    def perf_counter(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_each_phase_is_timed_to_a_tenth_of_a_millisecond_and_the_total_from_the_start(monkeypatch):
+    from autocut.scan.oracles import OracleError
+
+    monkeypatch.setattr(check, "time", Clock())
+    lap, total = 0.1235, lambda n: round(n * 0.1234567, 4)  # every phase reads the clock once
+    record = check.check_model("resnet18")
+    assert record["times"] == {"build": lap, "oracle": lap, "cut": lap, "verify": lap, "groups": lap, "total": total(6)}
+
+    def oracle_error(model, x):
+        raise OracleError("no map")
+
+    with monkeypatch.context() as m:
+        m.setattr(check, "timm_expected", oracle_error)
+        assert check.check_model("resnet18")["times"] == {"build": lap, "oracle": lap, "total": total(3)}
+    with monkeypatch.context() as m:  # neither the meta adapt nor discovery cuts it
+        m.setattr(check, "adapt", _boom)
+        m.setattr(check, "discover_module", _boom)
+        assert check.check_model("resnet18")["times"] == {"build": lap, "oracle": lap, "cut": lap, "total": total(4)}
+    with monkeypatch.context() as m:  # the meta body cannot run: the CPU check fails in its build
+        m.setattr(check, "_verify_meta", lambda adapted, expected, x: None)
+        m.setattr(check, "create_body", _boom)
+        assert check.check_model("resnet18")["times"] == {"build": lap, "oracle": lap, "cut": lap, "verify": lap,
+                                                          "total": total(5)}
+    with monkeypatch.context() as m:  # a known difference where autocut refuses
+        m.setattr(check, "timm_expected", lambda model, x: (_ for _ in ()).throw(check.Differs("list features")))
+        m.setattr(check, "adapt", _boom)
+        m.setattr(check, "discover_module", lambda *a, **k: (_ for _ in ()).throw(
+            check.CutError("its branches only meet after pooling")))
+        record = check.check_model("resnet18")
+        assert (record["status"], record["times"]) == ("differs", {"build": lap, "oracle": lap, "cut": lap, "total": total(4)})
+        assert record["error"] == "its branches only meet after pooling"
+
+
+def test_an_oracle_that_only_a_real_forward_can_run_is_run_on_the_cpu(monkeypatch):
+    meta_oracle = check.timm_expected
+
+    def value_dependent(model, x):
+        if x.is_meta:
+            raise RuntimeError("reads values")  # as .item() on meta tensors
+        return meta_oracle(model, x)
+
+    monkeypatch.setattr(check, "timm_expected", value_dependent)
+    record = check.check_model("resnet18")
+    assert (record["status"], record["verified_on"], record["expected_shape"]) == ("ok", "cpu", [1, 512, 7, 7])
+
+
+def test_the_sizes_a_check_probes_are_the_models_own(monkeypatch):
+    assert check.check_model("torchvision:inception_v3")["input_size"] == [3, 299, 299]  # its weights' crop
+    # vit_h_14 is built for 224 px though its default weights' transforms crop 518
+    monkeypatch.setattr(check, "adapt", _boom)  # (no need to adapt a 632M-parameter model here)
+    monkeypatch.setattr(check, "discover_module", _boom)
+    assert check.check_model("torchvision:vit_h_14")["input_size"] == [3, 224, 224]
+
+
+def test_a_refusal_is_a_known_difference_only_where_the_oracle_expects_one(monkeypatch):
+    refusal = "its branches only meet after pooling (last maps: 'a', 'b')" + " and more" * 300
+
+    def refuse(*args, **kwargs):
+        raise check.CutError(refusal)
+
+    monkeypatch.setattr(check, "adapt", _boom)
+    monkeypatch.setattr(check, "discover_module", refuse)
+    record = check.check_model("resnet18")  # the oracle expects a map: a refusal is a failure
+    assert (record["status"], record["phase"], record["error_class"]) == ("failed", "cut", "CutError")
+    monkeypatch.setattr(check, "timm_expected", lambda model, x: (_ for _ in ()).throw(check.Differs("list features")))
+    record = check.check_model("resnet18")
+    assert (record["status"], record["reason"], record["error"]) == ("differs", "list features", refusal[:1500])
+    monkeypatch.setattr(check, "discover_module", _boom)  # another error, where a refusal was expected
+    assert check.check_model("resnet18")["status"] == "failed"
+
+
+def test_a_model_that_discovery_cuts_and_adapt_then_adapts_on_meta_is_verified_there(monkeypatch):
+    real_adapt = check.adapt
+
+    def only_with_a_cut(model, *args, cut=None, **kwargs):
+        if cut is None:
+            raise Boom("no cut given")
+        return real_adapt(model, *args, cut=cut, **kwargs)
+
+    monkeypatch.setattr(check, "adapt", only_with_a_cut)
+    record = check.check_model("resnet18")
+    record.pop("times")
+    assert record == {**_committed("resnet18"), "verified_on": "meta", "groups_on": "meta"}
+
+
+def test_a_known_difference_verified_on_the_cpu_is_still_one(monkeypatch):
+    monkeypatch.setattr(check, "_verify_meta", lambda adapted, expected, x: None)
+    record = check.check_model("pit_ti_224")
+    assert (record["status"], record["reason"], record["verified_on"]) == ("differs", "cls-only features", "cpu")
+
+
+def test_groups_that_fail_on_meta_and_cpu_say_both(monkeypatch):
+    def long_error(model):
+        raise Boom("x" * 800)
+
+    monkeypatch.setattr(check, "group_summary", long_error)
+    record = check.check_model("resnet18")
+    assert record["groups_error"] == "meta: Boom: " + "x" * 500 + "; cpu: Boom: " + "x" * 500
+
+
+def test_a_known_difference_whose_body_is_not_its_cut_is_a_mismatch(monkeypatch):
+    monkeypatch.setattr(check, "compare_shapes", lambda expected, got: {"body_shape": [3, 512, 8, 8], "status": "differs"})
+    assert check.check_model("resnet18")["status"] == "mismatch"
