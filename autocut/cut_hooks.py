@@ -91,7 +91,7 @@ def find_cut_by_hooks(model: nn.Module, calls: list[ModuleCall], input_size: tup
     maps: list[list[tuple[str, Feature]]] = []  # the maps in each output, by key ("" for a tensor output)
     ins: list[Feature | None] = []
     for call in calls:
-        ins.append(None if call.in_shape == image else feature_of(call.in_shape, in_hw, grids[::-1], square=False))
+        ins.append(None if call.in_shape == image else feature_of(call.in_shape, in_hw, grids[::-1]))
         found = _features(call.out_shape, in_hw, grids[::-1])
         if not call.path and found and not found[0][0]:
             found = []  # a model that returns a bare map is cut where a module made it, as before
@@ -196,7 +196,7 @@ def _features(shapes: Any, in_hw: tuple[int, int], grids: list[tuple[int, int]])
     """The key and reading of each feature map in a call's output shapes (key ``""`` for a
     tensor output), in order."""
     items = shapes.items() if isinstance(shapes, dict) else [("", shapes)]
-    return [(key, feat) for key, shape in items if (feat := feature_of(shape, in_hw, grids, square=False)) is not None]
+    return [(key, feat) for key, shape in items if (feat := feature_of(shape, in_hw, grids)) is not None]
 
 
 def _with_bare_parameters(model: nn.Module, used: set[str]) -> set[str]:

@@ -65,15 +65,12 @@ def _layout4(shape: tuple[int, ...], in_hw: tuple[int, int], hint: Layout | None
     return None
 
 
-def _grid_of_tokens(length: int, grids: list[tuple[int, int]], square: bool = True) -> tuple[tuple[int, int], int] | None:
+def _grid_of_tokens(length: int, grids: list[tuple[int, int]]) -> tuple[tuple[int, int], int] | None:
     """The patch grid and prefix count for ``length`` tokens: the nearest map seen before whose
-    cells account for all but a few tokens, else a square grid (with ``square=False``, only
-    where no map was seen before)."""
+    cells account for all but a few tokens, else a square grid."""
     for h, w in grids:
         if h * w > 1 and 0 <= length - h * w <= MAX_PREFIX_TOKENS:
             return (h, w), length - h * w
-    if not square and any(h * w > 1 for h, w in grids):
-        return None
     for prefix in range(0, 9):
         side = math.isqrt(length - prefix) if length - prefix > 0 else 0
         if side > 1 and side * side == length - prefix:
@@ -88,7 +85,6 @@ def feature_of(
     batch: int = PROBE_BATCH,
     hint: Layout | None = None,
     min_cells: int = 2,
-    square: bool = True,
 ) -> Feature | None:
     """Read ``shape`` as a feature map, or ``None`` if it is not one.
 
@@ -100,9 +96,6 @@ def feature_of(
         batch: the probe batch: a map's first dimension.
         hint: the layout to pick where a 4-d shape reads both ways (``(B, 7, 7, 7)``).
         min_cells: the fewest grid cells a map has (a 1x1 "map" is a pooled vector).
-        square: read tokens that fit no grid seen before on a square grid; ``False``: only where
-            no map was seen before (module outputs, where a pooler's few soft tokens or a
-            Perceiver's latents would read as a small square map).
 
     Example:
         >>> feature_of((11, 512, 7, 7), (224, 224))
@@ -128,7 +121,7 @@ def feature_of(
     grids = list(grids)
     if grids and nf == grids[0][0] * grids[0][1] > 1 and not 0 <= length - nf <= MAX_PREFIX_TOKENS:
         return None  # (B, C, h*w): the nearest map flattened channels-first (to pool it), not tokens
-    found = _grid_of_tokens(length, grids, square)
+    found = _grid_of_tokens(length, grids)
     if found is None:
         return None
     grid, prefix = found

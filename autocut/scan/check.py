@@ -51,6 +51,7 @@ REFUSALS = {
     "list features": "branches only meet after pooling",
     "no image input": "",
     "anisotropic map": "does not hold",
+    "soft tokens": "does not hold",
 }
 
 
@@ -295,7 +296,7 @@ def compare_shapes(expected: torch.Size | Differs, got: torch.Size) -> dict[str,
     if isinstance(expected, Differs):
         if expected.reason == "cls-only features" and len(got) == 4 and got[1] == expected.channels:
             return {**rec, "status": "differs", "reason": expected.reason}
-        if expected.reason == "latent array" and len(got) == 4:  # a body is made, on the latents
+        if expected.reason in ("latent array", "soft tokens") and len(got) == 4:  # a body is made, on them
             return {**rec, "status": "differs", "reason": expected.reason}
         return {**rec, "status": "mismatch", "reason": f"{expected.reason} ({DIFFERS[expected.reason]}), but the body "
                 f"returns {list(got)}"}

@@ -41,6 +41,10 @@ DIFFERS = {
     "every path goes through, so autocut raises CutError and asks for cut=",
     "no image input": "the model takes no (B, C, H, W) image (token ids, a text prompt, packed patches): there is "
     "no image backbone to cut, and autocut raises CutError",
+    "soft tokens": "the model's own output is a map of soft tokens, pooled from the patch tokens and then "
+    "standardised (Gemma4's vision encoders, global_pool='soft'; no classifier): autocut reads the pooler's output "
+    "as a map, where forward_features stops before the pooler, and refuses the cut where standardisation follows "
+    "(a CutError that asks for cut=)",
     "latent array": "the encoder returns a fixed array of learned latents (Perceiver), not a map on the image's "
     "grid: autocut reads a square number of latents as a grid and cuts there, which shapes cannot tell from a "
     "map (the body's values are not spatial)",
@@ -96,6 +100,8 @@ def timm_reduced(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Raises :class:`Differs` for list features and class-token-only features, :class:`OracleError`
     for output that lies on no grid.
     """
+    if getattr(model, "global_pool", None) == "soft":
+        raise Differs("soft tokens", detail="global_pool='soft'")
     with torch.no_grad():
         feats = model.forward_features(x)
     if isinstance(feats, (list, tuple)):
