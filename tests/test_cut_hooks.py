@@ -507,3 +507,30 @@ def test_tokens_lie_on_the_nearest_grid_they_fit_not_only_the_nearest_grid(poole
     where = "blocks" if pooled_by == "select" else "pool:input"
     assert (cut.where, cut.layout, cut.feature_shape, cut.prefix_tokens) == (where, Layout.NLC, (8, 8, 16), 1)
     assert cut.dropped == ("head",)  # the model's own class token stays with the body
+
+
+def test_a_model_wrapped_whole_is_not_its_own_head():
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.Conv2d(3, 8, 3, 2, 1)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            m = self.stages(x)
+            if m.sum() > -1e30:
+                m = m.mean((2, 3))  # pooled by a function: no head module
+            return self.fc(m)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = Inner()
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = Wrapper()
+    # `net` takes the image and returns no map, yet it is no head: the image is not a map it was given
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Wrapper")
+    assert (cut.where, cut.feature_shape, cut.dropped) == ("net.stages", (8, 8, 8), ("net.fc",))

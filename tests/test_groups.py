@@ -252,3 +252,5 @@ def test_a_model_at_one_stride_splits_its_containers_into_blocks():
                                                       *body.get_submodule("stack.0").parameters())]
     assert [id(p) for p in late] == [id(p) for p in (*body.get_submodule("stack.1").parameters(), *body.tail.parameters())]
     assert [g[:2] for g in model.cut.groups] == [("patch", "stack.0"), ("stack.1", "tail.1"), ("head", "head")]
+    # the blocks a container was split into run at its stride
+    assert [g["stride"] for g in autocut.group_summary(model)] == [4, 4, None]

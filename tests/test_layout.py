@@ -136,6 +136,7 @@ def test_token_grids_at_their_edges():
     assert feature_of((B, 4, 8), IN) == f(Layout.NLC, 8, (2, 2), 0)
     assert feature_of((B, 25 + 8, 8), IN) == f(Layout.NLC, 8, (5, 5), 8)
     assert feature_of((B, 25 + 9, 8), IN) is None
+    assert feature_of((B, 4 + 3, 8), IN) == f(Layout.NLC, 8, (2, 2), 3)  # more prefix tokens than the grid's side
     assert feature_of((B, 2, 8), IN) is None and feature_of((B, 3, 8), IN) is None  # fewer tokens than prefixes tried
 
 
