@@ -171,7 +171,7 @@ def test_a_model_whose_real_probe_runs_out_of_memory_is_checked_again_smaller(mo
 
     sizes = []
 
-    def fake(name, size, real):
+    def fake(name, size, real, values=False):
         sizes.append(size)
         if size is None:
             real.append("the real copy")  # built by the first attempt: the second reuses it
@@ -188,7 +188,7 @@ def test_a_model_whose_real_probe_runs_out_of_memory_is_checked_again_smaller(mo
     report = render_report({"big_vit": {**rec, "zoo": "timm", "family": "vit"}}, [], plots=False)
     assert "| big_vit | 768x768 | 96x96 | ok |" in report
     # an out-of-memory that a smaller input cannot help (already small, or not in the cut) stays as it is
-    monkeypatch.setattr(check, "_check", lambda name, size, real: {"input_size": [3, 112, 112], "status": "oom",
+    monkeypatch.setattr(check, "_check", lambda name, size, real, values=False: {"input_size": [3, 112, 112], "status": "oom",
                                                                    "phase": "cut", "times": {"total": 1.0}})
     assert check.check_model("small_vit")["status"] == "oom"
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from autocut.scan import check
 
@@ -275,3 +276,26 @@ def test_groups_that_fail_on_meta_and_cpu_say_both(monkeypatch):
 def test_a_known_difference_whose_body_is_not_its_cut_is_a_mismatch(monkeypatch):
     monkeypatch.setattr(check, "compare_shapes", lambda expected, got: {"body_shape": [3, 512, 8, 8], "status": "differs"})
     assert check.check_model("resnet18")["status"] == "mismatch"
+
+
+def test_values_are_compared_on_real_weights_and_a_body_one_op_off_differs(monkeypatch):
+    record = check.check_model("resnet18", values=True)
+    assert (record["status"], record["values"], record["values_max_diff"]) == ("ok", "equal", 0.0)
+    assert record["values_scale"] > 0 and list(record["times"])[-3:] == ["values", "groups", "total"]
+    real_create_body = check.create_body
+
+    def one_op_off(model, cut, input_size):  # a body whose values are off, its shape right
+        return _Minus(real_create_body(model, cut=cut, input_size=input_size))
+
+    monkeypatch.setattr(check, "create_body", one_op_off)
+    record = check.check_model("resnet18", values=True)
+    assert record["status"] == "ok" and record["values"] == "differ" and record["values_max_diff"] > 1e-3
+
+
+class _Minus(torch.nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x) - 1e-2
