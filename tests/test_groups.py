@@ -254,3 +254,33 @@ def test_a_model_at_one_stride_splits_its_containers_into_blocks():
     assert [g[:2] for g in model.cut.groups] == [("patch", "stack.0"), ("stack.1", "tail.1"), ("head", "head")]
     # the blocks a container was split into run at its stride
     assert [g["stride"] for g in autocut.group_summary(model)] == [4, 4, None]
+
+
+class PairBody(nn.Module):
+    """A body whose middle module returns a tuple (its map first), on a non-square input."""
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y, y.mean((2, 3))
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.pair = self.Pair()
+        self.stage = nn.Conv2d(8, 8, 3, 2, 1)
+
+    def forward(self, x):
+        return self.stage(self.pair(self.stem(x))[0])
+
+
+@pytest.mark.parametrize("size", [(3, 32, 64), (3, 64, 32)], ids=["wide", "tall"])
+def test_units_run_at_the_stride_of_their_output_a_tuples_first_map_on_any_aspect(size):
+    from autocut.groups import body_units
+
+    units = body_units(PairBody(), size)
+    assert [(u.path, u.stride) for u in units] == [("stem", 2), ("pair", 4), ("stage", 8)]

@@ -321,3 +321,35 @@ def test_the_head_is_fastais_layer_for_layer(options):
     assert _describe(head) == _fastai_head_layers(40, 7, **options)
     x = torch.randn(3, 40, 2, 2) if options.get("pool", True) else torch.randn(3, 40)
     assert head.eval()(x).shape == (3, 7)
+
+
+def _signature(head):
+    out = []
+    for m in head:
+        if isinstance(m, torch.nn.Linear):
+            out.append(("Linear", m.in_features, m.out_features))
+        elif isinstance(m, torch.nn.BatchNorm1d):
+            out.append(("BatchNorm1d", m.num_features))
+        elif isinstance(m, torch.nn.Dropout):
+            out.append(("Dropout", m.p))
+        else:
+            out.append(type(m).__name__)
+    return out
+
+
+def test_a_lin_first_head_with_two_hidden_layers_spreads_its_dropouts_in_order():
+    head = create_head(4, 3, lin_ftrs=[16, 8], ps=(0.1, 0.2, 0.3), lin_first=True)
+    assert _signature(head) == [
+        "AdaptiveConcatPool2d", "Flatten", ("Dropout", 0.1),
+        ("Linear", 8, 16), "ReLU", ("BatchNorm1d", 16), ("Dropout", 0.2),
+        ("Linear", 16, 8), "ReLU", ("BatchNorm1d", 8), ("Dropout", 0.3),
+        ("Linear", 8, 3),
+    ]
+
+
+def test_the_smallest_head_has_one_feature_and_one_output():
+    assert create_head(1, 1, pool=False)(torch.randn(4, 1)).shape == (4, 1)
+    with pytest.raises(ValueError, match=r"^create_head needs nf >= 1 and n_out >= 1, got nf=0, n_out=1$"):
+        create_head(0, 1)
+    with pytest.raises(ValueError, match=r"got nf=1, n_out=0$"):
+        create_head(1, 0)
