@@ -331,11 +331,15 @@ def _values_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
             f"model's own seeded random init), batch 2 at the size checked; equal means `torch.allclose(rtol={VALUES_RTOL:g}, "
             f"atol={VALUES_ATOL:g})` (`autocut scan --values`).\n\n",
             _table(["zoo", "verified", "values equal", "differ", "could not compare", "not compared yet"], rows)]
+    from autocut.scan.oracles import VALUE_DIFFERENCES
+
     bad = [r for r in ok if r.get("values") in ("differ", "failed")]
     if bad:
-        text.append("\n" + _table(["model", "values", "largest difference", "oracle's largest value", "error"],
-                                   [[r["name"], r["values"], r.get("values_max_diff"), r.get("values_scale"),
-                                     r.get("values_error", "")[:200]] for r in bad]))
+        text.append("\n" + _table(["model", "values", "largest difference", "oracle's largest value", "why"],
+                                   [[r["name"], r["values"], f"{r.get('values_max_diff') or 0:.3g}",
+                                     f"{r.get('values_scale') or 0:.3g}",
+                                     VALUE_DIFFERENCES.get(r["name"], r.get("values_error", "")[:200] or "not explained")]
+                                    for r in bad]))
     return "".join(text)
 
 
