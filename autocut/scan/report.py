@@ -161,6 +161,7 @@ def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
               "`mismatch`: both ran and disagree; `failed`: an exception (phase and error below); `timeout`, "
               "`crashed`, `oom`: the model's process was killed, died, or hit the memory limit.\n")
     md.append(_values_section(recs, zoos))
+    md.append(_phase_cost_section(recs, zoos))
 
     md.append("## Coverage by family\n")
     fam: dict[tuple[str, str], Counter] = defaultdict(Counter)
@@ -314,6 +315,25 @@ def _plots(records: dict[str, dict[str, Any]], out: Path) -> bool:
         fig.savefig(path)
         plt.close(fig)
     return True
+
+
+_PHASES = ("build", "oracle", "cut", "verify", "values", "groups")
+
+
+def _phase_cost_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
+    """Seconds spent in each phase, summed over a zoo's records, and what finding the cut costs
+    against building the model and running its oracle (the scan-cost target is 1.0 or less)."""
+    rows = []
+    for zoo in zoos:
+        total = Counter()
+        for r in recs:
+            if r.get("zoo") == zoo:
+                total.update({k: v for k, v in r.get("times", {}).items() if k in _PHASES})
+        base = total["build"] + total["oracle"]
+        rows.append([zoo, *[f"{total[p]:.1f}" for p in _PHASES], f"{total['cut'] / base:.2f}" if base else "-"])
+    return ("\n## Phase cost\n\nSeconds per phase, summed over each zoo's records (one thread per model; the "
+            "records' own runs, see above), and the cut phase against build and oracle together:\n\n"
+            + _table(["zoo", *_PHASES, "cut / (build + oracle)"], rows))
 
 
 def _values_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
