@@ -221,3 +221,17 @@ def test_the_scan_compares_every_dimension_of_the_shape():
         rec = compare_shapes(Differs("cls-only features", channels=8), torch.Size(got))
         assert rec["status"] == "mismatch" and rec["reason"].startswith("cls-only features (forward_features"), got
     assert compare_shapes(Differs("list features"), torch.Size([3, 8, 7, 7]))["status"] == "mismatch"
+
+
+def test_a_recheck_that_dies_keeps_the_record_it_rechecked(tmp_path):
+    from autocut.scan.runner import load_results, scan
+
+    (tmp_path / "results.jsonl").write_text(
+        json.dumps({"name": "hog_a", "zoo": "timm", "status": "ok", "where": "layer4"}) + "\n"
+        + json.dumps({"name": "crash_b", "zoo": "timm", "status": "ok", "where": "layer3", "values": "equal"}) + "\n")
+    counts = scan(["hog_a", "crash_b"], tmp_path, jobs=1, timeout=30, memory_limit_gb=1, check=FAKE, progress=False,
+                  recheck=lambda rec: rec["status"] == "ok" and "values" not in rec)
+    assert counts == {"ok": 1}  # crash_b has values already: not checked again
+    rec = load_results(tmp_path)["hog_a"]
+    assert (rec["status"], rec["where"], rec["values"]) == ("ok", "layer4", "failed")
+    assert rec["values_error"].startswith("oom: ")

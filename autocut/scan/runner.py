@@ -327,6 +327,10 @@ def scan(
         results.write("\n")  # a line cut short by a hard kill stays alone, and is skipped
 
     def record(name: str, rec: dict[str, Any]) -> None:
+        before = done.get(name)
+        if recheck is not None and before is not None and recheck(before) and rec.get("status") in FAILED_STATUSES:
+            # a re-check that died (memory, time) keeps what the record verified before, and says so
+            rec = {**before, "values": "failed", "values_error": f"{rec.get('status')}: {rec.get('error', '')[:300]}"}
         zoo, family = family_of(name)
         rec = {"name": name, "zoo": zoo, "family": family, **{k: v for k, v in rec.items() if k != "name"},
                "at": datetime.datetime.now().isoformat(timespec="seconds")}
