@@ -59,12 +59,12 @@ VALUES_BATCH = 2
 VALUES_RTOL, VALUES_ATOL = 1e-4, 1e-4  # float32, the same ops in the same order: only summation order may differ
 
 
-def _reduced_tensor(spec: zoo.ModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if spec.source == zoo.TIMM:
-        return timm_reduced(model, x)
-    if spec.source == zoo.TRANSFORMERS:
-        return transformers_reduced(model, x)
-    return torchvision_reduced(model, spec.name, x)
+def _oracle(spec: zoo.ModelSpec, model: torch.nn.Module, x: torch.Tensor, values: bool = False) -> Any:
+    """The oracle of ``spec``'s zoo: the shape of the map it expects, or with ``values`` the map."""
+    if spec.source == zoo.TORCHVISION:
+        return (torchvision_reduced if values else torchvision_expected)(model, spec.name, x)
+    by_zoo = {zoo.TIMM: (timm_expected, timm_reduced), zoo.TRANSFORMERS: (transformers_expected, transformers_reduced)}
+    return by_zoo[spec.source][values](model, x)
 
 
 def compare_values(spec: zoo.ModelSpec, model: torch.nn.Module, cut, size: tuple[int, int, int]) -> dict[str, Any]:
@@ -76,7 +76,7 @@ def compare_values(spec: zoo.ModelSpec, model: torch.nn.Module, cut, size: tuple
     x = torch.randn(VALUES_BATCH, *size)
     model = model.eval()
     with torch.no_grad():
-        expected = _reduced_tensor(spec, model, x)
+        expected = _oracle(spec, model, x, values=True)
         got = create_body(model, cut=cut, input_size=size).eval()(x)
     if got.shape != expected.shape:
         shapes = f"shapes {list(got.shape)} and {list(expected.shape)}"
@@ -84,14 +84,6 @@ def compare_values(spec: zoo.ModelSpec, model: torch.nn.Module, cut, size: tuple
     diff = float((got - expected).abs().max())
     equal = torch.allclose(got, expected, rtol=VALUES_RTOL, atol=VALUES_ATOL)
     return {"values": "equal" if equal else "differ", "values_max_diff": diff, "values_scale": float(expected.abs().max())}
-
-
-def _expected(spec: zoo.ModelSpec, model: torch.nn.Module, x: torch.Tensor) -> torch.Size:
-    if spec.source == zoo.TIMM:
-        return timm_expected(model, x)
-    if spec.source == zoo.TRANSFORMERS:
-        return transformers_expected(model, x)
-    return torchvision_expected(model, spec.name, x)
 
 
 def _cut_record(cut) -> dict[str, Any]:
@@ -185,7 +177,7 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
     x = torch.empty(META_BATCH, *size, device="meta")
     expected: torch.Size | Differs | Exception
     try:
-        expected = _expected(spec, meta, x)
+        expected = _oracle(spec, meta, x)
     except Differs as differs:
         expected = differs
     except OracleError as err:  # no map to compare with, on any device
@@ -227,7 +219,7 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
             xr = torch.randn(REAL_BATCH, *size)
             phase = "oracle (cpu)"
             try:
-                expected = _expected(spec, model, xr)
+                expected = _oracle(spec, model, xr)
             except Differs as differs:
                 expected = differs
             phase = "body (cpu)"
