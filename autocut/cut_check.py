@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autocut.cut import Cut
+from autocut.cut_graph import carries_tensor, scopes_of
 from autocut.errors import CutError
 from autocut.layout import feature_of
 from autocut.probe import PROBE_BATCH, eval_mode, first_input, model_device, probe_input, tensor_leaves
@@ -157,7 +158,7 @@ def check_graph_cut(traced: Traced, cut: Cut) -> CutCheck:
         else:
             # only tensors carry a dependence: reading ``x.shape`` to size a token is not one
             tags[node] = frozenset().union(
-                *(tags.get(a, frozenset()) for a in node.all_input_nodes if _holds_tensor(traced.shapes.get(a)))
+                *(tags.get(a, frozenset()) for a in node.all_input_nodes if carries_tensor(traced.shapes.get(a)))
             )
         if node.op == "output":
             output_tags = set(tags[node])
@@ -168,21 +169,12 @@ def check_graph_cut(traced: Traced, cut: Cut) -> CutCheck:
                 continue
             shape = traced.shapes.get(node)
             if _is_later_map(shape, cut, batch) and not _is_head_op(_node_op(traced, node)):
-                scopes = _enclosing(traced.scope.get(node, ""))
+                scopes = scopes_of(traced, node)
                 if any(s in dropped for s in scopes):
                     continue
                 if not any(heads.setdefault(s, _scope_is_head(traced, s, cut)) for s in scopes):
                     later.append((traced.scope.get(node, ""), _node_op(traced, node), shape))
     return _verdict(output_tags, later)
-
-
-def _holds_tensor(shape: Any) -> bool:
-    return isinstance(shape, tuple) or (isinstance(shape, (list, dict)) and bool(shape))
-
-
-def _enclosing(scope: str) -> list[str]:
-    parts = scope.split(".") if scope else []
-    return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 # --- on the eager forward ------------------------------------------------------------------------

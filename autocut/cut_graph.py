@@ -28,13 +28,15 @@ from autocut.errors import CutError
 from autocut.layout import Feature, Layout, feature_of
 from autocut.trace import Traced
 
-__all__ = ["find_cut", "cut_at_node", "resolve_node", "ancestors", "layout_hint"]
+__all__ = ["find_cut", "cut_at_node", "resolve_node", "ancestors", "layout_hint", "carries_tensor", "scopes_of"]
 
 
-def _carries_tensor(shape: Any) -> bool:
+def carries_tensor(shape: Any) -> bool:
+    """Whether a recorded shape (:func:`autocut.probe.shape_of`) is a tensor's or holds one:
+    reading ``x.shape`` to size a class token makes an int, which carries no dependence."""
     if isinstance(shape, tuple):
         return True
-    return isinstance(shape, list) and any(_carries_tensor(s) for s in shape)
+    return isinstance(shape, list) and any(carries_tensor(s) for s in shape)
 
 
 def _dominator_chain(traced: Traced) -> tuple[list[fx.Node], set[fx.Node]]:
@@ -47,7 +49,7 @@ def _dominator_chain(traced: Traced) -> tuple[list[fx.Node], set[fx.Node]]:
     index = {n: i for i, n in enumerate(nodes)}
     reach = {source}
     for n in nodes[index[source] + 1:]:
-        if (n.op == "output" or _carries_tensor(traced.shapes.get(n))) and any(a in reach for a in n.all_input_nodes):
+        if (n.op == "output" or carries_tensor(traced.shapes.get(n))) and any(a in reach for a in n.all_input_nodes):
             reach.add(n)
     output = next(n for n in reversed(nodes) if n.op == "output")
     if output not in reach:
@@ -134,7 +136,7 @@ def layout_hint(traced: Traced, node: fx.Node) -> Layout | None:
     return None
 
 
-def _scopes_of(traced: Traced, node: fx.Node) -> list[str]:
+def scopes_of(traced: Traced, node: fx.Node) -> list[str]:
     """Module paths enclosing ``node``, outermost first (the root excluded)."""
     scope = traced.scope.get(node, "")
     parts = scope.split(".") if scope else []
@@ -146,7 +148,7 @@ def _head_module_input(
 ) -> fx.Node | None:
     """If ``node`` sits inside a module that maps a feature map to no feature map (a head), the
     chain feature map that module consumes."""
-    for scope in _scopes_of(traced, node):
+    for scope in scopes_of(traced, node):
         inside = {n for n in live if (s := traced.scope.get(n, "")) == scope or s.startswith(scope + ".")}
         inputs = {a for n in inside for a in n.all_input_nodes if a not in inside and a in live}
         outputs = [n for n in inside if any(u not in inside for u in n.users)]
