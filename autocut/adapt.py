@@ -19,11 +19,11 @@ from torch import nn
 from autocut import zoo
 from autocut.body import build_body
 from autocut.channels import set_input_channels
-from autocut.cut import Cut
+from autocut.cut import Cut, stride_of
 from autocut.discover import check_input_size, discover_with_trace
 from autocut.errors import CutError, first_line
 from autocut.freeze import NORM_TYPES, freeze_to, norm_parameter_names
-from autocut.groups import group_summary
+from autocut.groups import group_summary, stride_size
 from autocut.layers import create_head
 
 __all__ = ["create_body", "adapt", "AdaptedModel", "apply_init"]
@@ -37,6 +37,7 @@ class _Resolved(NamedTuple):
     module: nn.Module
     arch: str
     input_size: tuple[int, int, int]
+    own_size: tuple[int, int, int]  # the model's own (stated or default) size
 
 
 def _resolve(model: str | nn.Module, input_size, pretrained: bool = False) -> _Resolved:
@@ -44,12 +45,14 @@ def _resolve(model: str | nn.Module, input_size, pretrained: bool = False) -> _R
     if isinstance(model, nn.Module):
         if pretrained:
             raise CutError("pretrained=True needs a model name; load the weights into your module yourself")
-        return _Resolved(model, type(model).__name__, check_input_size(input_size, zoo.default_input_size(model)))
+        own = zoo.default_input_size(model)
+        return _Resolved(model, type(model).__name__, check_input_size(input_size, own), own)
     spec = zoo.resolve(model)
     if input_size is not None:
         check_input_size(input_size, None)  # a bad size fails before the build
     module = zoo.build(spec, device="cpu", pretrained=pretrained)
-    return _Resolved(module, str(spec), check_input_size(input_size, zoo.default_input_size(spec, module)))
+    own = zoo.default_input_size(spec, module)
+    return _Resolved(module, str(spec), check_input_size(input_size, own), own)
 
 
 def _body(model: _Resolved, cut: CutSpec) -> nn.Module:
@@ -58,6 +61,9 @@ def _body(model: _Resolved, cut: CutSpec) -> nn.Module:
     if cut is None or isinstance(cut, str):
         cut, traced = discover_with_trace(model.module, model.input_size, arch=model.arch, where=cut)
     body, found = build_body(model.module, cut, model.input_size, model.arch, traced)
+    measured = stride_size(body, model.input_size, model.own_size)
+    if measured is not None:  # the stride of a map big enough to say (see stride_size)
+        found = dataclasses.replace(found, stride=stride_of((0, *measured[0]), measured[1]), stride_size=measured[0])
     body.cut = found
     names = {n for n, _ in body.named_parameters()}
     body.norm_parameter_names = frozenset(norm_parameter_names(model.module) & names)  # graph bodies lose the types

@@ -36,7 +36,8 @@ class Cut:
         layout: :class:`~autocut.layout.Layout` of the value at the cut: ``"NCHW"``, ``"NHWC"``
             or ``"NLC"`` (tokens). The body always returns NCHW.
         feature_shape: ``(nf, h, w)`` of the body's output at ``input_size``.
-        stride: input size / feature size (one number when both axes agree, else ``(sh, sw)``).
+        stride: input size / feature size (one number when both axes agree, else ``(sh, sw)``),
+            read at ``stride_size`` where that is set.
         prefix_tokens: class/register/distillation tokens the body drops (token layouts).
         method: how the cut was found: ``"fx"`` (graph on meta/fake tensors), ``"hooks"`` (module
             hooks, for models fx cannot trace) or ``"user"`` (given by the caller).
@@ -47,6 +48,9 @@ class Cut:
         after: the outermost module the body ends with, where the cut is the last thing that
             module computes (``"layer4"`` for a ResNet, fastai's way of saying it); ``""`` where
             the cut is made by the model's own forward between modules.
+        stride_size: ``(H, W)`` the stride (and the layer groups' strides) were read at, where
+            ``input_size`` is smaller than the model's own size: at 16 px a ResNet's map is 1x1
+            from ``layer3`` on, which says nothing about stride. ``None``: read at ``input_size``.
     """
 
     arch: str
@@ -61,6 +65,7 @@ class Cut:
     dropped: tuple[str, ...] = ()
     groups: tuple[tuple[str, str, int], ...] = ()
     after: str = ""
+    stride_size: tuple[int, int] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "layout", Layout(self.layout))  # a record read back from JSON has a str
@@ -75,7 +80,7 @@ class Cut:
             f"Cut of {self.arch} at {self.where!r}" + (f", the end of {self.after!r}" if self.after and self.after != self.where
                                                        else "") + f" (found by {self.method})",
             f"  features   {self.nf} channels, {self.feature_shape[1]}x{self.feature_shape[2]} "
-            f"(stride {stride}) for input {tuple(self.input_size)}",
+            f"(stride {stride}{self._read_at}) for input {tuple(self.input_size)}",
             f"  layout     {self.layout}" + (f", {self.prefix_tokens} prefix tokens dropped" if self.prefix_tokens else "")
             + ("" if self.layout == Layout.NCHW else " -> body returns NCHW"),
             f"  dropped    {', '.join(self.dropped) if self.dropped else '(nothing with parameters)'}",
@@ -84,6 +89,10 @@ class Cut:
             span = first if first == last else f"{first} .. {last}"
             lines.append(f"  group {i}    {span} ({count:,} parameters)")
         return "\n".join(lines)
+
+    @property
+    def _read_at(self) -> str:
+        return f", read at {self.stride_size[0]}x{self.stride_size[1]}" if self.stride_size else ""
 
 
 def _fmt(x: float) -> str:

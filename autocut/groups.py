@@ -30,7 +30,7 @@ from autocut.errors import CutError
 from autocut.layout import Layout, feature_of
 from autocut.probe import PROBE_BATCH, probe_forward, shape_of
 
-__all__ = ["LATE_STRIDE", "Unit", "body_units", "layer_groups", "splitter", "group_summary"]
+__all__ = ["LATE_STRIDE", "Unit", "body_units", "layer_groups", "splitter", "group_summary", "stride_size"]
 
 LATE_STRIDE = 16  # where fastai's _resnet_split starts the late body
 
@@ -104,6 +104,34 @@ def _hooked_forward(body: nn.Module, input_size: tuple[int, int, int]) -> tuple[
         for h in handles:
             h.remove()
     return calls, batch
+
+
+def stride_size(
+    body: nn.Module, input_size: tuple[int, int, int], own_size: tuple[int, int, int]
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Where to read ``body``'s strides, and its output grid there: the model's own size on each
+    side where ``input_size`` is smaller (at 16 px a ResNet's map is 1x1 from ``layer3`` on,
+    which says nothing about stride), so strides and layer groups do not depend on the training
+    size. ``None`` where ``input_size`` is as big, or the body does not run at the bigger size
+    (a model built for one size); then strides are read at ``input_size``.
+
+    Example:
+        >>> stride_size(create_body("resnet50", input_size=(3, 16, 16)), (3, 16, 16), (3, 224, 224))
+        ((224, 224), (7, 7))
+    """
+    hw = (max(own_size[1], input_size[1]), max(own_size[2], input_size[2]))
+    if hw == tuple(input_size[1:]):
+        return None
+    out: list[Any] = []
+    handle = body.register_forward_hook(lambda m, args, o: out.append(shape_of(o)))
+    try:
+        probe_forward(body, (input_size[0], *hw))
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError, CutError):
+        return None  # the model runs only at the given size
+    finally:
+        handle.remove()
+    shape = out[-1] if out else None
+    return (hw, tuple(shape[-2:])) if isinstance(shape, tuple) and len(shape) == 4 else None
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -224,7 +252,7 @@ def _groups(model: nn.Module, n: int | None) -> list[list]:
     body, head, cut = _adapted_parts(model)
     cached = getattr(model, "_autocut_units", None)
     if cached is None:
-        cached = body_units(body, tuple(cut.input_size))
+        cached = body_units(body, (cut.input_size[0], *(cut.stride_size or cut.input_size[1:])))
         model._autocut_units = cached  # one hooked forward per model
     units = cached
     head_params = list(head.parameters())

@@ -284,3 +284,40 @@ def test_units_run_at_the_stride_of_their_output_a_tuples_first_map_on_any_aspec
 
     units = body_units(PairBody(), size)
     assert [(u.path, u.stride) for u in units] == [("stem", 2), ("pair", 4), ("stage", 8)]
+
+
+@pytest.mark.parametrize("size, n_in, read_at", [((3, 16, 16), None, (224, 224)), ((3, 40, 40), None, (224, 224)),
+                                                  ((3, 64, 320), 1, (224, 320))], ids=["16px", "40px", "wide-1ch"])
+def test_groups_and_stride_at_a_small_size_are_read_at_the_models_own(size, n_in, read_at):
+    # at 16 px a ResNet's map is 1x1 from layer3 on: the strides there say 16 where they are 32,
+    # which once put layer4.0 in the early group (trained at lr/100 when fine-tuning at 16 px)
+    original = torchvision.models.resnet34()
+    model = autocut.adapt(original, n_out=3, input_size=size, n_in=n_in)
+    assert model.cut.stride == 32 and model.cut.stride_size == read_at
+    assert model.cut.feature_shape == (512, -(-size[1] // 32), -(-size[2] // 32))
+    assert "stride 32, read at" in str(model.cut)
+    at_own_size = autocut.adapt(torchvision.models.resnet34(), n_out=3, n_in=n_in)
+    assert model.cut.groups == at_own_size.cut.groups
+    if n_in is None:  # the stem rebuilt for n_in is not the original's
+        theirs = _fastai_groups("resnet34", original, model[1])
+        assert [_ids(g) for g in autocut.layer_groups(model)] == [_ids(g) for g in theirs]
+
+
+class OneSize(nn.Module):
+    """Runs only at 32 px: a learned map the size of its 8x8 stride-4 grid is added."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mid = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 16, 3, 2, 1)
+        self.pos = nn.Parameter(torch.zeros(1, 16, 8, 8))
+        self.last = nn.Conv2d(16, 32, 3, 2, 1)
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.fc(self.last(self.mid(self.stem(x)) + self.pos).mean((2, 3)))
+
+
+def test_a_model_that_runs_only_at_the_given_size_has_its_strides_read_there():
+    model = autocut.adapt(OneSize(), n_out=2, input_size=(3, 32, 32))
+    assert model.cut.stride == 8 and model.cut.stride_size is None
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2)
