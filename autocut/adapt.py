@@ -16,11 +16,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from autocut import zoo
+from autocut import _validate, zoo
 from autocut.body import build_body
 from autocut.channels import set_input_channels
 from autocut.cut import Cut, stride_of
-from autocut.discover import check_input_size, discover_with_trace
+from autocut.discover import discover_with_trace
 from autocut.errors import CutError, first_line
 from autocut.freeze import NORM_TYPES, freeze_to, norm_parameter_names
 from autocut.groups import group_summary, stride_size
@@ -46,13 +46,11 @@ def _resolve(model: str | nn.Module, input_size, pretrained: bool = False) -> _R
         if pretrained:
             raise CutError("pretrained=True needs a model name; load the weights into your module yourself")
         own = zoo.default_input_size(model)
-        return _Resolved(model, type(model).__name__, check_input_size(input_size, own), own)
+        return _Resolved(model, type(model).__name__, _validate.input_size(input_size, own), own)
     spec = zoo.resolve(model)
-    if input_size is not None:
-        check_input_size(input_size, None)  # a bad size fails before the build
     module = zoo.build(spec, device="cpu", pretrained=pretrained)
     own = zoo.default_input_size(spec, module)
-    return _Resolved(module, str(spec), check_input_size(input_size, own), own)
+    return _Resolved(module, str(spec), _validate.input_size(input_size, own), own)
 
 
 def _body(model: _Resolved, cut: CutSpec) -> nn.Module:
@@ -70,11 +68,10 @@ def _body(model: _Resolved, cut: CutSpec) -> nn.Module:
     return body
 
 
-def _check_n_in(n_in: int | None, n_in_init: str | None) -> None:
+def _check_n_in(n_in: int | None, n_in_init: str | None) -> int | None:
     if n_in_init is not None and n_in is None:
         raise CutError("n_in_init does nothing without n_in: pass n_in too")
-    if n_in is not None and (isinstance(n_in, bool) or not isinstance(n_in, int) or n_in < 1):
-        raise CutError(f"n_in must be a positive int, got {n_in!r}")
+    return None if n_in is None else _validate.positive_int("n_in", n_in)
 
 
 def _set_n_in(body: nn.Module, n_in: int | None, n_in_init: str | None) -> None:
@@ -100,7 +97,8 @@ def create_body(
         cut: ``None`` to discover it; a :class:`Cut`; an int (fastai-style: the first ``cut``
             children, run in order); a node name or module path of the traced graph; or a
             callable ``model -> body``.
-        input_size: ``(C, H, W)``; default from the model's config.
+        input_size: ``(C, H, W)``, or an int ``s`` for a square ``(C, s, s)`` with the model's own
+            ``C``; default from the model's config.
         n_in: input channels, when not the model's own: the layer that reads the image (stem
             conv, patch embedding, ...) is found and rebuilt, keeping its weights (replaced in the
             body; a module shared with ``model`` is replaced there too).
@@ -112,12 +110,17 @@ def create_body(
         The body, with ``.cut`` set. NHWC maps come out as a channels_last view (no copy); token
         maps lose their prefix tokens and are laid on the patch grid.
 
+    Raises:
+        CutError: (a ``ValueError``) a bad ``input_size`` or ``n_in`` (named in the message), or
+            a model that cannot be cut.
+
     Example:
         >>> body = create_body("resnet18")
         >>> body(torch.randn(2, 3, 64, 64)).shape
         torch.Size([2, 512, 2, 2])
     """
-    _check_n_in(n_in, n_in_init)
+    n_in = _check_n_in(n_in, n_in_init)
+    _validate.input_size(input_size, None)  # a bad size fails before the build
     body = _body(_resolve(model, input_size), cut)
     _set_n_in(body, n_in, n_in_init)
     return body
@@ -212,10 +215,10 @@ def adapt(
             dict, read with ``weights_only=True``), loaded into the body; the old head's keys
             are ignored, every body key must be there.
         cut: as in :func:`create_body`.
-        input_size: ``(C, H, W)``; default from the model's config.
-        custom_head: use this head instead of :func:`create_head`'s.
-        init: initialiser for the head's weights (custom heads too, as fastai does; norm layers
-            skipped, biases zeroed); ``None`` keeps the head's own initialisation.
+        input_size: as in :func:`create_body` (``(C, H, W)`` or one int).
+        custom_head: an ``nn.Module`` to use as the head instead of :func:`create_head`'s.
+        init: a callable, initialiser for the head's weights (custom heads too, as fastai does;
+            norm layers skipped, biases zeroed); ``None`` keeps the head's own initialisation.
         n_in, n_in_init: input channels and how to make the new input layer's weights, as in
             :func:`create_body` (applied after ``weights`` load, so RGB checkpoints fit).
         **head_options: passed to :func:`create_head` (``lin_ftrs``, ``ps``, ``concat_pool``, ...).
@@ -224,18 +227,26 @@ def adapt(
         An :class:`AdaptedModel` in train mode, with ``.cut`` (its layer groups in
         ``cut.groups``; empty, with a warning, where they cannot be found).
 
+    Raises:
+        CutError: (a ``ValueError``) an argument of the wrong kind or out of range, named in the
+            message (``n_out`` not an integral number >= 1, ``custom_head`` not a module,
+            ``init`` not a callable, a bad ``input_size``, head options as :func:`create_head`
+            refuses them), or a model that cannot be cut.
+
     Example:
         >>> model = adapt("resnet18", n_out=37)
         >>> model(torch.randn(2, 3, 64, 64)).shape
         torch.Size([2, 37])
     """
-    if isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 1:
-        raise CutError(f"n_out must be a positive int, got {n_out!r}")
+    n_out = _validate.positive_int("n_out", n_out)
+    _validate.a_module("custom_head", custom_head, "the head, taking the body's (B, nf, h, w) map")
+    _validate.a_callable("init", init, "called on each weight tensor of the head, such as nn.init.kaiming_normal_")
     if pretrained and weights is not None:
         raise CutError("pass pretrained=True or weights=PATH, not both")
     if custom_head is not None and head_options:
         raise CutError(f"head options {sorted(head_options)} do nothing with custom_head: pass one or the other")
-    _check_n_in(n_in, n_in_init)
+    n_in = _check_n_in(n_in, n_in_init)
+    _validate.input_size(input_size, None)  # a bad size fails before the build
 
     resolved = _resolve(model, input_size, pretrained=pretrained)
     body = _body(resolved, cut)

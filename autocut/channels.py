@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from autocut._validate import positive_int
 from autocut.errors import CutError
 from autocut.probe import probe_forward
 
@@ -95,8 +96,7 @@ def set_input_channels(body: nn.Module, n_in: int, input_size: tuple[int, int, i
     the original channels, zero the rest: extra channels that are zero change nothing) or
     ``"random"``; default as timm does (``"sum"`` for one channel, else ``"repeat"``).
     """
-    if isinstance(n_in, bool) or not isinstance(n_in, int) or n_in < 1:
-        raise CutError(f"n_in must be a positive int, got {n_in!r}")
+    n_in = positive_int("n_in", n_in)
     init = init or ("sum" if n_in == 1 else "repeat")
     if init not in N_IN_INITS:
         raise CutError(f"n_in_init must be one of {N_IN_INITS}, got {init!r}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from autocut._validate import integer
+from autocut.errors import CutError
 from autocut.groups import layer_groups
 
 __all__ = ["NORM_TYPES", "norm_parameter_names", "norm_parameter_ids", "freeze_to"]
@@ -38,8 +40,29 @@ def norm_parameter_ids(model: nn.Module) -> set[int]:
 
 def freeze_to(model: nn.Module, n: int, train_bn: bool = True, groups: int | None = 3) -> None:
     """Freeze the first ``n`` layer groups (negative counts from the end), fastai's way: with
-    ``train_bn`` the norm layers' parameters stay trainable."""
+    ``train_bn`` the norm layers' parameters stay trainable.
+
+    The last group, the head, always trains: of ``k`` groups, ``n`` runs from ``-k`` (as 0:
+    nothing frozen) to ``k - 1`` (as -1: all but the head). fastai's ``freeze_to`` freezes the
+    whole model, with a warning, for ``n >= k`` and freezes nothing for ``n < -k``; autocut
+    refuses both.
+
+    Args:
+        model: a model made by :func:`autocut.adapt`.
+        n: how many groups to freeze, an integral number in ``[-k, k)``.
+        train_bn: keep the norm layers' parameters trainable.
+        groups: which layer groups, as ``n`` in :func:`autocut.layer_groups`.
+
+    Raises:
+        CutError: (a ``ValueError``) ``n`` not an int (a bool, a float, a string) or out of
+            ``[-k, k)``; the message names it and says the range.
+    """
+    n = integer("n", n)
     gs = layer_groups(model, groups)
+    if not -len(gs) <= n < len(gs):
+        k = len(gs)
+        raise CutError(f"freeze_to's n={n} is out of range for {k} layer groups: pass {-k} to {k - 1} "
+                       f"({k - 1} or -1 freezes all but the head, which always trains; 0 freezes nothing)")
     stop = n if n >= 0 else len(gs) + n
     norms = norm_parameter_ids(model) if train_bn else set()
     for i, g in enumerate(gs):

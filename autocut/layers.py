@@ -7,11 +7,16 @@ models; :mod:`autocut.adapt` puts the head on a body.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from autocut._validate import number, number_range, positive_int, positive_ints
+from autocut.errors import CutError
 
 __all__ = [
     "AdaptiveConcatPool2d",
@@ -217,6 +222,15 @@ def _lin_bn_drop(n_in: int, n_out: int, bn: bool, p: float, act: nn.Module | Non
     return lin + norm + drop if lin_first else norm + drop + lin
 
 
+def _dropouts(ps: Any) -> list[float]:
+    """``ps`` as a list of dropout probabilities, each in ``[0, 1)``."""
+    if isinstance(ps, numbers.Real):
+        return [number("ps", ps, "[0, 1)", 0.5)]
+    if isinstance(ps, Sequence) and not isinstance(ps, (str, bytes)) and len(ps) > 0:
+        return [number(f"ps[{i}]", p, "[0, 1)", 0.5) for i, p in enumerate(ps)]
+    raise CutError(f"ps must be a dropout probability in [0, 1) or a list of them, one per block, got {ps!r}: pass 0.5")
+
+
 def create_head(
     nf: int,
     n_out: int,
@@ -232,10 +246,11 @@ def create_head(
     """fastai's classifier head: pool, flatten, then BatchNorm/Dropout/Linear blocks.
 
     Args:
-        nf: channels of the feature map the head receives (doubled inside with concat pooling).
-        n_out: number of outputs.
-        lin_ftrs: widths of the hidden layers; ``None`` means ``[512]``.
-        ps: dropout probabilities, one per block; a single value ``p`` spreads as
+        nf: channels of the feature map the head receives (doubled inside with concat pooling);
+            any integral number >= 1 (``numpy.int64`` too).
+        n_out: number of outputs, an integral number >= 1.
+        lin_ftrs: widths of the hidden layers, ints >= 1; ``None`` means ``[512]``.
+        ps: dropout probabilities in ``[0, 1)``, one per block; a single value ``p`` spreads as
             ``[p/2] * (n_blocks - 1) + [p]``.
         pool: start with a global pool and a flatten (``False`` for a head fed with vectors).
         concat_pool: pool with :class:`AdaptiveConcatPool2d` (max and avg) instead of avg only.
@@ -244,28 +259,35 @@ def create_head(
         lin_first: each block is Linear, ReLU, BatchNorm, Dropout instead of BatchNorm, Dropout,
             Linear, ReLU; the last block is a bare Linear. (fastai appends an extra Linear here,
             which only fits when the last hidden width equals ``n_out``; autocut does not.)
-        y_range: ``(low, high)`` to end with a :class:`SigmoidRange` (regression).
+        y_range: ``(low, high)``, finite with ``low < high``, to end with a :class:`SigmoidRange`
+            (regression).
 
     Returns:
         ``nn.Sequential`` mapping ``(B, nf, h, w)`` (or ``(B, nf)`` with ``pool=False``) to
         ``(B, n_out)``.
+
+    Raises:
+        CutError: (a ``ValueError``) an argument out of its range or of the wrong kind (a float or
+            a bool for a size, a dropout of 1, ...), or a number of ``ps`` that fits no block
+            count; the message names the argument.
 
     Example:
         >>> head = create_head(512, 10)
         >>> head(torch.randn(4, 512, 7, 7)).shape
         torch.Size([4, 10])
     """
-    if nf < 1 or n_out < 1:
-        raise ValueError(f"create_head needs nf >= 1 and n_out >= 1, got nf={nf}, n_out={n_out}")
+    nf, n_out = positive_int("nf", nf), positive_int("n_out", n_out)
     if pool and concat_pool:
         nf *= 2
-    widths = [nf, 512, n_out] if lin_ftrs is None else [nf, *lin_ftrs, n_out]
+    widths = [nf, 512, n_out] if lin_ftrs is None else [nf, *positive_ints("lin_ftrs", lin_ftrs), n_out]
     n_blocks = len(widths) - 1
-    ps = [ps] if isinstance(ps, (int, float)) else list(ps)
+    ps = _dropouts(ps)
+    if y_range is not None:
+        y_range = number_range("y_range", y_range)
     if len(ps) == 1:
         ps = [ps[0] / 2] * (n_blocks - 1) + ps
     if len(ps) != n_blocks:
-        raise ValueError(f"ps has {len(ps)} values for {n_blocks} blocks: give one value or {n_blocks}")
+        raise CutError(f"ps has {len(ps)} values for {n_blocks} blocks: give one value or {n_blocks}")
     bns = [first_bn] + [True] * (n_blocks - 1)
     acts = [nn.ReLU(inplace=True) for _ in range(n_blocks - 1)] + [None]
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from autocut._validate import learning_rates, number
 from autocut.errors import CutError
 from autocut.freeze import norm_parameter_ids
 from autocut.groups import layer_groups
@@ -15,16 +16,15 @@ __all__ = ["param_groups"]
 
 
 def _lrs(lr: float | slice, n: int) -> list[float]:
+    """One rate per group from a checked ``lr`` (see :func:`autocut._validate.learning_rates`)."""
     if isinstance(lr, slice):
         lo, hi = lr.start, lr.stop
-        if hi is None:
-            raise CutError("lr=slice(...) needs a stop: slice(lo, hi) or slice(hi)")
         if lo is None:  # fastai: slice(hi) gives hi/10 to all but the last group
             return [hi / 10] * (n - 1) + [hi]
         if n == 1:
             return [hi]
         return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
-    return [float(lr)] * n
+    return [lr] * n
 
 
 def param_groups(
@@ -39,19 +39,32 @@ def param_groups(
 
     Args:
         lr: a float, or ``slice(lo, hi)`` spread geometrically over the groups (fastai's
-            discriminative learning rates), or ``slice(hi)`` (``hi/10`` for all but the head).
-        weight_decay: for weights; norms and biases get 0.
-        layer_decay: timm-style: group ``i`` of ``k`` gets ``lr * layer_decay ** (k - 1 - i)``.
+            discriminative learning rates: ``lo`` for the first group, ``hi`` for the head, so
+            ``lo <= hi``), or ``slice(hi)`` (``hi/10`` for all but the head). Every rate is a
+            finite number > 0.
+        weight_decay: for weights, a finite number >= 0; norms and biases get 0.
+        layer_decay: timm-style, in ``(0, 1]``: group ``i`` of ``k`` gets
+            ``lr * layer_decay ** (k - 1 - i)``, so earlier groups learn slower (1: all alike).
         n: as in :func:`layer_groups`.
+
+    Raises:
+        CutError: (a ``ValueError``) a rate that is not a finite number > 0 (NaN, 0, negative,
+            infinite), a slice with its bounds swapped or a step, ``layer_decay`` outside
+            ``(0, 1]`` or with a slice, ``weight_decay`` negative or not finite; the message
+            names the argument.
 
     Example:
         >>> opt = torch.optim.AdamW(param_groups(model, slice(1e-5, 1e-3)))
     """
-    gs = layer_groups(model, n)
+    lr = learning_rates("lr", lr)
+    weight_decay = number("weight_decay", weight_decay, "[0, inf)", 0.01)
     if layer_decay is not None:
         if isinstance(lr, slice):
             raise CutError("give lr as a float with layer_decay (the decay spreads it over the groups)")
-        lrs = [float(lr) * layer_decay ** (len(gs) - 1 - i) for i in range(len(gs))]
+        layer_decay = number("layer_decay", layer_decay, "(0, 1]", 0.75)
+    gs = layer_groups(model, n)
+    if layer_decay is not None:
+        lrs = [lr * layer_decay ** (len(gs) - 1 - i) for i in range(len(gs))]
     else:
         lrs = _lrs(lr, len(gs))
     norms = norm_parameter_ids(model)

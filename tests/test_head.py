@@ -2,11 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import autocut
 from autocut import AdaptiveConcatPool2d, SigmoidRange, create_head
 
 
@@ -85,9 +87,48 @@ def test_lin_first_blocks():
     assert head.eval()(torch.randn(2, 16, 3, 3)).shape == (2, 4)
 
 
-def test_bad_sizes_are_refused():
-    with pytest.raises(ValueError, match="nf >= 1"):
-        create_head(0, 3)
+def test_sizes_of_any_integral_type_are_plain_ints():
+    head = create_head(np.int64(8), np.int64(3), lin_ftrs=[np.int32(16)])
+    assert [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)] == [(16, 16), (16, 3)]
+    assert all(type(m.in_features) is int and type(m.out_features) is int for m in head if isinstance(m, nn.Linear))
+    assert head.eval()(torch.randn(2, 8, 2, 2)).shape == (2, 3)
+
+
+_NUMBER = "must be a number in"
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"nf": 0}, r"^nf must be a positive int, got 0 \(int\): pass a whole number >= 1 such as 3$"),
+    ({"nf": 2.5}, r"^nf must be a positive int, got 2\.5 \(float\)"),
+    ({"nf": 8.0}, r"^nf must be a positive int, got 8\.0 \(float\)"),
+    ({"nf": True}, r"^nf must be a positive int, got True \(bool\)"),
+    ({"n_out": -1}, r"^n_out must be a positive int, got -1 \(int\)"),
+    ({"n_out": np.int64(0)}, r"^n_out must be a positive int, got np\.int64\(0\) \(int64\)"),
+    ({"n_out": "10"}, r"^n_out must be a positive int, got '10' \(str\)"),
+    ({"lin_ftrs": [0]}, r"^lin_ftrs\[0\] must be a positive int, got 0 \(int\)"),
+    ({"lin_ftrs": [32, 2.5]}, r"^lin_ftrs\[1\] must be a positive int, got 2\.5 \(float\)"),
+    ({"lin_ftrs": 512}, r"^lin_ftrs must be a list of ints >= 1, got 512 \(int\): pass a list such as \[512\]$"),
+    ({"ps": 1.0}, rf"^ps {_NUMBER} \[0, 1\), got 1\.0 \(float\): pass a number such as 0\.5$"),
+    ({"ps": -0.1}, rf"^ps {_NUMBER} \[0, 1\), got -0\.1 \(float\)"),
+    ({"ps": float("nan")}, rf"^ps {_NUMBER} \[0, 1\), got nan \(float\)"),
+    ({"ps": True}, rf"^ps {_NUMBER} \[0, 1\), got True \(bool\)"),
+    ({"ps": [0.1, 1.5]}, rf"^ps\[1\] {_NUMBER} \[0, 1\), got 1\.5 \(float\)"),
+    ({"ps": []}, r"^ps must be a dropout probability in \[0, 1\) or a list of them, one per block, got \[\]"),
+    ({"ps": "0.5"}, r"^ps must be a dropout probability in \[0, 1\) or a list of them"),
+    ({"y_range": (3.0, -1.0)}, r"^y_range must be \(low, high\) finite numbers with low < high, got \(3\.0, -1\.0\)"),
+    ({"y_range": (0.0, float("inf"))}, rf"^y_range\[1\] {_NUMBER} \(-inf, inf\), got inf \(float\)"),
+])
+def test_bad_arguments_are_refused_naming_the_argument(options, message):
+    args = {"nf": 8, "n_out": 3, **options}
+    with pytest.raises(autocut.CutError, match=message):
+        create_head(args.pop("nf"), args.pop("n_out"), **args)
+
+
+def test_ps_of_any_real_type_spread_as_floats():
+    head = create_head(8, 3, ps=np.float32(0.5))
+    assert [m.p for m in head if isinstance(m, nn.Dropout)] == [0.25, 0.5]
+    assert all(type(m.p) is float for m in head if isinstance(m, nn.Dropout))
+    assert not any(isinstance(m, nn.Dropout) for m in create_head(8, 3, ps=0))
 
 
 # --- BatchNorm + dropout as one module (fused on CUDA; PyTorch's ops here) --------------------
@@ -349,7 +390,7 @@ def test_a_lin_first_head_with_two_hidden_layers_spreads_its_dropouts_in_order()
 
 def test_the_smallest_head_has_one_feature_and_one_output():
     assert create_head(1, 1, pool=False)(torch.randn(4, 1)).shape == (4, 1)
-    with pytest.raises(ValueError, match=r"^create_head needs nf >= 1 and n_out >= 1, got nf=0, n_out=1$"):
+    with pytest.raises(ValueError, match=r"^nf must be a positive int, got 0 \(int\)"):
         create_head(0, 1)
-    with pytest.raises(ValueError, match=r"got nf=1, n_out=0$"):
+    with pytest.raises(ValueError, match=r"^n_out must be a positive int, got 0 \(int\)"):
         create_head(1, 0)

@@ -1,6 +1,7 @@
 """Optimiser param groups (``autocut.optim``): which layer group gets which learning rate
 (fastai's slices, timm's layer decay), and which parameters get weight decay."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,3 +87,52 @@ def test_a_norm_with_a_matrix_of_weights_gets_no_decay_either():
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert head[1].weight.ndim == 2 and decay[id(head[1].weight)] == 0.0 and decay[id(head[3].weight)] == 0.01
 
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return autocut.adapt("resnet18", n_out=2, input_size=(3, 64, 64))
+
+
+_RATE = "must be a finite number > 0, got"
+
+
+@pytest.mark.parametrize(("lr", "options", "message"), [
+    (-1, {}, rf"^lr {_RATE} -1 \(int\): pass a learning rate such as 1e-3$"),
+    (0.0, {}, rf"^lr {_RATE} 0\.0 \(float\)"),
+    (float("nan"), {}, rf"^lr {_RATE} nan \(float\)"),
+    (float("inf"), {}, rf"^lr {_RATE} inf \(float\)"),
+    ("1e-3", {}, rf"^lr {_RATE} '1e-3' \(str\)"),
+    (True, {}, rf"^lr {_RATE} True \(bool\)"),
+    (slice(-1e-5, 1e-3), {}, rf"^the start of lr=slice\(\.\.\.\) {_RATE} -1e-05 \(float\)"),
+    (slice(0, 1e-3), {}, rf"^the start of lr=slice\(\.\.\.\) {_RATE} 0 \(int\)"),
+    (slice(1e-5, float("nan")), {}, rf"^the stop of lr=slice\(\.\.\.\) {_RATE} nan \(float\)"),
+    (slice(-1e-3), {}, rf"^the stop of lr=slice\(\.\.\.\) {_RATE} -0\.001 \(float\)"),
+    (slice(1e-3, 1e-5), {}, r"^lr=slice\(lo, hi\) gives lo to the first layer group and hi to the head, so lo <= hi; "
+                            r"got slice\(0\.001, 1e-05\): pass slice\(1e-05, 0\.001\)$"),
+    (slice(1e-5, 1e-3, 2), {}, r"^lr=slice\(lo, hi\) takes no step, got step=2: pass slice\(lo, hi\) or slice\(hi\)$"),
+    (1e-3, {"layer_decay": -0.5},
+     r"^layer_decay must be a number in \(0, 1\], got -0\.5 \(float\): pass a number such as 0\.75$"),
+    (1e-3, {"layer_decay": 0}, r"^layer_decay must be a number in \(0, 1\], got 0 \(int\)"),
+    (1e-3, {"layer_decay": 1.5}, r"^layer_decay must be a number in \(0, 1\], got 1\.5 \(float\)"),
+    (1e-3, {"layer_decay": float("nan")}, r"^layer_decay must be a number in \(0, 1\], got nan \(float\)"),
+    (float("nan"), {"layer_decay": 0.5}, rf"^lr {_RATE} nan \(float\)"),
+    (1e-3, {"weight_decay": -0.01},
+     r"^weight_decay must be a number in \[0, inf\), got -0\.01 \(float\): pass a number such as 0\.01$"),
+    (1e-3, {"weight_decay": float("inf")}, r"^weight_decay must be a number in \[0, inf\), got inf \(float\)"),
+])
+def test_rates_that_would_not_train_are_refused_naming_the_argument(resnet, lr, options, message):
+    with pytest.raises(autocut.CutError, match=message):
+        autocut.param_groups(resnet, lr, **options)
+
+
+def test_rates_at_the_edges_and_of_any_real_type_are_exact_floats(resnet):
+    def lrs(*args, **kwargs):
+        return [g["lr"] for g in autocut.param_groups(resnet, *args, **kwargs) if g["weight_decay"] == 0.0]
+
+    assert lrs(slice(1e-3, 1e-3)) == [1e-3, 1e-3, 1e-3]
+    assert lrs(1e-3, layer_decay=1) == [1e-3, 1e-3, 1e-3]
+    assert lrs(np.float64(1e-3)) == lrs(1e-3) == [1e-3, 1e-3, 1e-3]
+    assert lrs(slice(np.float64(1e-5), np.float64(1e-3))) == lrs(slice(1e-5, 1e-3)) == [1e-5, 1e-5 * 100 ** 0.5, 1e-3]
+    assert all(type(x) is float for x in lrs(1) + lrs(slice(np.float32(1e-4), 1)))
+    assert {g["weight_decay"] for g in autocut.param_groups(resnet, 1e-3, weight_decay=0)} == {0.0}

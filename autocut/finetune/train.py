@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from autocut import adapt, param_groups, zoo
+from autocut._validate import number
 from autocut.finetune import checkpoint
 from autocut.finetune.data import Data, Tensors, channel_stats, load_data, sample_seed
 from autocut.finetune.distributed import Processes, all_sum, setup, synced_batch_norm, teardown
@@ -290,6 +291,7 @@ def finetune(
 
 def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights, n_in,
               out, resume, seed, ps, weight_decay, valid_pct, augment, workers, progress, on_epoch_end):
+    number("lr_mult", 1.0 if lr_mult is None else lr_mult, "[1, inf)", 100)  # before any epoch, as lr is by param_groups
     if epochs < 0 or (freeze_epochs or 0) < 0 or bs < 1 or lr <= 0 or seed < 0:
         raise ValueError(f"need epochs >= 0, freeze_epochs >= 0, bs >= 1, lr > 0 and seed >= 0 "
                          f"(got {epochs}, {freeze_epochs}, {bs}, {lr}, {seed})")
