@@ -20,11 +20,12 @@ from autocut import _validate, zoo
 from autocut.body import build_body
 from autocut.channels import set_input_channels
 from autocut.cut import Cut, stride_of
-from autocut.discover import discover_with_trace
+from autocut.discover import discover_with_trace, unwrap
 from autocut.errors import CutError, first_line
 from autocut.freeze import NORM_TYPES, freeze_to, norm_parameter_names
 from autocut.groups import group_summary, stride_size
 from autocut.layers import create_head
+from autocut.probe import model_device, model_dtype, modes_kept
 
 __all__ = ["create_body", "adapt", "AdaptedModel", "apply_init"]
 
@@ -32,21 +33,25 @@ CutSpec = Cut | int | str | Callable[[nn.Module], nn.Module] | None
 
 
 class _Resolved(NamedTuple):
-    """A model resolved once: the module to cut, the name its cut is reported under, the size."""
+    """A model resolved once: the module to cut, the name its cut is reported under, the size,
+    and whether the module is the user's (its training flags are theirs) or built here."""
 
     module: nn.Module
     arch: str
     input_size: tuple[int, int, int]
     own_size: tuple[int, int, int]  # the model's own (stated or default) size
+    users: bool = False
 
 
 def _resolve(model: str | nn.Module, input_size, pretrained: bool = False) -> _Resolved:
-    """A real (CPU) model for a name, or the module itself; its arch name and input size."""
+    """A real (CPU) model for a name, or the module itself (unwrapped, see
+    :func:`autocut.discover.unwrap`); its arch name and input size."""
     if isinstance(model, nn.Module):
         if pretrained:
             raise CutError("pretrained=True needs a model name; load the weights into your module yourself")
+        model = unwrap(model)
         own = zoo.default_input_size(model)
-        return _Resolved(model, type(model).__name__, _validate.input_size(input_size, own), own)
+        return _Resolved(model, type(model).__name__, _validate.input_size(input_size, own), own, True)
     spec = zoo.resolve(model)
     module = zoo.build(spec, device="cpu", pretrained=pretrained)
     own = zoo.default_input_size(spec, module)
@@ -54,14 +59,17 @@ def _resolve(model: str | nn.Module, input_size, pretrained: bool = False) -> _R
 
 
 def _body(model: _Resolved, cut: CutSpec) -> nn.Module:
-    """The body of a resolved model, with ``.cut`` and ``.norm_parameter_names``."""
+    """The body of a resolved model, with ``.cut`` and ``.norm_parameter_names``, in the model's
+    mode; every module of the model keeps its own training flag."""
     traced = None
-    if cut is None or isinstance(cut, str):
-        cut, traced = discover_with_trace(model.module, model.input_size, arch=model.arch, where=cut)
-    body, found = build_body(model.module, cut, model.input_size, model.arch, traced)
-    measured = stride_size(body, model.input_size, model.own_size)
-    if measured is not None:  # the stride of a map big enough to say (see stride_size)
-        found = dataclasses.replace(found, stride=stride_of((0, *measured[0]), measured[1]), stride_size=measured[0])
+    with modes_kept(model.module):
+        if cut is None or isinstance(cut, str):
+            cut, traced = discover_with_trace(model.module, model.input_size, arch=model.arch, where=cut)
+        body, found = build_body(model.module, cut, model.input_size, model.arch, traced)
+        measured = stride_size(body, model.input_size, model.own_size)
+        if measured is not None:  # the stride of a map big enough to say (see stride_size)
+            found = dataclasses.replace(found, stride=stride_of((0, *measured[0]), measured[1]), stride_size=measured[0])
+        body.train(model.module.training)  # the body's own flag (a GraphBody's graph), not the model's modules'
     body.cut = found
     names = {n for n, _ in body.named_parameters()}
     body.norm_parameter_names = frozenset(norm_parameter_names(model.module) & names)  # graph bodies lose the types
@@ -107,12 +115,15 @@ def create_body(
             the rest) or ``"random"``; default as timm does.
 
     Returns:
-        The body, with ``.cut`` set. NHWC maps come out as a channels_last view (no copy); token
-        maps lose their prefix tokens and are laid on the patch grid.
+        The body, with ``.cut`` set, in ``model``'s mode (a named model is built in eval mode);
+        the modules it shares with ``model`` keep their own training flags. NHWC maps come out as
+        a channels_last view (no copy); token maps lose their prefix tokens and are laid on the
+        patch grid. A ``torch.compile``'d module, ``nn.DataParallel`` or
+        ``DistributedDataParallel`` is cut as the module it wraps: compile or wrap the result.
 
     Raises:
         CutError: (a ``ValueError``) a bad ``input_size`` or ``n_in`` (named in the message), or
-            a model that cannot be cut.
+            a model that cannot be cut as asked (the message says what to pass instead).
 
     Example:
         >>> body = create_body("resnet18")
@@ -216,7 +227,8 @@ def adapt(
             are ignored, every body key must be there.
         cut: as in :func:`create_body`.
         input_size: as in :func:`create_body` (``(C, H, W)`` or one int).
-        custom_head: an ``nn.Module`` to use as the head instead of :func:`create_head`'s.
+        custom_head: an ``nn.Module`` to use as the head instead of :func:`create_head`'s (moved,
+            as :func:`create_head`'s is, to the body's device and floating-point dtype).
         init: a callable, initialiser for the head's weights (custom heads too, as fastai does;
             norm layers skipped, biases zeroed); ``None`` keeps the head's own initialisation.
         n_in, n_in_init: input channels and how to make the new input layer's weights, as in
@@ -224,14 +236,22 @@ def adapt(
         **head_options: passed to :func:`create_head` (``lin_ftrs``, ``ps``, ``concat_pool``, ...).
 
     Returns:
-        An :class:`AdaptedModel` in train mode, with ``.cut`` (its layer groups in
-        ``cut.groups``; empty, with a warning, where they cannot be found).
+        An :class:`AdaptedModel` with ``.cut`` (its layer groups in ``cut.groups``; empty, with a
+        warning, where they cannot be found), its head on the body's device and in its dtype
+        (the first floating-point parameter's: a bfloat16 model gets a bfloat16 head).
+        For a name, in train mode. For a module, in that module's mode (``model.training``):
+        the body shares its modules, and ``adapt`` switches none of them, so a model passed in
+        eval mode comes back in eval mode (call ``.train()`` to train it) and a norm layer frozen
+        in eval mode stays so. A ``torch.compile``'d module (or ``nn.DataParallel`` /
+        ``DistributedDataParallel``) is adapted as the module it wraps: compile (or wrap) the
+        result. Hooks registered on the model's modules keep firing on every forward.
 
     Raises:
         CutError: (a ``ValueError``) an argument of the wrong kind or out of range, named in the
             message (``n_out`` not an integral number >= 1, ``custom_head`` not a module,
             ``init`` not a callable, a bad ``input_size``, head options as :func:`create_head`
-            refuses them), or a model that cannot be cut.
+            refuses them); a model that cannot be cut as asked, or a checkpoint that does not
+            fit (the message says what to pass instead).
 
     Example:
         >>> model = adapt("resnet18", n_out=37)
@@ -255,8 +275,14 @@ def adapt(
     _set_n_in(body, n_in, n_in_init)
     head = custom_head if custom_head is not None else create_head(body.cut.nf, n_out, **head_options)
     apply_init(head, init)
+    head.to(device=model_device(body), dtype=model_dtype(body))  # a meta, GPU or bfloat16 body's head is too
 
-    adapted = AdaptedModel(body, head, body.cut).train()
+    adapted = AdaptedModel(body, head, body.cut)
+    if resolved.users:
+        with modes_kept(resolved.module):  # its modules, shared with the body, keep their flags
+            adapted.train(resolved.module.training)
+    else:
+        adapted.train()
     try:
         groups = tuple((g["first"], g["last"], g["params"]) for g in group_summary(adapted))
     except Exception as err:  # any failure of the groups' forward: warned; the model still adapts without them

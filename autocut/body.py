@@ -10,6 +10,10 @@
 - a cut found by module hooks gives an :class:`~autocut.cut_hooks.EarlyExitBody`;
 - an int gives fastai's body, the first children (:class:`SequentialBody`); a callable gives
   whatever it returns. Either is probed once to read what it returns.
+
+A cut the user gives (a :class:`Cut`, an int, a callable) is held to what a found one is: the
+body's own output on the probe must be the map its :class:`Cut` describes, ``(B, nf, h, w)``;
+a body that pools or flattens after its last map is refused with the cut to pass instead.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from autocut.cut_hooks import EarlyExitBody
 from autocut.discover import discover_module
 from autocut.errors import CutError, first_line
 from autocut.layout import Layout, ToNCHW, to_nchw
+from autocut.probe import probe_forward, shape_of
 from autocut.trace import Traced, constants_attached, trace_graph
 
 __all__ = ["build_body", "GraphBody", "SequentialBody"]
@@ -226,10 +231,15 @@ def build_body(
     """
     if isinstance(cut, Cut):
         if cut.method in ("fx", "user"):
-            return _fx_body(model, cut, traced), cut
-        if cut.method == "hooks":
-            return EarlyExitBody(model, cut), cut
-        raise CutError(f"unknown cut method {cut.method!r}: one of fx, hooks, user")
+            body = _fx_body(model, cut, traced)
+        elif cut.method == "hooks":
+            body = EarlyExitBody(model, cut)
+        else:
+            raise CutError(f"unknown cut method {cut.method!r}: one of fx, hooks, user")
+        if traced is None:  # a Cut given, not one discovery just found on this very trace
+            _check_output(body, cut, f"the body cut at {cut.where!r}", "is the Cut of another model or input size? "
+                          f"Pass cut={cut.where!r} (or cut=None) to read it again")
+        return body, cut
     if isinstance(cut, bool) or not (isinstance(cut, int) or callable(cut)):
         raise CutError(f"cut must be None, a Cut, an int, a node name or a callable, got {cut!r}")
     if isinstance(cut, int):
@@ -237,11 +247,45 @@ def build_body(
         if not -len(children) <= cut <= len(children) or cut == 0:
             raise CutError(f"cut={cut} is out of range for {type(model).__name__}, which has {len(children)} children")
         body = SequentialBody(OrderedDict(children[:cut]))
+        what = f"the body cut={cut} makes of {arch} (its first {len(body)} children)"
     else:
         body = cut(model)
         if not isinstance(body, nn.Module):
             raise CutError(f"the cut callable returned {type(body).__name__}, not an nn.Module")
+        what = f"the body the cut callable {getattr(cut, '__name__', type(cut).__name__)} makes of {arch}"
     found = dataclasses.replace(discover_module(body, input_size, arch=arch), method="user")
     if found.layout != Layout.NCHW:
         body = nn.Sequential(OrderedDict([("body", body), ("to_nchw", ToNCHW(found.layout, found.prefix_tokens, found.grid))]))
+    _check_output(body, found, what, _instead(model, cut, found))
     return body, found
+
+
+def _check_output(body: nn.Module, cut: Cut, what: str, instead: str) -> None:
+    """Refuse a body whose output on the probe is not the ``(B, nf, h, w)`` map ``cut`` says."""
+    shapes: list[object] = []
+    handle = body.register_forward_hook(lambda module, args, out: shapes.append(shape_of(out)))
+    try:
+        batch = probe_forward(body, cut.input_size, before_real=shapes.clear)
+    except Exception as err:  # any failure of the body's forward: refused, naming it
+        raise CutError(f"{what} fails on a {cut.input_size} input ({type(err).__name__}: {first_line(err)}); {instead}") from err
+    finally:
+        handle.remove()
+    got, want = shapes[-1] if shapes else None, (batch, *cut.feature_shape)
+    if got != want:
+        shown = f"shape (B, {', '.join(map(str, got[1:]))})" if isinstance(got, tuple) and got else f"{got!r}"
+        raise CutError(
+            f"{what} returns {shown} for input {cut.input_size}, not the feature map the cut says: "
+            f"{cut.nf}x{cut.grid[0]}x{cut.grid[1]} at {cut.where!r} ({cut.layout.value}); {instead}"
+        )
+
+
+def _instead(model: nn.Module, cut: int | Callable, found: Cut) -> str:
+    """What cut to pass where a user's body goes on past the map found in it (pools, flattens)."""
+    names = [name for name, _ in model.named_children()]
+    child = found.after.split(".")[0]
+    if isinstance(cut, int) and found.after == child and child in names:  # the cut ends a whole child
+        n = names.index(child) + 1
+        return (f"it goes on after {child!r} (pooling or flattening): pass cut={n if cut > 0 else n - len(names)} "
+                f"(the children up to {child!r}) or cut=None to find the cut")
+    end = f"{found.after!r}" if found.after else f"the node {found.where!r}"
+    return f"it goes on after {end} (pooling or flattening): end the body there, or pass cut=None to find the cut"

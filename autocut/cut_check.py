@@ -32,7 +32,7 @@ from autocut.cut import Cut
 from autocut.cut_graph import carries_tensor, scopes_of
 from autocut.errors import CutError
 from autocut.layout import feature_of
-from autocut.probe import PROBE_BATCH, eval_mode, first_input, model_device, probe_input, tensor_leaves
+from autocut.probe import PROBE_BATCH, eval_mode, first_input, model_device, model_dtype, probe_input, tensor_leaves
 from autocut.trace import Traced
 
 __all__ = ["CutCheck", "check_graph_cut", "check_module_cut", "LAYOUT_OPS"]
@@ -272,7 +272,8 @@ def check_module_cut(model: nn.Module, cut: Cut, batch: int = PROBE_BATCH) -> Cu
     else:
         handles.append(target.register_forward_hook(lambda m, args, output: hold(output)))
     try:
-        with eval_mode(model), torch.no_grad(), probe_input((batch, *cut.input_size), model_device(model), fake=False) as x:
+        size = (batch, *cut.input_size)
+        with eval_mode(model), torch.no_grad(), probe_input(size, model_device(model), False, model_dtype(model)) as x:
             mode.tag(x, frozenset({INPUT}))
             with mode:
                 output = model(x)

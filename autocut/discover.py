@@ -8,6 +8,7 @@ named model whose meta copy cannot run; then the hooks rule (:mod:`autocut.cut_h
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -19,9 +20,27 @@ from autocut.cut_check import check_graph_cut, check_module_cut
 from autocut.cut_graph import cut_at_node, find_cut
 from autocut.cut_hooks import find_cut_by_hooks, probe_modules
 from autocut.errors import CutError, first_line
+from autocut.probe import modes_kept, probe_forward
 from autocut.trace import Traced, trace
 
-__all__ = ["discover", "discover_module", "discover_with_trace", "check_input_size"]
+__all__ = ["discover", "discover_module", "discover_with_trace", "check_input_size", "unwrap"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a wrapper runs: ``torch.compile``'s ``OptimizedModule`` (its ``_orig_mod``),
+    ``nn.DataParallel``'s and ``DistributedDataParallel``'s ``.module``; else ``model`` itself.
+
+    A wrapper has no forward of its own to cut (a compiled module's graph is dynamo's, not
+    fx's): autocut cuts what it wraps, whose modules the wrapper shares. Compile or wrap the
+    adapted model afterwards.
+    """
+    wrappers: tuple[type, ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded where anything was compiled
+    if eval_frame is not None:
+        wrappers += (eval_frame.OptimizedModule,)
+    while isinstance(model, wrappers):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
 
 
 def check_input_size(input_size, default) -> tuple[int, int, int]:
@@ -43,7 +62,8 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
 
     Args:
         model: a timm name (``"convnext_tiny"``), a torchvision name (``"torchvision:densenet121"``,
-            or the bare name where timm has none), or any ``nn.Module``.
+            or the bare name where timm has none), or any ``nn.Module`` (a ``torch.compile``'d or
+            data-parallel one is read as the module it wraps, see :func:`unwrap`).
         input_size: ``(C, H, W)`` to probe with; default from the model's own config (timm's
             ``pretrained_cfg``, torchvision's weights), else ``(3, 224, 224)``.
 
@@ -53,8 +73,9 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
         never copied (shapes come from fake tensors).
 
     Raises:
-        CutError: the model has no feature map to cut at (say, an MLP), or an unknown model name
-            (the message lists close matches).
+        CutError: the model has no feature map to cut at (say, an MLP); it does not run at
+            ``input_size`` (the message says which size or ``n_in`` it needs); an unknown model
+            name (the message lists close matches).
 
     Example:
         >>> cut = discover("resnet34")
@@ -62,6 +83,7 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
         (512, (512, 7, 7), 32)
     """
     if isinstance(model, nn.Module):
+        model = unwrap(model)
         return discover_module(model, check_input_size(input_size, zoo.default_input_size(model)))
     spec = zoo.resolve(model)
     meta = zoo.build(spec, device="meta")
@@ -96,8 +118,18 @@ def discover_with_trace(
 ) -> tuple[Cut, Traced | None]:
     """:func:`discover_module`, and the trace of ``module`` it was found on (``None`` where the
     cut came from the real copy or from hooks), so a body can reuse the eval graph instead of
-    tracing it again."""
-    arch = arch or type(module).__name__
+    tracing it again. Every module of ``module`` keeps its training flag."""
+    with modes_kept(module):
+        return _discover(module, input_size, arch or type(module).__name__, rebuild, where)
+
+
+def _discover(
+    module: nn.Module,
+    input_size: tuple[int, int, int],
+    arch: str,
+    rebuild: Callable[[], nn.Module] | None,
+    where: str | None,
+) -> tuple[Cut, Traced | None]:
     errors: list[str] = []
     real: list[nn.Module] = []
 
@@ -119,8 +151,14 @@ def discover_with_trace(
         cut = _find_cut_at_own_size(traced, arch)
         check_graph_cut(traced, cut).raise_for(cut)
         return cut, (traced if candidate is module else None)
+
+    def runs_at(size: tuple[int, int, int]) -> bool:
+        return any(_runs_at(candidate, size) for candidate in candidates())
+
     if where is not None:
-        raise CutError(f"cannot cut {arch} at {where!r}: it cannot be traced ({errors[0]}); pass a callable or an int")
+        instead = None if runs_at(tuple(input_size)) else _what_size_instead(arch, module, tuple(input_size), runs_at)
+        raise CutError(instead or f"cannot cut {arch} at {where!r}: it cannot be traced ({errors[0]}); pass a "
+                       "callable or an int")
     for candidate in candidates():
         try:
             calls = probe_modules(candidate, input_size)
@@ -130,10 +168,48 @@ def discover_with_trace(
         cut = find_cut_by_hooks(candidate, calls, input_size, arch)
         check_module_cut(candidate, cut).raise_for(cut)
         return cut, None
-    raise CutError(
+    raise CutError(_what_size_instead(arch, module, tuple(input_size), runs_at) or (
         f"could not probe {arch} at input size {tuple(input_size)}, {_size_note(module, tuple(input_size))} "
         f"({'; '.join(errors)}). Check the input size (input_size=(C, H, W)) or pass cut= explicitly"
-    )
+    ))
+
+
+def _runs_at(module: nn.Module, size: tuple[int, int, int]) -> bool:
+    try:
+        probe_forward(module, size)
+    except Exception:  # any failure: the model does not run at this size either
+        return False
+    return True
+
+
+def _what_size_instead(
+    arch: str, module: nn.Module, size: tuple[int, int, int], runs_at: Callable[[tuple[int, int, int]], bool]
+) -> str | None:
+    """For a model that ran at no attempt: where it runs with its own channels or at its own
+    size, what to pass instead (``n_in=``, ``input_size=``); ``None`` where it does not run there."""
+    own = zoo.default_input_size(module)
+    c, h, w = size
+    n_in = (f"pass n_in={c} (adapt, create_body) to rebuild its input layer for {c} channel{'s' * (c != 1)}, "
+            f"keeping its weights (see n_in_init), with input_size={{}}: the channels the model itself reads")
+    if c != own[0] and runs_at((own[0], h, w)):
+        return f"{arch} reads {own[0]}-channel images, not {c} (input_size={size}): " + n_in.format((own[0], h, w))
+    if (h, w) != tuple(own[1:]) and runs_at(own):
+        found = zoo.input_size_source(module)
+        said = f", which its {found[1]} states" if found else " (the default size)"
+        return (f"{arch} does not run at {h}x{w}: it needs its own input size, {own}{said}. Pass input_size={own} "
+                f"(and resize your images to {own[1]}x{own[2]}), or build the model for {h}x{w} and pass the module"
+                + _built_for(arch, module, h if h == w else (h, w))
+                + (f". Also {n_in.format(own)}" if c != own[0] else ""))
+    return None
+
+
+def _built_for(arch: str, module: nn.Module, side: int | tuple[int, int]) -> str:
+    """How the zoo the module comes from builds it for another input size."""
+    if hasattr(module, "pretrained_cfg"):  # timm's
+        return f" (timm.create_model({arch!r}, img_size={side}))"
+    if type(module).__module__.startswith("torchvision.") and hasattr(module, "image_size"):  # its ViTs
+        return f" (torchvision.models.{arch.removeprefix('torchvision:')}(image_size={side}))"
+    return ""
 
 
 def _size_note(module: nn.Module, size: tuple[int, int, int]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 __all__ = [
     "PROBE_BATCH", "shape_of", "tensor_leaves", "first_input", "leaf_at", "shapes_inside", "model_device",
-    "probe_input", "eval_mode", "probe_forward",
+    "model_dtype", "probe_input", "modes_kept", "eval_mode", "probe_forward",
 ]
 
 # An odd prime no other dimension is likely to equal: attention pools stack k/v in a dimension of
@@ -27,12 +28,16 @@ PROBE_BATCH = 11
 
 
 def shape_of(value: Any) -> Any:
-    """A tensor's shape as a tuple, a list or tuple of values as a list of theirs, anything else ``None``."""
+    """A tensor's shape as a tuple; a structure's (list, tuple, dict, dataclass, ``ModelOutput``)
+    as a list of its values' (a list, so it never reads as a shape); anything else ``None``."""
     if isinstance(value, torch.Tensor):
         return tuple(value.shape)
-    if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
-        return [shape_of(v) for v in value]  # a list, so it never reads as a shape
-    return None
+    if isinstance(value, torch.Size):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [shape_of(v) for v in value]
+    children = _children(value)
+    return None if children is None else [shape_of(child) for _, child in children]
 
 
 def _key_name(entry: Any) -> str:
@@ -40,6 +45,17 @@ def _key_name(entry: Any) -> str:
         if hasattr(entry, attr):
             return str(getattr(entry, attr))
     return str(entry)
+
+
+def _children(value: Any) -> list[tuple[str, Any]] | None:
+    """The ``(key, value)`` pairs one level inside a structure (see :func:`tensor_leaves`), or
+    ``None`` where ``value`` is not one."""
+    if type(value) in pytree.SUPPORTED_NODES or pytree.is_namedtuple_instance(value):
+        flat = pytree.tree_flatten_with_path(value, is_leaf=lambda x: x is not value)[0]  # one level
+        return [(_key_name(path[0]), child) for path, child in flat]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    return None
 
 
 def tensor_leaves(value: Any) -> list[tuple[str, torch.Tensor]]:
@@ -60,14 +76,7 @@ def tensor_leaves(value: Any) -> list[tuple[str, torch.Tensor]]:
         if isinstance(v, torch.Tensor):
             out.append((prefix, v))
             return
-        if type(v) in pytree.SUPPORTED_NODES or pytree.is_namedtuple_instance(v):
-            flat = pytree.tree_flatten_with_path(v, is_leaf=lambda x: x is not v)[0]  # one level
-            children = [(_key_name(path[0]), child) for path, child in flat]
-        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
-            children = [(f.name, getattr(v, f.name)) for f in dataclasses.fields(v)]
-        else:
-            return
-        for key, child in children:
+        for key, child in _children(v) or ():
             visit(f"{prefix}.{key}" if prefix else key, child)
 
     visit("", value)
@@ -111,30 +120,72 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter or buffer (torch's default dtype
+    for a model with neither): what an input must have for a half-precision model to run."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
 @contextlib.contextmanager
-def probe_input(shape: tuple[int, ...], device: torch.device, fake: bool = True) -> Iterator[torch.Tensor]:
+def _fake_tensor_errors_quiet() -> Iterator[None]:
+    # FakeTensorMode logs the traceback of every op that fails on fake tensors at ERROR level, before
+    # raising the error autocut catches (a probe at a size the model cannot take, an MLP's trace)
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def probe_input(
+    shape: tuple[int, ...], device: torch.device, fake: bool = True, dtype: torch.dtype | None = None
+) -> Iterator[torch.Tensor]:
     """An input of ``shape`` with no storage: on the meta device for a meta model, else (with
-    ``fake``) a fake tensor on ``device``, valid inside the block; without ``fake``, real zeros."""
+    ``fake``) a fake tensor on ``device``, valid inside the block; without ``fake``, real zeros.
+
+    Args:
+        dtype: the input's dtype (:func:`model_dtype`: bfloat16 for a bfloat16 model); default
+            torch's default dtype.
+    """
     if device.type == "meta":
-        yield torch.empty(shape, device="meta")
+        yield torch.empty(shape, device="meta", dtype=dtype)
     elif fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            yield mode.from_tensor(torch.empty(shape, device=device))
+        with _fake_tensor_errors_quiet(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            yield mode.from_tensor(torch.empty(shape, device=device, dtype=dtype))
     else:
-        yield torch.zeros(shape, device=device)
+        yield torch.zeros(shape, device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``.train()``/``.eval()`` may switch ``model``'s modules; after it, each
+    module's training flag is the one it had before (a BatchNorm the user froze in eval mode
+    inside a model in train mode stays frozen)."""
+    flags = [(m, m.training) for m in model.modules()]  # parents before children
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            if type(m).train is nn.Module.train:
+                m.training = training
+            else:  # its own train() does more than set flags (a GraphBody switches graphs): call it
+                m.train(training)  # (its children come later, and get their own flags back)
 
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode within the block, its own mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
+    """``model`` in eval mode within the block, each module's own mode restored after."""
+    with modes_kept(model):
+        model.eval()
         yield model
-    finally:
-        model.train(was_training)
 
 
 def probe_forward(
@@ -146,7 +197,7 @@ def probe_forward(
     before_real: Callable[[], None] | None = None,
 ) -> int:
     """Run ``model`` once, in eval mode and without gradients, on a ``(batch, *input_size)`` input
-    of :func:`probe_input`; what it records is up to the caller's hooks.
+    of :func:`probe_input` in the model's dtype; what it records is up to the caller's hooks.
 
     Args:
         fake: fake tensors for a model with real weights; ``False`` runs real zeros of ``batch``.
@@ -166,10 +217,10 @@ def probe_forward(
         >>> probe_forward(model, (3, 224, 224))
         11
     """
-    device = model_device(model)
+    device, dtype = model_device(model), model_dtype(model)
     with eval_mode(model), torch.no_grad():
         try:
-            with probe_input((batch, *input_size), device, fake) as x:
+            with probe_input((batch, *input_size), device, fake, dtype) as x:
                 model(x)
             return batch
         except RuntimeError:  # fake and meta tensors raise RuntimeErrors where code needs values
@@ -177,5 +228,5 @@ def probe_forward(
                 raise
         if before_real is not None:
             before_real()
-        model(torch.zeros(real_batch, *input_size, device=device))
+        model(torch.zeros(real_batch, *input_size, device=device, dtype=dtype))
         return real_batch

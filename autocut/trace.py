@@ -21,9 +21,9 @@ import torchvision
 from torch import fx, nn
 from torchvision.models import feature_extraction as tv_fx
 
-from autocut.probe import PROBE_BATCH, eval_mode, model_device, probe_input, shape_of
+from autocut.probe import PROBE_BATCH, eval_mode, model_device, model_dtype, probe_input, shape_of
 
-__all__ = ["Traced", "trace", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of"]
+__all__ = ["Traced", "trace", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of", "has_hooks"]
 
 
 def tracer_kwargs() -> dict[str, Any]:
@@ -70,6 +70,11 @@ class _ScopeTracer(tv_fx.NodePathTracer):
         self._names.add(qual)
         return qual
 
+    def is_leaf_module(self, m: nn.Module, module_qualname: str) -> bool:
+        # a module with hooks of its own (the user's) stays a call in the graph: inlined, its
+        # hooks would run once while tracing and never again on the body's forwards
+        return has_hooks(m) or super().is_leaf_module(m, module_qualname)
+
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
         self.node_scope[proxy.node] = self.current_module_qualname
@@ -101,6 +106,13 @@ class _ScopeTracer(tv_fx.NodePathTracer):
 
 
 _PLAIN_TYPES = frozenset({int, float, bool, str, type(None)})
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward, forward-pre or backward hooks registered on it: it is
+    traced as a leaf, so that they fire on each call of the body as they did on the model."""
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
 
 
 def _attribute(root: nn.Module, qualname: str) -> Any:
@@ -268,7 +280,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
     device = model_device(model)
     shape = (batch, *input_size)
     recorder = _ShapeRecorder(tracer.root, graph, tracer.constants)
-    with eval_mode(model), torch.no_grad(), probe_input(shape, device) as x:
+    with eval_mode(model), torch.no_grad(), probe_input(shape, device, dtype=model_dtype(model)) as x:
         recorder.run(x)
     return Traced(
         model=model,

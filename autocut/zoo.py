@@ -109,6 +109,25 @@ def _is_timm(name: str) -> bool:
     return timm.is_model(name) or timm.is_model(name.split(".", 1)[0])
 
 
+def _check_timm_tag(name: str) -> None:
+    """``"resnet18.a1_in1k"``: the tag must be one of the architecture's pretrained configs
+    (timm itself raises a ``RuntimeError`` for any other, but only when the model is built)."""
+    import timm
+
+    arch, _, tag = name.partition(".")
+    if not tag:
+        return
+    tags = timm.list_pretrained(f"{arch}.*")
+    if name not in tags:
+        close = difflib.get_close_matches(name, tags, n=5, cutoff=0.6)
+        raise CutError(
+            f"unknown pretrained tag {tag!r} of timm's {arch} in {name!r}: "
+            + (f"close matches: {', '.join(close)}; " if close else "")
+            + (f"pass one of its {len(tags)} tagged names (timm.list_pretrained({arch + '.*'!r})) or {arch!r} alone"
+               if tags else f"it has no tagged weights: pass {arch!r} alone")
+        )
+
+
 def resolve(name: str) -> ModelSpec:
     """``"convnext_tiny"`` (timm), ``"torchvision:densenet121"``, a bare torchvision name that
     timm does not have, or ``"transformers:convnext"`` (a model type, built from its default
@@ -122,6 +141,7 @@ def resolve(name: str) -> ModelSpec:
     if source not in ("", TIMM, TORCHVISION):
         raise CutError(f"unknown zoo {source!r} in {name!r}: prefix with 'timm:', 'torchvision:', 'transformers:' or none")
     if source in ("", TIMM) and _is_timm(bare):
+        _check_timm_tag(bare)
         return ModelSpec(TIMM, bare)
     if source in ("", TORCHVISION) and bare in torchvision_names():
         return ModelSpec(TORCHVISION, bare)
@@ -130,7 +150,8 @@ def resolve(name: str) -> ModelSpec:
         TORCHVISION: [f"{TORCHVISION}:{n}" for n in torchvision_names()],
         "": list(timm_names()) + [f"{TORCHVISION}:{n}" for n in torchvision_names()],
     }[source]
-    close = difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
+    by_lower = {n.lower(): n for n in pool}  # "ResNet18" is close to "resnet18"
+    close = [by_lower[n] for n in difflib.get_close_matches(name.strip().lower(), list(by_lower), n=5, cutoff=0.6)]
     hint = f"; close matches: {', '.join(close)}" if close else ""
     raise CutError(f"unknown model {name!r}{hint} (timm.list_models() and torchvision.models.list_models() list them)")
 

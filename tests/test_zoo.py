@@ -192,8 +192,9 @@ def test_the_first_place_wins_and_a_plain_module_states_nothing():
 
 
 def test_a_probe_that_fails_says_which_size_was_tried_and_what_the_model_said():
-    with pytest.raises(autocut.CutError, match=r"could not probe FixedGrid at input size \(3, 224, 224\), not the "
-                                               r"size it states: \(3, 256, 256\) from pos_embed \(257 positions\)"):
+    with pytest.raises(autocut.CutError, match=r"FixedGrid does not run at 224x224: it needs its own input size, "
+                                               r"\(3, 256, 256\), which its pos_embed \(257 positions\) x patch 16 "
+                                               r"states. Pass input_size=\(3, 256, 256\)"):
         autocut.discover(FixedGrid(), input_size=(3, 224, 224))
     with pytest.raises(autocut.CutError, match=r"could not probe FixedGrid at input size \(3, 384, 384\), the size "
                                                r"it states \(config.image_size\)"):
