@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from autocut import zoo
+from autocut import _validate, zoo
 from autocut.cut import Cut
 from autocut.cut_check import check_graph_cut, check_module_cut
 from autocut.cut_graph import cut_at_node, find_cut
@@ -44,17 +44,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def check_input_size(input_size, default) -> tuple[int, int, int]:
-    """``input_size`` as a ``(C, H, W)`` tuple of positive ints, or ``default`` where it is ``None``.
+    """``input_size`` as a ``(C, H, W)`` tuple of positive ints (one int ``s``: ``(C, s, s)`` with
+    ``default``'s ``C``), or ``default`` where it is ``None`` (:func:`autocut._validate.input_size`).
 
     Raises:
         CutError: anything else.
     """
-    if input_size is None:
-        return tuple(default)
-    size = tuple(input_size)
-    if len(size) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in size):
-        raise CutError(f"input_size must be (C, H, W) positive ints, got {input_size!r}")
-    return size
+    return _validate.input_size(input_size, default)
 
 
 def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = None) -> Cut:
@@ -64,7 +60,7 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
         model: a timm name (``"convnext_tiny"``), a torchvision name (``"torchvision:densenet121"``,
             or the bare name where timm has none), or any ``nn.Module`` (a ``torch.compile``'d or
             data-parallel one is read as the module it wraps, see :func:`unwrap`).
-        input_size: ``(C, H, W)`` to probe with; default from the model's own config (timm's
+        input_size: ``(C, H, W)`` to probe with (one int ``s``: ``(C, s, s)``); default from the model's own config (timm's
             ``pretrained_cfg``, torchvision's weights), else ``(3, 224, 224)``.
 
     Returns:

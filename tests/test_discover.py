@@ -147,3 +147,8 @@ def test_a_module_states_its_own_input_size():
 def test_a_named_model_is_probed_at_the_size_the_built_model_insists_on():
     # torchvision's vit_h_14 is built for 224 px; its default weights' transforms crop 518
     assert autocut.discover("torchvision:vit_h_14").input_size == (3, 224, 224)
+
+
+def test_discover_takes_one_int_for_a_square_size_with_the_models_own_channels():
+    cut = autocut.discover("resnet18", input_size=64)
+    assert cut.input_size == (3, 64, 64) and cut.feature_shape == (512, 2, 2)
