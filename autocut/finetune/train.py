@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from autocut import adapt, param_groups, zoo
+from autocut.arguments import COUNT, DROPOUT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT
 from autocut.finetune import checkpoint
 from autocut.finetune.data import Data, Tensors, channel_stats, load_data, sample_seed
 from autocut.finetune.distributed import Processes, all_sum, setup, synced_batch_norm, teardown
@@ -207,6 +208,16 @@ def _check_resumable(saved: dict[str, Any], options: Options, out: Path) -> None
         raise ValueError(f"cannot resume the run in {out} with other options: it ran with {', '.join(differ)}")
 
 
+def _check_arguments(**values: Any) -> None:
+    """Every numeric argument against its :mod:`autocut.arguments` bound (``None``: its default)."""
+    bounds = {"size": POSITIVE_INT, "epochs": COUNT, "freeze_epochs": COUNT, "lr": POSITIVE, "lr_mult": POSITIVE,
+              "bs": POSITIVE_INT, "n_in": POSITIVE_INT, "seed": COUNT, "ps": DROPOUT, "weight_decay": NON_NEGATIVE,
+              "valid_pct": FRACTION, "workers": COUNT}
+    for name, value in values.items():
+        if value is not None:
+            bounds[name].check(name, value)
+
+
 def finetune(
     arch: str = DEFAULT_ARCH,
     data: str | os.PathLike | Data = "digits",
@@ -290,15 +301,18 @@ def finetune(
 
 def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights, n_in,
               out, resume, seed, ps, weight_decay, valid_pct, augment, workers, progress, on_epoch_end):
-    if epochs < 0 or (freeze_epochs or 0) < 0 or bs < 1 or lr <= 0 or seed < 0:
-        raise ValueError(f"need epochs >= 0, freeze_epochs >= 0, bs >= 1, lr > 0 and seed >= 0 "
-                         f"(got {epochs}, {freeze_epochs}, {bs}, {lr}, {seed})")
+    _check_arguments(size=size, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, lr_mult=lr_mult, bs=bs, n_in=n_in,
+                     seed=seed, ps=ps, weight_decay=weight_decay, valid_pct=valid_pct, workers=workers)
+    tuned = pretrained or weights is not None
+    if freeze_epochs is None:
+        freeze_epochs = 1 if tuned else 0
+    if epochs + freeze_epochs == 0:
+        raise ValueError("nothing to train: epochs=0 and freeze_epochs=0; pass epochs=1 (--epochs 1) or more")
     if pretrained and weights is not None:
         raise ValueError("pass pretrained=True or weights=PATH, not both")
     if resume and out is None:
         raise ValueError("resume needs out=, the folder of the run to resume")
     spec = zoo.resolve(arch)
-    tuned = pretrained or weights is not None
     if size is None:
         size = DIGITS_SIZE if str(data) == "digits" else zoo.default_input_size(spec)[-1]
     report = Report(show=progress and procs.main)
@@ -310,7 +324,7 @@ def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mu
             data = load_data(data, size, n_in, mean, std, valid_pct, seed, augment)
     options = Options(
         arch=str(spec), data=data.source, size=size, epochs=epochs,
-        freeze_epochs=(1 if tuned else 0) if freeze_epochs is None else freeze_epochs,
+        freeze_epochs=freeze_epochs,
         lr=lr, lr_mult=(100.0 if tuned else 1.0) if lr_mult is None else float(lr_mult), bs=bs,
         pretrained=pretrained, weights=None if weights is None else str(weights), n_in=n_in, seed=seed, ps=ps,
         weight_decay=weight_decay, valid_pct=valid_pct, augment=augment, precision="bf16" if compute.bf16 else "fp32",
