@@ -11,20 +11,18 @@ import torch
 
 from autocut.arguments import POSITIVE_INT
 from autocut.finetune.checkpoint import load_model
-from autocut.finetune.data import eval_transform, image_mode
+from autocut.finetune.data import convert_image, eval_transform, image_mode, open_image
 
 __all__ = ["predict", "read_image"]
 
 
 def read_image(path: str | os.PathLike, n_in: int = 3):
-    """A PIL image with ``n_in`` channels; a ``ValueError`` naming the file if it cannot be read."""
-    from PIL import Image
+    """A PIL image with ``n_in`` channels, read as training reads it (16-bit grey scaled).
 
-    try:
-        with Image.open(path) as im:
-            return im.convert(image_mode(n_in))
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
-        raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err})") from err
+    Raises:
+        ValueError: naming the file, if it cannot be read.
+    """
+    return open_image(path, image_mode(n_in))
 
 
 @torch.no_grad()
@@ -63,7 +61,7 @@ def predict(
     classes, k = meta["classes"], min(top_k, len(meta["classes"]))
     results = []
     for start in range(0, len(images), bs):
-        chunk = [read_image(im, n_in) if isinstance(im, (str, Path)) else im.convert(image_mode(n_in))
+        chunk = [read_image(im, n_in) if isinstance(im, (str, Path)) else convert_image(im, image_mode(n_in))
                  for im in images[start:start + bs]]
         probs = model(torch.stack([tfm(im) for im in chunk]).to(device)).float().softmax(-1)
         values, indices = probs.topk(k, dim=-1)

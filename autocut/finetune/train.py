@@ -262,9 +262,11 @@ def finetune(
             checkpoint of the original model.
         n_in: input channels (1 for grey images).
         out: folder for checkpoints (weights + JSON after every epoch and on Ctrl-C); ``None``
-            writes nothing.
+            writes nothing. A folder that holds a run already is refused unless ``resume``:
+            a run is never overwritten. Temporary files a killed save left there are removed.
         resume: continue the run in ``out`` from its last finished epoch (same options);
-            starts afresh when ``out`` holds none.
+            starts afresh when ``out`` holds none. A finished run trains nothing more, and
+            its ``model.safetensors`` and ``model.json`` are rewritten from its state.
         seed: seeds the split, the model's initialisation and every epoch's randomness.
         ps: dropout of the head; with dropout, runs on different numbers of processes agree in
             distribution, not bit for bit.
@@ -283,6 +285,10 @@ def finetune(
         ``train_loss``, ``valid_loss``, ``accuracy``, ``error_rate``, ``time`` (seconds).
 
     Raises:
+        ValueError: an argument out of range (it is named), nothing to train (``epochs`` and
+            ``freeze_epochs`` both 0), fewer than 2 classes, ``out`` a file or a folder that
+            holds a run (without ``resume``), or a damaged checkpoint in ``out`` (named, with
+            what to do); :class:`~autocut.errors.CutError` for the model and ``weights``.
         KeyboardInterrupt: after saving the current weights to ``out``.
 
     Example:
@@ -312,16 +318,23 @@ def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mu
         raise ValueError("pass pretrained=True or weights=PATH, not both")
     if resume and out is None:
         raise ValueError("resume needs out=, the folder of the run to resume")
+    report = Report(show=progress and procs.main)
+    if out is not None:  # before any work: a run is never overwritten, nor found unwritable after an epoch
+        out = Path(out)
+        for stale in checkpoint.prepare_out(out, resume, clean=procs.main):
+            report.line(f"removed {stale}, left by a save that was killed")
     spec = zoo.resolve(arch)
     if size is None:
         size = DIGITS_SIZE if str(data) == "digits" else zoo.default_input_size(spec)[-1]
-    report = Report(show=progress and procs.main)
     if not isinstance(data, Data):
         mean, std = zoo.normalization(spec)
         with warnings.catch_warnings():
             if not procs.main:  # one warning about skipped files, not one per process
                 warnings.simplefilter("ignore")
             data = load_data(data, size, n_in, mean, std, valid_pct, seed, augment)
+    if len(data.classes) < 2:
+        raise ValueError(f"{data.source} has {len(data.classes)} class ({', '.join(data.classes) or 'none'}): fine-tuning "
+                         "a classifier needs at least 2 classes: add a sub-folder of images for each other class")
     options = Options(
         arch=str(spec), data=data.source, size=size, epochs=epochs,
         freeze_epochs=freeze_epochs,
@@ -329,17 +342,19 @@ def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mu
         pretrained=pretrained, weights=None if weights is None else str(weights), n_in=n_in, seed=seed, ps=ps,
         weight_decay=weight_decay, valid_pct=valid_pct, augment=augment, precision="bf16" if compute.bf16 else "fp32",
     )
-    model = _build_model(options, len(data.classes), procs, compute)
-    out = None if out is None else Path(out)
     state = checkpoint.load_state(out) if resume else None
-    history: list[dict[str, Any]] = []
     if state is not None:
         _check_resumable(state["meta"]["options"], options, out)
-        model.load_state_dict(state["model"])
+    model = _build_model(options, len(data.classes), procs, compute)
+    history: list[dict[str, Any]] = []
+    if state is not None:
+        checkpoint.load_weights(model, state["model"], out / checkpoint.STATE,
+                                "this run cannot be resumed: start afresh with another --out")
         history = state["meta"]["history"]
         report.line(f"resuming {out} after epoch {len(history) - 1}")
     elif resume:
         report.line(f"nothing to resume in {out}: starting afresh")
+    resumed_after = len(history)
     train_loader, valid_loader = _loaders(data, bs, seed, workers, procs)
     cut = model.cut
     report.line(
@@ -361,6 +376,12 @@ def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mu
                 _fit_phase(model, phase, first, last, options, data, train_loader, valid_loader, procs, compute,
                            report, history, resumed, out, save, on_epoch_end)
             first = last
+        if state is not None and len(history) == resumed_after:
+            # a finished run resumed: nothing trained, but its model files are rewritten from the
+            # state, so a model.json or model.safetensors damaged since is repaired, never kept
+            save()
+            report.line(f"the run in {out} was finished: nothing to train; rewrote {checkpoint.MODEL_WEIGHTS} and "
+                        f"{checkpoint.MODEL_META} from {checkpoint.STATE}")
     except KeyboardInterrupt:
         save(interrupted=True)
         if out is not None:
