@@ -33,10 +33,6 @@ class Bound:
     high: float | None = None
     high_open: bool = False
 
-    @property
-    def __name__(self) -> str:  # argparse names the type in some of its messages
-        return "integer" if self.kind is int else "number"
-
     def describe(self) -> str:
         """What to pass, in words: ``"an integer of 1 or more"``, ``"a number above 0"``..."""
         what = "an integer" if self.kind is int else "a number"
