@@ -5,14 +5,27 @@ and what to pass instead.
 
 Integral numbers of any kind (``numpy.int64``, a 0-d integer tensor) count as ints; ``bool``
 never does, nor does a float, even a whole one.
+
+Numbers of the command line and of runs (``finetune``, ``predict``, ``scan``) are checked by a
+:class:`Bound`: a kind of number and its range. Called on a string it is an ``argparse``
+``type=`` (``argument --epochs: ...``); :meth:`Bound.check` refuses a Python argument by name.
+Every int and float option of every ``autocut`` subcommand uses one.
+
+Example:
+    >>> parser.add_argument("--bs", type=POSITIVE_INT, default=64)
+    >>> POSITIVE_INT.check("bs", 0)
+    Traceback (most recent call last):
+    CutError: bs must be an integer of 1 or more, got 0
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -20,6 +33,14 @@ from torch import nn
 from autocut.errors import CutError
 
 __all__ = [
+    "Bound",
+    "POSITIVE_INT",
+    "COUNT",
+    "POSITIVE",
+    "NON_NEGATIVE",
+    "FRACTION",
+    "DROPOUT",
+    "AT_LEAST_ONE",
     "a_module",
     "a_callable",
     "input_size",
@@ -73,22 +94,18 @@ def _interval(spec: str) -> tuple[float, float, bool, bool]:
 
 def number(name: str, value: Any, interval: str, example: float | None = None) -> float:
     """``value`` as a ``float`` inside ``interval``, written as in maths: ``"(0, 1]"``,
-    ``"[0, inf)"``. NaN is in no interval, infinity only in one closed at ``inf]``.
-    ``example``, a good value, goes into the message."""
+    ``"[0, inf)"`` (a :class:`Bound`: finite numbers only). ``example``, a good value, goes into
+    the message."""
     low, high, low_open, high_open = _interval(interval)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        x = float(value)
-        above = x > low if low_open else x >= low
-        below = x < high if high_open else x <= high
-        if above and below:
-            return x
+    if Bound(float, None if low == -math.inf else low, low_open, None if high == math.inf else high, high_open).fits(value):
+        return float(value)
     such = "" if example is None else f": pass a number such as {example!r}"
     raise CutError(f"{name} must be a number in {interval}, got {_shown(value)}{such}")
 
 
 def learning_rate(name: str, value: Any) -> float:
-    """A learning rate: a finite number > 0, as a ``float``."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < float(value) < math.inf:
+    """A learning rate: a finite number > 0 (:data:`POSITIVE`), as a ``float``."""
+    if POSITIVE.fits(value):
         return float(value)
     raise CutError(f"{name} must be a finite number > 0, got {_shown(value)}: pass a learning rate such as 1e-3")
 
@@ -151,3 +168,81 @@ def a_callable(name: str, value: Any, what: str) -> Any:
     if value is None or callable(value):
         return value
     raise CutError(f"{name} must be a callable ({what}) or None, got {_shown(value)}")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """Integers (``kind=int``) or finite real numbers (``kind=float``) from ``low`` to ``high``;
+    ``*_open`` leaves that end out."""
+
+    kind: type
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+
+    def describe(self) -> str:
+        """What to pass, in words: ``"an integer of 1 or more"``, ``"a number above 0"``..."""
+        what = "an integer" if self.kind is int else "a number"
+        low = None if self.low is None else f"{self.low:g}"
+        high = None if self.high is None else f"{self.high:g}"
+        if low is not None and high is not None:
+            return (f"{what} from {low}{' (excluded)' if self.low_open else ''} to {high}"
+                    f"{' (excluded)' if self.high_open else ''}")
+        if low is not None:
+            return f"{what} above {low}" if self.low_open else f"{what} of {low} or more"
+        if high is not None:
+            return f"{what} below {high}" if self.high_open else f"{what} of {high} or less"
+        return what
+
+    def fits(self, value: object) -> bool:
+        """Whether ``value`` is of the kind and in the range."""
+        if isinstance(value, bool):
+            return False
+        if self.kind is int and not isinstance(value, numbers.Integral):
+            return False
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def check(self, name: str, value: object) -> None:
+        """Refuse ``value`` for the argument ``name`` unless it fits.
+
+        Raises:
+            CutError: (a ``ValueError``) ``"NAME must be <describe()>, got VALUE"``.
+        """
+        if not self.fits(value):
+            raise CutError(f"{name} must be {self.describe()}, got {value!r}")
+
+    def __call__(self, text: str) -> int | float:
+        """Parse a command-line value (argparse's ``type=``).
+
+        Raises:
+            argparse.ArgumentTypeError: the value is not of the kind or out of range; argparse
+                prefixes the option's name.
+        """
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}") from None
+        if not self.fits(value):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text}")
+        return value
+
+
+POSITIVE_INT = Bound(int, 1)
+"""Sizes, batch sizes, jobs, top-k: 1 or more."""
+COUNT = Bound(int, 0)
+"""Epochs, workers, seeds: 0 or more."""
+POSITIVE = Bound(float, 0, low_open=True)
+"""Learning rates, timeouts: above 0."""
+NON_NEGATIVE = Bound(float, 0)
+"""Weight decay, memory limits (0: none): 0 or more."""
+FRACTION = Bound(float, 0, True, 1, True)
+"""A share of the data: strictly between 0 and 1."""
+DROPOUT = Bound(float, 0, False, 1, True)
+"""A dropout probability: from 0 to below 1."""
+AT_LEAST_ONE = Bound(float, 1)
+"""A ratio of learning rates (``lr_mult``): 1 or more."""

@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
-__all__ = ["main"]
+from autocut._validate import POSITIVE_INT
+
+__all__ = ["main", "make_parser"]
 
 DEFAULT_ARCH = "resnet34"
 
@@ -78,12 +80,14 @@ def _groups_of(name: str, cut) -> list[dict]:
     return []
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """The ``autocut`` parser with every subcommand (numbers are checked by :mod:`autocut._validate`)."""
     parser = argparse.ArgumentParser(prog="autocut", description="Cut any vision backbone and attach a new head.")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="show where a model is cut, nf, layout and stride")
     inspect.add_argument("name", nargs="?", default=DEFAULT_ARCH, help=f"timm or torchvision:NAME (default {DEFAULT_ARCH})")
-    inspect.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"), help="probe size (default: the model's)")
+    inspect.add_argument("--input-size", nargs=3, type=POSITIVE_INT, metavar=("C", "H", "W"),
+                         help="probe size (default: the model's)")
     inspect.add_argument("--json", action="store_true", help="print the cut as JSON")
     inspect.set_defaults(func=_inspect)
     from autocut.finetune.cli import add_parsers
@@ -92,7 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     from autocut.scan.cli import add_parser as add_scan_parser
 
     add_scan_parser(sub)  # scan
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``autocut`` with ``argv`` (default: the command line); the exit status.
+
+    A bad value of an option exits with status 2 and argparse's message naming it.
+    """
+    args = make_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -445,14 +445,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``.safetensors`` files go through safetensors; anything else through ``torch.load(...,
     weights_only=True)``. ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and DDP's
     ``module.`` prefixes are unwrapped.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CutError: naming the file: damaged, pickled objects, or not a state dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except SafetensorError as err:  # cut short, or not safetensors at all
+            raise CutError(f"{path} is damaged: safetensors cannot read it ({err}); copy or download the "
+                           "checkpoint again") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -445,3 +446,208 @@ def test_two_processes_match_one(tmp_path):
     for a, b in zip(*history):
         assert a["accuracy"] == b["accuracy"]
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 and abs(a["valid_loss"] - b["valid_loss"]) < 1e-4
+
+
+# --- bad input: a run is never overwritten nor lost, damaged files are named ---------------------
+
+DEAD_PID = 2**31 - 1  # above any pid_max: no process has it
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, small_digits) -> Path:
+    """A finished one-epoch run on the small digits (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    finetune(ARCH, small_digits, size=SIZE, epochs=1, bs=32, out=out, progress=False)
+    return out
+
+
+def _copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, to))
+
+
+def _no_model(*args):
+    raise AssertionError("built a model: the refusal came too late")
+
+
+def test_a_run_is_never_overwritten(tmp_path, finished_run, small_digits, monkeypatch, capsys):
+    from autocut.finetune import train
+
+    run = _copy_run(finished_run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    monkeypatch.setattr(train, "_build_model", _no_model)
+    with pytest.raises(ValueError, match=rf"^--out {run} holds a finished run of {ARCH} \(1 epoch\), which is never "
+                                         r"overwritten: pass another --out \(out=\) for a new run"):
+        finetune(ARCH, small_digits, size=SIZE, epochs=1, bs=32, out=run, progress=False)
+    # the command's default --out runs/ARCH makes this the normal path of a second run
+    assert cli.main(["finetune", "--epochs", "1", "--size", str(SIZE), "--out", str(run), "--quiet"]) == 2
+    assert f"--out {run} holds a finished run" in capsys.readouterr().err
+    # an unfinished run: --resume continues it
+    meta = json.loads((run / checkpoint.MODEL_META).read_text())
+    (run / checkpoint.MODEL_META).write_text(json.dumps({**meta, "epochs": 3}))
+    assert cli.main(["finetune", "--epochs", "1", "--size", str(SIZE), "--out", str(run), "--quiet"]) == 2
+    assert (f"--out {run} holds an unfinished run of {ARCH} (1 of 3 epochs done), which is never overwritten: "
+            "pass --resume (resume=True) to continue it, or another --out (out=) for a new run") in capsys.readouterr().err
+    (run / checkpoint.MODEL_META).write_bytes(before[checkpoint.MODEL_META])
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from autocut.finetune import train
+
+    monkeypatch.setattr(train, "_build_model", _no_model)
+    monkeypatch.setattr(train, "load_data", lambda *a, **k: pytest.fail("loaded the data: the refusal came too late"))
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    assert cli.main(["finetune", "--epochs", "1", "--out", str(file)]) == 2
+    assert (f"--out {file} is a file, not a folder: pass the folder to write the run into"
+            in capsys.readouterr().err)
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_temporary_files_of_a_killed_save_are_removed_by_the_next_run(tmp_path, finished_run, small_digits, resume,
+                                                                     capsys):
+    out = _copy_run(finished_run, tmp_path / "run") if resume else tmp_path / "run"
+    out.mkdir(exist_ok=True)
+    stale = out / f".{checkpoint.MODEL_WEIGHTS}.{DEAD_PID}.tmp"
+    stale.write_bytes(b"\0" * 100_000)
+    live = out / f".{checkpoint.STATE}.{os.getppid()}.tmp"  # its process runs: another save, left alone
+    live.write_bytes(b"\0")
+    finetune(ARCH, small_digits, size=SIZE, epochs=1, bs=32, out=out, resume=resume)
+    assert not stale.exists() and live.exists()
+    assert f"removed {stale}, left by a save that was killed" in capsys.readouterr().out
+    load_model(out)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _other_json(run: Path, **changes) -> None:
+    """``model.json`` with ``changes`` (a key changed to ``...`` is left out)."""
+    meta = {**json.loads((run / checkpoint.MODEL_META).read_text()), **changes}
+    (run / checkpoint.MODEL_META).write_text(json.dumps({k: v for k, v in meta.items() if v is not ...}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: _truncate(run / checkpoint.MODEL_WEIGHTS),
+     "{run}/model.safetensors is damaged: safetensors cannot read it (Error while deserializing header: "
+     "incomplete metadata, file not fully covered); `autocut finetune --resume --out {run}` rewrites both from its "
+     "state.safetensors"),
+    (lambda run: (run / checkpoint.MODEL_META).write_text('{"format": "autocut.finetune/1", "arch"'),
+     "{run}/model.json is damaged: not valid JSON (Expecting ':' delimiter: line 1 column 40 (char 39)); delete it to "
+     "use the copy of it inside model.safetensors, or `autocut finetune --resume --out {run}` rewrites both"),
+    (lambda run: (run / checkpoint.MODEL_META).write_bytes(b'{"format": "\xff"}'),
+     "{run}/model.json is damaged: not UTF-8 text (invalid start byte at byte 12); delete it"),
+    (lambda run: _other_json(run, classes=["cat", "dog"]),
+     f"{{run}}/model.json does not describe {{run}}/model.safetensors: it says {ARCH} with 2 classes, the weights were "
+     f"saved as {ARCH} with 10 classes (classes differ: the two files come from different runs); delete it"),
+    (lambda run: _other_json(run, arch="resnet18"),
+     f"{{run}}/model.json does not describe {{run}}/model.safetensors: it says resnet18 with 10 classes, the weights "
+     f"were saved as {ARCH} with 10 classes (arch differ"),
+    (lambda run: _other_json(run, head_options=...),
+     "{run}/model.json is damaged: it lacks head_options"),
+], ids=["weights-cut-short", "json-cut-short", "json-not-utf8", "json-of-other-classes", "json-of-other-arch",
+        "json-incomplete"])
+def test_predict_names_a_damaged_checkpoint_and_what_to_do(tmp_path, finished_run, damage, message, capsys):
+    run = _copy_run(finished_run, tmp_path / "run")
+    damage(run)
+    expected = message.format(run=run)
+    with pytest.raises(ValueError) as err:
+        load_model(run)
+    assert str(err.value).startswith(expected), str(err.value)
+    image = tmp_path / "zero.png"
+    Image.new("L", (8, 8)).save(image)
+    assert cli.main(["predict", str(run), str(image)]) == 2
+    assert capsys.readouterr().err.startswith(f"autocut predict: {expected}")
+
+
+def test_a_damaged_state_or_weights_file_is_named(tmp_path, finished_run, small_digits, capsys):
+    run = _copy_run(finished_run, tmp_path / "run")
+    _truncate(run / checkpoint.STATE)
+    with pytest.raises(ValueError, match=rf"^{run}/state.safetensors is damaged: safetensors cannot read it \(.*\); this "
+                                         r"run cannot be resumed: start afresh with another --out"):
+        finetune(ARCH, small_digits, size=SIZE, epochs=1, bs=32, out=run, resume=True, progress=False)
+    weights = tmp_path / "resnet.safetensors"
+    weights.write_bytes((finished_run / checkpoint.MODEL_WEIGHTS).read_bytes()[:1000])
+    assert cli.main(["finetune", "--weights", str(weights), "--epochs", "1", "--size", str(SIZE),
+                     "--out", str(tmp_path / "new")]) == 2
+    assert capsys.readouterr().err.startswith(f"autocut finetune: {weights} is damaged: safetensors cannot read it (")
+
+
+@pytest.mark.parametrize("file", [checkpoint.MODEL_META, checkpoint.MODEL_WEIGHTS])
+def test_resume_of_a_finished_run_repairs_its_damaged_model_files(tmp_path, finished_run, small_digits, file, capsys):
+    run = _copy_run(finished_run, tmp_path / "run")
+    _truncate(run / file)
+    _, history = finetune(ARCH, small_digits, size=SIZE, epochs=1, bs=32, out=run, resume=True)
+    assert len(history) == 1
+    assert f"the run in {run} was finished: nothing to train; rewrote model.safetensors and model.json" in capsys.readouterr().out
+    repaired, meta = load_model(run)
+    original, _ = load_model(finished_run)
+    assert meta == json.loads((finished_run / checkpoint.MODEL_META).read_text())
+    theirs = original.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in repaired.state_dict().items())
+
+
+# --- bad input: arguments and data --------------------------------------------------------------
+
+
+def test_nothing_to_train_and_numeric_arguments_are_refused_by_name(tmp_path, small_digits, monkeypatch, capsys):
+    from autocut.finetune import train
+
+    monkeypatch.setattr(train, "_build_model", _no_model)
+    assert cli.main(["finetune", "--epochs", "0", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("autocut finetune: nothing to train: epochs=0 and freeze_epochs=0; pass epochs=1 "
+                                       "(--epochs 1) or more\n")
+    for name, value, what in [("bs", 0, "an integer of 1 or more"), ("ps", 1.0, "a number from 0 to 1 (excluded)"),
+                              ("valid_pct", 0, "a number from 0 (excluded) to 1 (excluded)"),
+                              ("lr", float("nan"), "a number above 0"), ("epochs", 1.5, "an integer of 0 or more")]:
+        with pytest.raises(ValueError, match=rf"^{name} must be {re.escape(what)}, got {value!r}$"):
+            finetune(ARCH, small_digits, **{"size": SIZE, "epochs": 1, name: value})
+    with pytest.raises(ValueError, match=r"^top_k must be an integer of 1 or more, got -3$"):
+        predict((None, {}), [Image.new("L", (8, 8))], top_k=-3)
+
+
+def test_a_single_class_is_refused_with_its_folder(tmp_path, monkeypatch, capsys):
+    from autocut.finetune import train
+
+    monkeypatch.setattr(train, "_build_model", _no_model)
+    _colour_folder(tmp_path / "data", per_class=4)
+    import shutil
+
+    shutil.rmtree(tmp_path / "data" / "blue")
+    assert cli.main(["finetune", "--data", str(tmp_path / "data"), "--size", str(SIZE), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (f"autocut finetune: {tmp_path / 'data'} has 1 class (red): fine-tuning a "
+                                       "classifier needs at least 2 classes: add a sub-folder of images for each other "
+                                       "class\n")
+
+
+def test_16_bit_images_are_scaled_not_saturated(tmp_path):
+    """Two classes of 16-bit grey PNGs, dark and light: PIL's own convert makes both white."""
+    from autocut.finetune.data import convert_image, open_image
+    from autocut.finetune.predict import read_image
+
+    values = {"dark": 10000, "light": 50000}  # 8 bits: round(x / 257) = 39 and 195
+    for name, value in values.items():
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(tmp_path / name / f"{i}.png")
+    assert Image.open(tmp_path / "dark" / "0.png").mode == "I;16"
+    expected = {"dark": 39, "light": 195}
+    for name in values:
+        path = tmp_path / name / "0.png"
+        assert np.unique(np.asarray(open_image(path, "L"))).tolist() == [expected[name]]
+        assert np.unique(np.asarray(read_image(path, 3))).tolist() == [expected[name]]  # predict's reader
+        assert np.unique(np.asarray(convert_image(Image.open(path), "RGB"))).tolist() == [expected[name]]
+    assert np.asarray(convert_image(Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16)), "L")).min() == 255
+    assert np.asarray(convert_image(Image.new("I", (2, 2), 257 * 7), "L")).max() == 7
+    # and as training sees them: normalised 39 / 255 and 195 / 255
+    data = image_folder(tmp_path, size=SIZE, n_in=1, mean=(0.5,), std=(0.25,), valid_pct=0.34, augment=False)
+    for dataset in (data.train, data.valid):
+        for i, (_, label) in enumerate(dataset.samples):
+            x, _ = dataset[i]
+            want = (expected[data.classes[label]] / 255 - 0.5) / 0.25
+            torch.testing.assert_close(x, torch.full((1, SIZE, SIZE), want), rtol=0, atol=1e-6)

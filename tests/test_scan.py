@@ -235,3 +235,50 @@ def test_a_recheck_that_dies_keeps_the_record_it_rechecked(tmp_path):
     rec = load_results(tmp_path)["hog_a"]
     assert (rec["status"], rec["where"], rec["values"]) == ("ok", "layer4", "failed")
     assert rec["values_error"].startswith("oom: ")
+
+
+def test_a_damaged_results_line_is_skipped_with_a_warning_and_its_model_checked_again(tmp_path):
+    from autocut.scan.report import write_report
+    from autocut.scan.runner import load_results, scan
+
+    good = {"status": "ok", "zoo": "timm", "family": "?", "where": "layer4", "nf": 8, "layout": "NCHW", "stride": 32,
+            "prefix_tokens": 0, "method": "fx", "input_size": [3, 224, 224]}
+    results = tmp_path / "results.jsonl"
+    results.write_bytes(
+        (json.dumps({"name": "ok_a", **good}) + "\n").encode()
+        + b'{"name": "ok_b", "status": "ok", "where": "layer\xff4"}\n'  # not UTF-8
+        + (json.dumps({"name": "ok_c", "zoo": "timm", "where": "layer4"}) + "\n").encode()  # no status
+        + (json.dumps({"name": "ok_d", **good}) + "\n").encode())
+    with pytest.warns(UserWarning) as caught:
+        paths = write_report(tmp_path)  # the report of what is there, without the damaged lines
+    assert [str(w.message) for w in caught if "damaged" in str(w.message)] == [
+        f"{results}:2: skipped a damaged line (not UTF-8 (invalid start byte at byte 48)); ok_b will be checked again",
+        f"{results}:3: skipped a damaged line (a record without a status); ok_c will be checked again"]
+    assert set(json.loads(paths[0].read_text())) == {"ok_a", "ok_d"}
+    with pytest.warns(UserWarning, match="skipped a damaged line"):
+        counts = scan(["ok_a", "ok_b", "ok_c", "ok_d"], tmp_path, jobs=1, timeout=30, check=FAKE, progress=False)
+    assert counts == {"ok": 2}  # ok_b and ok_c, checked again
+    with pytest.warns(UserWarning, match="skipped a damaged line"):  # the damaged lines stay, quarantined by the reader
+        records = load_results(tmp_path)
+    assert {n: r["status"] for n, r in records.items()} == {"ok_a": "ok", "ok_b": "ok", "ok_c": "ok", "ok_d": "ok"}
+    assert records["ok_b"]["where"] == "layer4" and records["ok_a"]["family"] == "?"
+
+
+def test_bad_scan_arguments_are_refused_by_name(tmp_path, capsys):
+    from autocut.cli import main
+    from autocut.scan.runner import scan
+
+    file = tmp_path / "report.txt"
+    file.write_text("mine")
+    # refused before any worker starts (and before the fix, mkdir failed there too)
+    for argv in (["--zoo", "torchvision", "--filter", "resnet18"], ["--report-only"]):
+        assert main(["scan", *argv, "--out", str(file), "--quiet"]) == 2
+        assert capsys.readouterr().err == (f"autocut scan: --out {file} is a file, not a folder: pass the scan's folder "
+                                           "(new, or one to resume)\n")
+    assert file.read_text() == "mine"
+    assert main(["scan", "--report-only", "--out", str(tmp_path / "none")]) == 2
+    assert f"--out {tmp_path / 'none'}: no such folder" in capsys.readouterr().err
+    for option, value, what in [("jobs", 0, "an integer of 1 or more"), ("timeout", 0.0, "a number above 0"),
+                                ("memory_limit_gb", -1.0, "a number above 0")]:
+        with pytest.raises(ValueError, match=rf"^{option} must be {what}, got {value!r}$"):
+            scan([], tmp_path, check=FAKE, progress=False, **{option: value})  # no name: nothing to run if let through

@@ -61,6 +61,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``finetune`` and ``predict`` to ``autocut``'s subcommands."""
+    from autocut._validate import COUNT, DROPOUT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT
     from autocut.finetune.train import DEFAULT_ARCH, DEFAULT_EPOCHS, DEFAULT_LR, DIGITS_SIZE, PRECISIONS
 
     ft = sub.add_parser(
@@ -72,27 +73,31 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--arch", default=DEFAULT_ARCH, help=f"timm name or torchvision:NAME (default {DEFAULT_ARCH})")
     ft.add_argument("--data", default="digits", help="'digits' (embedded, no download) or a folder of class sub-folders "
                     "(with train/ and valid/ inside, or split at random)")
-    ft.add_argument("--size", type=int, help=f"image side in pixels (default {DIGITS_SIZE} for digits, else the model's)")
-    ft.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs of the whole model (default {DEFAULT_EPOCHS})")
-    ft.add_argument("--freeze-epochs", type=int,
+    ft.add_argument("--size", type=POSITIVE_INT,
+                    help=f"image side in pixels (default {DIGITS_SIZE} for digits, else the model's)")
+    ft.add_argument("--epochs", type=COUNT, default=DEFAULT_EPOCHS, help=f"epochs of the whole model (default {DEFAULT_EPOCHS})")
+    ft.add_argument("--freeze-epochs", type=COUNT,
                     help="epochs with the body frozen first (default 1 with pretrained weights, else 0)")
-    ft.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate of the head (default {DEFAULT_LR})")
-    ft.add_argument("--lr-mult", type=float,
+    ft.add_argument("--lr", type=POSITIVE, default=DEFAULT_LR, help=f"peak learning rate of the head (default {DEFAULT_LR})")
+    ft.add_argument("--lr-mult", type=POSITIVE,
                     help="first layer group's lr is lr / lr-mult (default 100 with pretrained weights, else 1)")
-    ft.add_argument("--bs", type=int, default=64, help="global batch size, split over processes (default 64)")
+    ft.add_argument("--bs", type=POSITIVE_INT, default=64, help="global batch size, split over processes (default 64)")
     weights = ft.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", help="the zoo's pretrained weights (needs the network)")
     weights.add_argument("--weights", metavar="FILE",
                          help="a local checkpoint of the original model (.safetensors or state dict)")
-    ft.add_argument("--n-in", type=int, default=3, help="input channels (default 3)")
-    ft.add_argument("--out", help="checkpoint folder (default runs/ARCH)")
-    ft.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
-    ft.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and each epoch (default 0)")
-    ft.add_argument("--ps", type=float, default=0.5, help="dropout of the head (default 0.5)")
-    ft.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    ft.add_argument("--valid-pct", type=float, default=0.2, help="validation share when there is no valid/ folder (default 0.2)")
+    ft.add_argument("--n-in", type=POSITIVE_INT, default=3, help="input channels (default 3)")
+    ft.add_argument("--out", help="checkpoint folder (default runs/ARCH); one that holds a run already is refused "
+                    "without --resume: a run is never overwritten")
+    ft.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its last finished epoch (a finished run: rewrite its model files)")
+    ft.add_argument("--seed", type=COUNT, default=0, help="seed of the split, the initialisation and each epoch (default 0)")
+    ft.add_argument("--ps", type=DROPOUT, default=0.5, help="dropout of the head (default 0.5)")
+    ft.add_argument("--wd", type=NON_NEGATIVE, default=0.01, help="AdamW weight decay (default 0.01)")
+    ft.add_argument("--valid-pct", type=FRACTION, default=0.2,
+                    help="validation share when there is no valid/ folder (default 0.2)")
     ft.add_argument("--no-augment", action="store_true", help="no random crops and flips for folders")
-    ft.add_argument("--workers", type=int, help="data-loading processes (default 0 for digits, else up to 8)")
+    ft.add_argument("--workers", type=COUNT, help="data-loading processes (default 0 for digits, else up to 8)")
     ft.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cuda:LOCAL_RANK when there is a GPU)")
     ft.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="bf16: bf16 autocast (fp32 weights); fp32: none; auto (default): bf16 on CUDA, fp32 elsewhere")
@@ -104,7 +109,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("predict", help="top-k classes of images from a finetune checkpoint")
     pr.add_argument("checkpoint", help="a finetune run folder or its model.json / model.safetensors")
     pr.add_argument("images", nargs="+", metavar="IMAGE")
-    pr.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    pr.add_argument("--top-k", type=POSITIVE_INT, default=5, help="classes per image (default 5)")
     pr.add_argument("--json", action="store_true", help="print JSON")
     pr.set_defaults(func=_predict)
 

@@ -29,6 +29,8 @@ __all__ = [
     "eval_transform",
     "train_transform",
     "image_mode",
+    "open_image",
+    "convert_image",
     "channel_stats",
     "sample_seed",
     "IMAGE_EXTENSIONS",
@@ -59,6 +61,39 @@ def image_mode(n_in: int) -> str:
     if n_in not in modes:
         raise ValueError(f"image data has 1, 3 or 4 channels: n_in={n_in} fits none (pass n_in=1, 3 or 4)")
     return modes[n_in]
+
+
+# grey integer modes PIL's own convert clips to 255 instead of scaling: 16-bit PNGs and TIFFs
+# open as I;16*, and as 32-bit "I" in older Pillow and some TIFFs (taken as 16-bit data too)
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def convert_image(image, mode: str):
+    """``image`` in the PIL ``mode`` (``"L"``, ``"RGB"``, ``"RGBA"``); 16-bit grey scaled to 8 bits
+    first (``round(x / 257)``: 65535 is white), where PIL's own ``convert`` makes every value
+    above 255 white."""
+    from PIL import Image
+
+    if image.mode in _WIDE_GREY:
+        pixels = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(pixels / 257), 0, 255).astype(np.uint8), "L")
+    return image.convert(mode)
+
+
+def open_image(path: str | Path, mode: str):
+    """The image file ``path`` as a PIL image in ``mode`` (:func:`convert_image`); every image
+    autocut reads, for training and for prediction, is read here.
+
+    Raises:
+        ValueError: naming the file, when PIL cannot read it.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return convert_image(im, mode)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
+        raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err})") from err
 
 
 def channel_stats(stats: Sequence[float], n_in: int) -> tuple[float, ...]:
@@ -127,15 +162,13 @@ class ImageFiles(Dataset):
         self.epoch = epoch
 
     def _open(self, i: int):
-        from PIL import Image
-
         for step in range(len(self.samples)):
             path, label = self.samples[(i + step) % len(self.samples)]
             try:
-                with Image.open(path) as im:
-                    return im.convert(self.mode), label
-            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
-                warnings.warn(f"skipping unreadable image {path} ({type(err).__name__}: {err})", stacklevel=2)
+                return open_image(path, self.mode), label
+            except ValueError as err:
+                why = err.__cause__ or err
+                warnings.warn(f"skipping unreadable image {path} ({type(why).__name__}: {why})", stacklevel=2)
         raise RuntimeError("no image of the dataset can be read")
 
     def __getitem__(self, i: int):
@@ -183,7 +216,7 @@ def digits(
     pixels = np.round(bunch.images * (255 / 16)).astype(np.uint8)
     tfm = eval_transform(size, channel_stats(mean, n_in), channel_stats(std, n_in))
     mode = image_mode(n_in)
-    x = torch.stack([tfm(Image.fromarray(p, "L").convert(mode)) for p in pixels])
+    x = torch.stack([tfm(convert_image(Image.fromarray(p, "L"), mode)) for p in pixels])
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     train, valid = _split(len(y), valid_pct, seed)
     return Data(Tensors(x[train], y[train]), Tensors(x[valid], y[valid]), [str(c) for c in bunch.target_names], "digits")

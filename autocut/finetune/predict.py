@@ -9,21 +9,20 @@ from typing import Any
 
 import torch
 
+from autocut._validate import POSITIVE_INT
 from autocut.finetune.checkpoint import load_model
-from autocut.finetune.data import eval_transform, image_mode
+from autocut.finetune.data import convert_image, eval_transform, image_mode, open_image
 
 __all__ = ["predict", "read_image"]
 
 
 def read_image(path: str | os.PathLike, n_in: int = 3):
-    """A PIL image with ``n_in`` channels; a ``ValueError`` naming the file if it cannot be read."""
-    from PIL import Image
+    """A PIL image with ``n_in`` channels, read as training reads it (16-bit grey scaled).
 
-    try:
-        with Image.open(path) as im:
-            return im.convert(image_mode(n_in))
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on bad files
-        raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err})") from err
+    Raises:
+        ValueError: naming the file, if it cannot be read.
+    """
+    return open_image(path, image_mode(n_in))
 
 
 @torch.no_grad()
@@ -40,21 +39,29 @@ def predict(
             ``(model, meta)`` pair :func:`~autocut.finetune.load_model` returns.
         images: file paths or PIL images; resized, centre-cropped and normalised as in
             validation.
-        top_k: how many classes per image (at most the number of classes).
+        top_k: how many classes per image, 1 or more (at most the number of classes are
+            returned).
+        bs: images per forward pass.
+
+    Raises:
+        ValueError: ``top_k`` or ``bs`` below 1, an image file that cannot be read, or a
+            damaged checkpoint (each named).
 
     Example:
         >>> predict("runs/resnet18", ["seven.png"], top_k=2)
         [[('7', 0.97), ('1', 0.02)]]
     """
+    POSITIVE_INT.check("top_k", top_k)
+    POSITIVE_INT.check("bs", bs)
     model, meta = load_model(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     n_in, size = meta["input_size"][0], meta["input_size"][-1]
     tfm = eval_transform(size, meta["normalization"]["mean"], meta["normalization"]["std"])
     device = next(model.parameters()).device
     model.eval()
-    classes, k = meta["classes"], max(1, min(top_k, len(meta["classes"])))
+    classes, k = meta["classes"], min(top_k, len(meta["classes"]))
     results = []
     for start in range(0, len(images), bs):
-        chunk = [read_image(im, n_in) if isinstance(im, (str, Path)) else im.convert(image_mode(n_in))
+        chunk = [read_image(im, n_in) if isinstance(im, (str, Path)) else convert_image(im, image_mode(n_in))
                  for im in images[start:start + bs]]
         probs = model(torch.stack([tfm(im) for im in chunk]).to(device)).float().softmax(-1)
         values, indices = probs.topk(k, dim=-1)

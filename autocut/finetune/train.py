@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from autocut import adapt, param_groups, zoo
-from autocut._validate import number
+from autocut._validate import AT_LEAST_ONE, COUNT, DROPOUT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT
 from autocut.finetune import checkpoint
 from autocut.finetune.data import Data, Tensors, channel_stats, load_data, sample_seed
 from autocut.finetune.distributed import Processes, all_sum, setup, synced_batch_norm, teardown
@@ -208,6 +208,17 @@ def _check_resumable(saved: dict[str, Any], options: Options, out: Path) -> None
         raise ValueError(f"cannot resume the run in {out} with other options: it ran with {', '.join(differ)}")
 
 
+def _check_arguments(**values: Any) -> None:
+    """Every numeric argument against its :mod:`autocut._validate` bound (``None``: its default;
+    ``lr_mult`` at least 1: ``slice(lr / lr_mult, lr)`` must not give the body more than the head)."""
+    bounds = {"size": POSITIVE_INT, "epochs": COUNT, "freeze_epochs": COUNT, "lr": POSITIVE, "lr_mult": AT_LEAST_ONE,
+              "bs": POSITIVE_INT, "n_in": POSITIVE_INT, "seed": COUNT, "ps": DROPOUT, "weight_decay": NON_NEGATIVE,
+              "valid_pct": FRACTION, "workers": COUNT}
+    for name, value in values.items():
+        if value is not None:
+            bounds[name].check(name, value)
+
+
 def finetune(
     arch: str = DEFAULT_ARCH,
     data: str | os.PathLike | Data = "digits",
@@ -252,9 +263,11 @@ def finetune(
             checkpoint of the original model.
         n_in: input channels (1 for grey images).
         out: folder for checkpoints (weights + JSON after every epoch and on Ctrl-C); ``None``
-            writes nothing.
+            writes nothing. A folder that holds a run already is refused unless ``resume``:
+            a run is never overwritten. Temporary files a killed save left there are removed.
         resume: continue the run in ``out`` from its last finished epoch (same options);
-            starts afresh when ``out`` holds none.
+            starts afresh when ``out`` holds none. A finished run trains nothing more, and
+            its ``model.safetensors`` and ``model.json`` are rewritten from its state.
         seed: seeds the split, the model's initialisation and every epoch's randomness.
         ps: dropout of the head; with dropout, runs on different numbers of processes agree in
             distribution, not bit for bit.
@@ -273,6 +286,10 @@ def finetune(
         ``train_loss``, ``valid_loss``, ``accuracy``, ``error_rate``, ``time`` (seconds).
 
     Raises:
+        ValueError: an argument out of range (it is named), nothing to train (``epochs`` and
+            ``freeze_epochs`` both 0), fewer than 2 classes, ``out`` a file or a folder that
+            holds a run (without ``resume``), or a damaged checkpoint in ``out`` (named, with
+            what to do); :class:`~autocut.errors.CutError` for the model and ``weights``.
         KeyboardInterrupt: after saving the current weights to ``out``.
 
     Example:
@@ -291,43 +308,54 @@ def finetune(
 
 def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights, n_in,
               out, resume, seed, ps, weight_decay, valid_pct, augment, workers, progress, on_epoch_end):
-    number("lr_mult", 1.0 if lr_mult is None else lr_mult, "[1, inf)", 100)  # before any epoch, as lr is by param_groups
-    if epochs < 0 or (freeze_epochs or 0) < 0 or bs < 1 or lr <= 0 or seed < 0:
-        raise ValueError(f"need epochs >= 0, freeze_epochs >= 0, bs >= 1, lr > 0 and seed >= 0 "
-                         f"(got {epochs}, {freeze_epochs}, {bs}, {lr}, {seed})")
+    _check_arguments(size=size, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, lr_mult=lr_mult, bs=bs, n_in=n_in,
+                     seed=seed, ps=ps, weight_decay=weight_decay, valid_pct=valid_pct, workers=workers)
+    tuned = pretrained or weights is not None
+    if freeze_epochs is None:
+        freeze_epochs = 1 if tuned else 0
+    if epochs + freeze_epochs == 0:
+        raise ValueError("nothing to train: epochs=0 and freeze_epochs=0; pass epochs=1 (--epochs 1) or more")
     if pretrained and weights is not None:
         raise ValueError("pass pretrained=True or weights=PATH, not both")
     if resume and out is None:
         raise ValueError("resume needs out=, the folder of the run to resume")
+    report = Report(show=progress and procs.main)
+    if out is not None:  # before any work: a run is never overwritten, nor found unwritable after an epoch
+        out = Path(out)
+        for stale in checkpoint.prepare_out(out, resume, clean=procs.main):
+            report.line(f"removed {stale}, left by a save that was killed")
     spec = zoo.resolve(arch)
-    tuned = pretrained or weights is not None
     if size is None:
         size = DIGITS_SIZE if str(data) == "digits" else zoo.default_input_size(spec)[-1]
-    report = Report(show=progress and procs.main)
     if not isinstance(data, Data):
         mean, std = zoo.normalization(spec)
         with warnings.catch_warnings():
             if not procs.main:  # one warning about skipped files, not one per process
                 warnings.simplefilter("ignore")
             data = load_data(data, size, n_in, mean, std, valid_pct, seed, augment)
+    if len(data.classes) < 2:
+        raise ValueError(f"{data.source} has {len(data.classes)} class ({', '.join(data.classes) or 'none'}): fine-tuning "
+                         "a classifier needs at least 2 classes: add a sub-folder of images for each other class")
     options = Options(
         arch=str(spec), data=data.source, size=size, epochs=epochs,
-        freeze_epochs=(1 if tuned else 0) if freeze_epochs is None else freeze_epochs,
+        freeze_epochs=freeze_epochs,
         lr=lr, lr_mult=(100.0 if tuned else 1.0) if lr_mult is None else float(lr_mult), bs=bs,
         pretrained=pretrained, weights=None if weights is None else str(weights), n_in=n_in, seed=seed, ps=ps,
         weight_decay=weight_decay, valid_pct=valid_pct, augment=augment, precision="bf16" if compute.bf16 else "fp32",
     )
-    model = _build_model(options, len(data.classes), procs, compute)
-    out = None if out is None else Path(out)
     state = checkpoint.load_state(out) if resume else None
-    history: list[dict[str, Any]] = []
     if state is not None:
         _check_resumable(state["meta"]["options"], options, out)
-        model.load_state_dict(state["model"])
+    model = _build_model(options, len(data.classes), procs, compute)
+    history: list[dict[str, Any]] = []
+    if state is not None:
+        checkpoint.load_weights(model, state["model"], out / checkpoint.STATE,
+                                "this run cannot be resumed: start afresh with another --out")
         history = state["meta"]["history"]
         report.line(f"resuming {out} after epoch {len(history) - 1}")
     elif resume:
         report.line(f"nothing to resume in {out}: starting afresh")
+    resumed_after = len(history)
     train_loader, valid_loader = _loaders(data, bs, seed, workers, procs)
     cut = model.cut
     report.line(
@@ -349,6 +377,12 @@ def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mu
                 _fit_phase(model, phase, first, last, options, data, train_loader, valid_loader, procs, compute,
                            report, history, resumed, out, save, on_epoch_end)
             first = last
+        if state is not None and len(history) == resumed_after:
+            # a finished run resumed: nothing trained, but its model files are rewritten from the
+            # state, so a model.json or model.safetensors damaged since is repaired, never kept
+            save()
+            report.line(f"the run in {out} was finished: nothing to train; rewrote {checkpoint.MODEL_WEIGHTS} and "
+                        f"{checkpoint.MODEL_META} from {checkpoint.STATE}")
     except KeyboardInterrupt:
         save(interrupted=True)
         if out is not None:

@@ -5,12 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from autocut._validate import NON_NEGATIVE, POSITIVE, POSITIVE_INT
 from autocut.scan.runner import ZOOS
 
 __all__ = ["add_parser"]
 
 
 def _scan(args: argparse.Namespace) -> int:
+    try:
+        return _scan_and_report(args)
+    except ValueError as err:  # --out a file, or no folder with --report-only
+        print(f"autocut scan: {err}", file=sys.stderr)
+        return 2
+
+
+def _scan_and_report(args: argparse.Namespace) -> int:
     from autocut.scan.report import write_report
     from autocut.scan.runner import FAILED_STATUSES, scan, zoo_names
 
@@ -69,9 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="also compare the body's output values with the oracle's on real CPU weights (batch 2, the "
                    "model's own size); re-checks verified records that have no values yet")
     p.add_argument("--filter", nargs="+", metavar="GLOB", help="only names matching one of these globs ('resnet*' 'vit_*')")
-    p.add_argument("--jobs", type=int, default=2, help="models checked at once (default 2)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per model before it is killed (default 300)")
-    p.add_argument("--memory-limit-gb", type=float, default=6.0,
+    p.add_argument("--jobs", type=POSITIVE_INT, default=2, help="models checked at once (default 2)")
+    p.add_argument("--timeout", type=POSITIVE, default=300.0, help="seconds per model before it is killed (default 300)")
+    p.add_argument("--memory-limit-gb", type=NON_NEGATIVE, default=6.0,
                    help="memory a model's process may add above the warm worker (RLIMIT_AS; default 6; 0: none)")
     p.add_argument("--out", default="autocut-scan", help="output folder (default ./autocut-scan)")
     p.add_argument("--retry", nargs="+", default=(), choices=("failed", "timeout", "crashed", "oom", "mismatch"),

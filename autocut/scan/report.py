@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from autocut.scan.runner import FAILED_STATUSES, RUNS, load_results
+from autocut.scan.runner import FAILED_STATUSES, RUNS, load_results, output_folder, read_jsonl
 
 __all__ = ["write_report", "model_meta", "render_report", "cause_of"]
 
@@ -95,16 +95,11 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
 
 
 def _runs(out: Path) -> list[dict[str, Any]]:
+    """The runs of ``out/scan_runs.jsonl``; a damaged line is left out (it only describes a run)."""
     path = out / RUNS
     if not path.exists():
         return []
-    runs = []
-    for line in path.read_text().splitlines():
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return runs
+    return [rec for _, rec, problem in read_jsonl(path) if rec is not None and not problem]
 
 
 def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]], plots: bool = True,
@@ -379,8 +374,12 @@ def _zoo_sizes(records: dict[str, dict[str, Any]]) -> dict[str, int]:
 
 def write_report(out: str | os.PathLike) -> list[Path]:
     """Write ``model_meta.json``, ``report.md`` and the plots into ``out`` from its
-    ``results.jsonl``; the paths written."""
-    out = Path(out)
+    ``results.jsonl``; the paths written.
+
+    Raises:
+        ValueError: ``out`` is a file or no folder.
+    """
+    out = output_folder(out)
     records = load_results(out)
     written = [out / MODEL_META, out / REPORT]
     meta = model_meta(records)  # one line per model: readable, and diffs well

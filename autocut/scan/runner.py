@@ -28,14 +28,18 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autocut._validate import POSITIVE, POSITIVE_INT
+
 ZOOS = ("timm", "torchvision", "transformers", "all")
 
-__all__ = ["scan", "zoo_names", "ZOOS", "family_of", "load_results", "RESULTS", "RUNS", "FAILED_STATUSES"]
+__all__ = ["scan", "zoo_names", "ZOOS", "family_of", "load_results", "read_jsonl", "output_folder", "RESULTS", "RUNS",
+           "FAILED_STATUSES"]
 
 RESULTS = "results.jsonl"
 RUNS = "scan_runs.jsonl"
@@ -88,22 +92,80 @@ def family_of(name: str) -> tuple[str, str]:
         return (source or "timm"), "?"
 
 
+NOT_JSON = "not JSON"
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """``(line number, record, problem)`` for every non-blank line of a JSON-lines file; the one
+    reader of ``results.jsonl`` and ``scan_runs.jsonl``.
+
+    ``problem`` is ``""`` for a good line, else what is wrong with it: not UTF-8 (``record`` is
+    then what the line still says with its bad bytes replaced, or ``None``), :data:`NOT_JSON`
+    (a line cut short by a kill while it was written, most likely), or not an object.
+    """
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            problem = ""
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                text, problem = raw.decode("utf-8", errors="replace"), f"not UTF-8 ({err.reason} at byte {err.start})"
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield number, None, problem or f"{NOT_JSON} ({err.msg})"
+                continue
+            if not isinstance(rec, dict):
+                yield number, None, problem or f"a JSON {type(rec).__name__}, not an object"
+                continue
+            yield number, rec, problem
+
+
 def load_results(out: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """The records of ``out/results.jsonl``, the last one per name; a line cut short by an
-    interruption is ignored."""
+    """The records of ``out/results.jsonl``, the last one per name.
+
+    A damaged line (not UTF-8, a record without a name or a ``status``) is left out with a
+    warning naming the file and the line; the model it recorded, when its name can still
+    be read, counts as not checked (a scan checks it again). A line that is not JSON, cut short
+    by a kill while it was written, is left out quietly: its model was never recorded.
+    """
     path = Path(out) / RESULTS
     records: dict[str, dict[str, Any]] = {}
     if not path.exists():
         return records
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "name" in rec:
-                records[rec["name"]] = rec
+    for number, rec, problem in read_jsonl(path):
+        name = rec.get("name") if rec is not None and isinstance(rec.get("name"), str) else None
+        if not problem and name is None:
+            problem = "a record without a name"
+        elif not problem and not (isinstance(rec.get("status"), str) and rec["status"]):
+            problem = "a record without a status"
+        if not problem:
+            records[name] = rec
+            continue
+        if name is not None:
+            records.pop(name, None)  # whatever an earlier line said, this model is checked again
+        if not problem.startswith(NOT_JSON):
+            again = f"{name} will be checked again" if name else "no model name can be read from it"
+            warnings.warn(f"{path}:{number}: skipped a damaged line ({problem}); {again}", stacklevel=2)
     return records
+
+
+def output_folder(out: str | os.PathLike, create: bool = False) -> Path:
+    """``out`` as the scan's folder (made with ``create``).
+
+    Raises:
+        ValueError: ``out`` is a file, or (without ``create``) no folder.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: pass the scan's folder (new, or one to resume)")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+    elif not out.is_dir():
+        raise ValueError(f"--out {out}: no such folder: pass the folder of a scan")
+    return out
 
 
 # --- the pool ---------------------------------------------------------------------------------
@@ -275,10 +337,11 @@ def scan(
     Args:
         names: zoo names (see :func:`zoo_names`).
         out: the output folder; names already recorded there are skipped (resume).
-        jobs: models checked at once (one worker process each).
+        jobs: models checked at once (one worker process each), 1 or more.
         timeout: seconds one model may take before its process is killed (status ``timeout``).
         memory_limit_gb: address space a model's process may add to what the warm worker maps
-            (``RLIMIT_AS``); a model that needs more is recorded as ``oom``. ``None``: no limit.
+            (``RLIMIT_AS``), above 0; a model that needs more is recorded as ``oom``. ``None``:
+            no limit.
         retry: statuses to check again (``"failed"``, ``"timeout"``, ...) instead of skipping.
         check: ``name -> record``, a module-level function or ``"module:function"``, importable
             by the worker; default :func:`autocut.scan.check.check_model`.
@@ -291,13 +354,15 @@ def scan(
         Counts of this run's records by status.
 
     Raises:
+        ValueError: ``jobs``, ``timeout`` or ``memory_limit_gb`` out of range, or ``out`` a file.
         KeyboardInterrupt: after stopping the workers; the records so far are kept, and the same
         call resumes.
     """
-    if jobs < 1 or timeout <= 0:
-        raise ValueError("jobs and timeout must be positive")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    POSITIVE_INT.check("jobs", jobs)
+    POSITIVE.check("timeout", timeout)
+    if memory_limit_gb is not None:
+        POSITIVE.check("memory_limit_gb", memory_limit_gb)
+    out = output_folder(out, create=True)
     done = load_results(out)
     retry = set(retry)
     names = list(dict.fromkeys(names))
