@@ -135,17 +135,24 @@ def no_training(monkeypatch):
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--lr", "nan"],
-     r"^autocut finetune: lr must be a finite number > 0, got nan \(float\): pass a learning rate such as 1e-3$"),
-    (["--lr", "inf"], r"^autocut finetune: lr must be a finite number > 0, got inf \(float\)"),
-    (["--pretrained", "--lr-mult", "0.5"],
-     r"^autocut finetune: lr_mult must be a number in \[1, inf\), got 0\.5 \(float\): pass a number such as 100$"),
-    (["--lr-mult", "0"], r"^autocut finetune: lr_mult must be a number in \[1, inf\), got 0\.0 \(float\)"),
-    (["--lr-mult", "nan"], r"^autocut finetune: lr_mult must be a number in \[1, inf\), got nan \(float\)"),
+    (["--lr", "nan"], r"argument --lr: must be a number above 0, got nan$"),
+    (["--lr", "inf"], r"argument --lr: must be a number above 0, got inf$"),
+    (["--pretrained", "--lr-mult", "0.5"], r"argument --lr-mult: must be a number of 1 or more, got 0\.5$"),
+    (["--lr-mult", "0"], r"argument --lr-mult: must be a number of 1 or more, got 0$"),
+    (["--lr-mult", "nan"], r"argument --lr-mult: must be a number of 1 or more, got nan$"),
 ])
 def test_the_command_refuses_a_rate_that_cannot_train_with_exit_2(flags, message, no_training, capsys):
-    rc = cli.main(["finetune", "--size", "16", "--epochs", "1", "--bs", "32", "--device", "cpu", "--quiet", *flags])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1
-    assert re.match(message, err.strip())
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["finetune", "--size", "16", "--epochs", "1", "--bs", "32", "--device", "cpu", "--quiet", *flags])
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(("lr", "lr_mult", "message"), [
+    (float("nan"), None, r"^lr must be a number above 0, got nan$"),
+    (1e-3, 0.5, r"^lr_mult must be a number of 1 or more, got 0\.5$"),
+])
+def test_finetune_refuses_a_rate_that_cannot_train_before_any_epoch(lr, lr_mult, message, no_training, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        train.finetune(size=16, epochs=1, bs=32, lr=lr, lr_mult=lr_mult, pretrained=False, out=tmp_path / "run",
+                       device="cpu", progress=False)

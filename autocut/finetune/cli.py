@@ -61,7 +61,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``finetune`` and ``predict`` to ``autocut``'s subcommands."""
-    from autocut._validate import COUNT, DROPOUT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT
+    from autocut._validate import AT_LEAST_ONE, COUNT, DROPOUT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT
     from autocut.finetune.train import DEFAULT_ARCH, DEFAULT_EPOCHS, DEFAULT_LR, DIGITS_SIZE, PRECISIONS
 
     ft = sub.add_parser(
@@ -79,7 +79,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--freeze-epochs", type=COUNT,
                     help="epochs with the body frozen first (default 1 with pretrained weights, else 0)")
     ft.add_argument("--lr", type=POSITIVE, default=DEFAULT_LR, help=f"peak learning rate of the head (default {DEFAULT_LR})")
-    ft.add_argument("--lr-mult", type=POSITIVE,
+    ft.add_argument("--lr-mult", type=AT_LEAST_ONE,
                     help="first layer group's lr is lr / lr-mult (default 100 with pretrained weights, else 1)")
     ft.add_argument("--bs", type=POSITIVE_INT, default=64, help="global batch size, split over processes (default 64)")
     weights = ft.add_mutually_exclusive_group()
