@@ -19,11 +19,11 @@ from torch import nn
 from autocut import _validate, zoo
 from autocut.body import build_body
 from autocut.channels import set_input_channels
-from autocut.cut import Cut, stride_of
+from autocut.cut import Cut
 from autocut.discover import discover_with_trace, unwrap
 from autocut.errors import CutError, first_line
 from autocut.freeze import NORM_TYPES, freeze_to, norm_parameter_names
-from autocut.groups import group_summary, stride_size
+from autocut.groups import group_summary, read_stride
 from autocut.layers import create_head
 from autocut.probe import model_device, model_dtype, modes_kept
 
@@ -66,9 +66,7 @@ def _body(model: _Resolved, cut: CutSpec) -> nn.Module:
         if cut is None or isinstance(cut, str):
             cut, traced = discover_with_trace(model.module, model.input_size, arch=model.arch, where=cut)
         body, found = build_body(model.module, cut, model.input_size, model.arch, traced)
-        measured = stride_size(body, model.input_size, model.own_size)
-        if measured is not None:  # the stride of a map big enough to say (see stride_size)
-            found = dataclasses.replace(found, stride=stride_of((0, *measured[0]), measured[1]), stride_size=measured[0])
+        found = read_stride(body, found, model.own_size)  # where the map is big enough to say
         body.train(model.module.training)  # the body's own flag (a GraphBody's graph), not the model's modules'
     body.cut = found
     names = {n for n, _ in body.named_parameters()}

@@ -80,11 +80,29 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
     """
     if isinstance(model, nn.Module):
         model = unwrap(model)
-        return discover_module(model, check_input_size(input_size, zoo.default_input_size(model)))
+        own = zoo.default_input_size(model)
+        return _stride_read(model, discover_module(model, check_input_size(input_size, own)), own)
     spec = zoo.resolve(model)
     meta = zoo.build(spec, device="meta")
-    size = check_input_size(input_size, zoo.default_input_size(spec, meta))
-    return discover_module(meta, size, arch=str(spec), rebuild=lambda: zoo.build(spec, device="cpu"))
+    own = zoo.default_input_size(spec, meta)
+    size = check_input_size(input_size, own)
+    return _stride_read(meta, discover_module(meta, size, arch=str(spec), rebuild=lambda: zoo.build(spec, device="cpu")), own)
+
+
+def _stride_read(model: nn.Module, cut: Cut, own_size: tuple[int, int, int]) -> Cut:
+    """``cut`` with its stride read at the model's own size where ``cut.input_size`` is smaller
+    (:func:`autocut.groups.read_stride`, on the body ``create_body`` would make)."""
+    if own_size[1] <= cut.input_size[1] and own_size[2] <= cut.input_size[2]:
+        return cut
+    from autocut.body import build_body  # bodies are built on discovery
+    from autocut.groups import read_stride
+
+    with modes_kept(model):
+        try:
+            body, cut = build_body(model, cut, cut.input_size, cut.arch)
+        except CutError:  # a body the meta model cannot run: the stride stays read at input_size
+            return cut
+        return read_stride(body, cut, own_size)
 
 
 def discover_module(

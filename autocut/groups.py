@@ -19,6 +19,7 @@ Freezing by group is :mod:`autocut.freeze`; optimiser param groups are :mod:`aut
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +27,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from autocut.cut import Cut, stride_of
 from autocut.errors import CutError
 from autocut.layout import Layout, feature_of
 from autocut.probe import PROBE_BATCH, probe_forward, shape_of
 
-__all__ = ["LATE_STRIDE", "Unit", "body_units", "layer_groups", "splitter", "group_summary", "stride_size"]
+__all__ = ["LATE_STRIDE", "Unit", "body_units", "layer_groups", "splitter", "group_summary", "stride_size",
+           "read_stride"]
 
 LATE_STRIDE = 16  # where fastai's _resnet_split starts the late body
 
@@ -132,6 +135,15 @@ def stride_size(
         handle.remove()
     shape = out[-1] if out else None
     return (hw, tuple(shape[-2:])) if isinstance(shape, tuple) and len(shape) == 4 else None
+
+
+def read_stride(body: nn.Module, cut: Cut, own_size: tuple[int, int, int]) -> Cut:
+    """``cut`` with its stride read at :func:`stride_size` (``stride_size`` set) where that is
+    not ``cut.input_size``; else ``cut`` itself."""
+    measured = stride_size(body, cut.input_size, own_size)
+    if measured is None:
+        return cut
+    return dataclasses.replace(cut, stride=stride_of((0, *measured[0]), measured[1]), stride_size=measured[0])
 
 
 def _has_params(module: nn.Module) -> bool:

@@ -4,6 +4,7 @@ size checked, and the cut located at the model's own size when the input is smal
 import warnings
 
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -152,3 +153,12 @@ def test_a_named_model_is_probed_at_the_size_the_built_model_insists_on():
 def test_discover_takes_one_int_for_a_square_size_with_the_models_own_channels():
     cut = autocut.discover("resnet18", input_size=64)
     assert cut.input_size == (3, 64, 64) and cut.feature_shape == (512, 2, 2)
+
+
+@pytest.mark.parametrize("name, side", [("resnet50", 16), ("convnext_atto", 32)])
+def test_the_stride_at_a_small_size_is_timms_reduction_read_at_the_models_own_size(name, side):
+    reduction = timm.create_model(name, pretrained=False).feature_info[-1]["reduction"]
+    small = autocut.discover(name, input_size=(3, side, side))
+    assert (small.stride, small.stride_size, small.grid) == (reduction, (224, 224), (1, 1))
+    own = autocut.discover(name)
+    assert (own.stride, own.stride_size) == (reduction, None)
