@@ -198,3 +198,53 @@ def test_maps_computed_inside_a_pooling_head_are_the_heads_business():
     model = Attended().eval()
     assert problems(check_module_cut(model, module_cut("head:input", grid=(4, 4)))) == []
     assert problems(check_graph_cut(trace(model, SIZE), graph_cut(model, "stage"))) == []
+
+
+class Score(nn.Module):
+    """A score map, from the map: no parameters."""
+
+    def forward(self, m):
+        return m * m.mean(1, keepdim=True)
+
+
+class WeightedSum(nn.Module):
+    """Each position's features weighted by the softmax of their sum: a map in, a vector out."""
+
+    def forward(self, s):
+        return (s.flatten(2) * s.sum(1, keepdim=True).flatten(2).softmax(-1)).sum(-1)
+
+
+class SoftPool(nn.Module):
+    """A pooling head with no parameters (so no cut drops it), all its work done by modules of
+    its own: a score map (computed after the cut, inside the head), then a weighted sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.score, self.pool = Score(), WeightedSum()
+
+    def forward(self, m):
+        return self.pool(self.score(m))
+
+
+class SoftPooled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Conv2d(3, 8, 4, 4)
+        self.head = SoftPool()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.head(self.stage(x)))
+
+
+def test_a_pooling_head_with_no_parameters_is_known_by_taking_a_map_and_returning_none():
+    model = SoftPooled().eval()
+    traced = trace(model, SIZE)
+    cut = graph_cut(model, "stage")
+    assert cut.dropped == ("fc",)  # nothing excuses the score map but the head it is made in
+    assert problems(check_graph_cut(traced, cut)) == []
+    assert discover(model, input_size=SIZE).where == "stage"
+    # the score module alone takes a map and returns one: no head; the weighted sum is one
+    from autocut.cut_check import _scope_is_head
+
+    assert [_scope_is_head(traced, s, cut) for s in ("head", "head.score", "head.pool", "fc")] == [True, False, True, False]

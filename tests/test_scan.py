@@ -221,6 +221,19 @@ def test_the_scan_compares_every_dimension_of_the_shape():
         rec = compare_shapes(Differs("cls-only features", channels=8), torch.Size(got))
         assert rec["status"] == "mismatch" and rec["reason"].startswith("cls-only features (forward_features"), got
     assert compare_shapes(Differs("list features"), torch.Size([3, 8, 7, 7]))["status"] == "mismatch"
+    for reason in ("cls-only features", "latent array", "soft tokens"):  # known differences a body is made on
+        assert compare_shapes(Differs(reason, channels=8), torch.Size([3, 8, 7, 7])) == {
+            "body_shape": [3, 8, 7, 7], "status": "differs", "reason": reason}
+    for reason in ("latent array", "soft tokens"):  # ... as a map
+        rec = compare_shapes(Differs(reason), torch.Size([3, 49, 8]))
+        assert (rec["status"], rec["reason"]) == ("mismatch", f"{reason} ({check_differs()[reason]}), but the body "
+                                                               "returns [3, 49, 8]")
+
+
+def check_differs():
+    from autocut.scan.oracles import DIFFERS
+
+    return DIFFERS
 
 
 def test_a_recheck_that_dies_keeps_the_record_it_rechecked(tmp_path):

@@ -299,3 +299,36 @@ class _Minus(torch.nn.Module):
 
     def forward(self, x):
         return self.body(x) - 1e-2
+
+
+def _resnet18():
+    spec = check.zoo.resolve("resnet18")
+    return spec, check.zoo.build(spec, device="cpu")
+
+
+def test_values_of_a_body_cut_elsewhere_differ_by_shape_with_both_shapes_named():
+    spec, model = _resnet18()
+    record = check.compare_values(spec, model, "layer3", (3, 64, 64))  # the cut given is the one checked
+    assert record == {"values": "differ", "values_max_diff": None, "values_reason": "shapes [2, 256, 4, 4] and [2, 512, 2, 2]"}
+
+
+def test_values_within_the_relative_tolerance_are_equal(monkeypatch):
+    # a body off by 0.009% of each value: equal at rtol 1e-4 (VALUES_RTOL), not at torch's default 1e-5
+    assert (check.VALUES_RTOL, check.VALUES_ATOL) == (1e-4, 1e-4)
+    real_create_body, real_oracle = check.create_body, check._oracle
+    monkeypatch.setattr(check, "create_body", lambda model, cut, input_size: _Times(
+        real_create_body(model, cut=cut, input_size=input_size), 1000 * (1 + 9e-5)))
+    monkeypatch.setattr(check, "_oracle", lambda spec, model, x, values: 1000 * real_oracle(spec, model, x, values=values))
+    spec, model = _resnet18()
+    record = check.compare_values(spec, model, None, (3, 64, 64))
+    assert record["values_scale"] > 100  # where 9e-5 * |x| is past atol + 1e-5 * |x|
+    assert record["values"] == "equal" and 0 < record["values_max_diff"] <= 1e-4 * record["values_scale"]
+
+
+class _Times(torch.nn.Module):
+    def __init__(self, body, factor):
+        super().__init__()
+        self.body, self.factor = body, factor
+
+    def forward(self, x):
+        return self.body(x) * self.factor
