@@ -116,7 +116,9 @@ def stride_size(
     side where ``input_size`` is smaller (at 16 px a ResNet's map is 1x1 from ``layer3`` on,
     which says nothing about stride), so strides and layer groups do not depend on the training
     size. ``None`` where ``input_size`` is as big, or the body does not run at the bigger size
-    (a model built for one size); then strides are read at ``input_size``.
+    on fake tensors (a model built for one size, or one that reads values: a real forward there
+    could need the memory a smaller size was chosen to spare); then strides are read at
+    ``input_size``.
 
     Example:
         >>> stride_size(create_body("resnet50", input_size=(3, 16, 16)), (3, 16, 16), (3, 224, 224))
@@ -127,10 +129,10 @@ def stride_size(
         return None
     out: list[Any] = []
     handle = body.register_forward_hook(lambda m, args, o: out.append(shape_of(o)))
-    try:
-        probe_forward(body, (input_size[0], *hw))
+    try:  # fake tensors only: no real forward at a size the caller may have chosen to spare memory
+        probe_forward(body, (input_size[0], *hw), real_batch=None)
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError, CutError):
-        return None  # the model runs only at the given size
+        return None  # the model runs only at the given size, or only on real tensors
     finally:
         handle.remove()
     shape = out[-1] if out else None

@@ -8,6 +8,7 @@ import torch
 import torchvision
 from hypothesis import given
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 import autocut
 from autocut import zoo
@@ -321,3 +322,27 @@ def test_a_model_that_runs_only_at_the_given_size_has_its_strides_read_there():
     model = autocut.adapt(OneSize(), n_out=2, input_size=(3, 32, 32))
     assert model.cut.stride == 8 and model.cut.stride_size is None
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+
+
+class ReadsValues(nn.Module):
+    """``.item()`` in the forward: fake tensors cannot run it; records the sizes it ran on for real."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+        self.real_sizes = []
+
+    def forward(self, x):
+        if not isinstance(x, FakeTensor) and x.device.type != "meta":
+            self.real_sizes.append(tuple(x.shape[-2:]))
+        y = self.conv(x)
+        return y * float(y.mean().item() > -1e9)
+
+
+def test_strides_are_never_read_by_a_real_forward_at_a_size_bigger_than_asked():
+    # a smaller size may have been chosen to spare memory (the scan's reduced sizes)
+    from autocut.groups import stride_size
+
+    body = ReadsValues()
+    assert stride_size(body, (3, 32, 32), (3, 224, 224)) is None and (224, 224) not in body.real_sizes
+    assert stride_size(nn.Conv2d(3, 8, 3, 2, 1), (3, 32, 32), (3, 224, 224)) == ((224, 224), (112, 112))
