@@ -212,8 +212,19 @@ def fuse_bn_dropout(module: nn.Module) -> nn.Module:
 # --- head -----------------------------------------------------------------------------------
 
 
+def _batch_norm(n: int) -> nn.BatchNorm1d:
+    """fastai's ``BatchNorm(n, ndim=1)``: weight 1 and bias 1e-3 (a plain BatchNorm1d's bias starts at 0)."""
+    bn = nn.BatchNorm1d(n)
+    with torch.no_grad():
+        bn.weight.fill_(1.0)
+        bn.bias.fill_(1e-3)
+    return bn
+
+
 def _lin_bn_drop(n_in: int, n_out: int, bn: bool, p: float, act: nn.Module | None, lin_first: bool):
-    norm = [nn.BatchNorm1d(n_out if lin_first else n_in)] if bn else []
+    """fastai's ``LinBnDrop``, its layers in a list: BatchNorm (if ``bn``), Dropout (if ``p``),
+    Linear, activation; with ``lin_first`` the Linear and activation come first."""
+    norm = [_batch_norm(n_out if lin_first else n_in)] if bn else []
     drop = [nn.Dropout(p)] if p != 0 else []
     # fastai drops the Linear's bias wherever the block has a BatchNorm.
     lin = [nn.Linear(n_in, n_out, bias=not bn)]
@@ -245,20 +256,42 @@ def create_head(
 ) -> nn.Sequential:
     """fastai's classifier head: pool, flatten, then BatchNorm/Dropout/Linear blocks.
 
+    Every option means what it means to fastai 2.8's ``create_head``: the same layers in the same
+    order, the same BatchNorms, biases, dropouts, momentum and bounds (checked against fastai's own
+    heads over a grid of every option: ``tests/test_fastai_head.py``). The blocks' BatchNorm1d
+    start as fastai's ``BatchNorm`` does, weight 1 and bias 1e-3 (``bn_final``'s is a plain one,
+    bias 0, as fastai's is); :func:`autocut.adapt` then initialises the Linear layers as fastai's
+    ``apply_init`` does (kaiming normal, biases 0).
+
+    Deliberate differences from fastai:
+
+    - ``ps`` of a length other than 1 or the number of blocks is refused, where fastai silently
+      zips it with the blocks: extra values are dropped; with too few, the head ends at a hidden
+      width instead of ``n_out``; with ``lin_first``, its last Linear does not fit what comes
+      before (or, where the widths happen to match, follows an extra block).
+    - a dropout of 1 (everything dropped), a ``y_range`` with ``low >= high`` (an output that
+      runs backwards) or not finite, and sizes that are floats or bools are refused.
+    - ``ps`` is never changed: fastai's ``lin_first`` pops the first value off the caller's list.
+    - ``lin_ftrs`` may be a tuple (fastai needs a list).
+
     Args:
         nf: channels of the feature map the head receives (doubled inside with concat pooling);
             any integral number >= 1 (``numpy.int64`` too).
         n_out: number of outputs, an integral number >= 1.
-        lin_ftrs: widths of the hidden layers, ints >= 1; ``None`` means ``[512]``.
+        lin_ftrs: widths of the hidden layers, ints >= 1; ``None`` means ``[512]``. There is one
+            block per hidden layer and one for the output layer.
         ps: dropout probabilities in ``[0, 1)``, one per block; a single value ``p`` spreads as
-            ``[p/2] * (n_blocks - 1) + [p]``.
+            ``[p/2] * (n_blocks - 1) + [p]``. A block with ``p == 0`` has no Dropout.
         pool: start with a global pool and a flatten (``False`` for a head fed with vectors).
         concat_pool: pool with :class:`AdaptiveConcatPool2d` (max and avg) instead of avg only.
-        first_bn: put a BatchNorm1d before the first Linear.
+        first_bn: a BatchNorm1d in the first block (before the first Linear; after it and its
+            ReLU with ``lin_first``). Without it, that Linear keeps its bias; every other block
+            has a BatchNorm and a Linear without bias.
         bn_final: end with a BatchNorm1d (momentum 0.01).
-        lin_first: each block is Linear, ReLU, BatchNorm, Dropout instead of BatchNorm, Dropout,
-            Linear, ReLU; the last block is a bare Linear. (fastai appends an extra Linear here,
-            which only fits when the last hidden width equals ``n_out``; autocut does not.)
+        lin_first: a Dropout with the first value of ``ps`` on the pooled features, then a block
+            per hidden layer of Linear, ReLU, BatchNorm, Dropout (the next value of ``ps``), then
+            a bare Linear with a bias. Without it, each block is BatchNorm, Dropout, Linear, and a
+            ReLU on all but the last.
         y_range: ``(low, high)``, finite with ``low < high``, to end with a :class:`SigmoidRange`
             (regression).
 
@@ -268,8 +301,8 @@ def create_head(
 
     Raises:
         CutError: (a ``ValueError``) an argument out of its range or of the wrong kind (a float or
-            a bool for a size, a dropout of 1, ...), or a number of ``ps`` that fits no block
-            count; the message names the argument.
+            a bool for a size, a dropout of 1, ...), or a number of ``ps`` that is neither 1 nor
+            the number of blocks; the message names the argument and what to pass.
 
     Example:
         >>> head = create_head(512, 10)
@@ -287,7 +320,8 @@ def create_head(
     if len(ps) == 1:
         ps = [ps[0] / 2] * (n_blocks - 1) + ps
     if len(ps) != n_blocks:
-        raise CutError(f"ps has {len(ps)} values for {n_blocks} blocks: give one value or {n_blocks}")
+        raise CutError(f"ps has {len(ps)} values for {n_blocks} blocks (one per width of lin_ftrs={widths[1:-1]} "
+                       f"and one for the output layer): give one value or {n_blocks}")
     bns = [first_bn] + [True] * (n_blocks - 1)
     acts = [nn.ReLU(inplace=True) for _ in range(n_blocks - 1)] + [None]
 
@@ -295,13 +329,16 @@ def create_head(
     if pool:
         layers += [AdaptiveConcatPool2d() if concat_pool else nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     if lin_first:
+        # fastai: the first p drops the pooled features, each hidden block takes the next p, and a
+        # bare Linear (with its bias) ends the head in place of a last block.
         layers.append(nn.Dropout(ps[0]))
-        for n_in, n_hidden, p, act in zip(widths[:-2], widths[1:-1], ps[1:], acts):
-            layers += _lin_bn_drop(n_in, n_hidden, True, p, act, lin_first=True)
-        layers.append(nn.Linear(widths[-2], n_out))
+        blocks = zip(widths[:-2], widths[1:-1], bns, ps[1:], acts)
     else:
-        for n_in, n_o, bn, p, act in zip(widths[:-1], widths[1:], bns, ps, acts):
-            layers += _lin_bn_drop(n_in, n_o, bn, p, act, lin_first=False)
+        blocks = zip(widths[:-1], widths[1:], bns, ps, acts)
+    for n_in, n_o, bn, p, act in blocks:
+        layers += _lin_bn_drop(n_in, n_o, bn, p, act, lin_first)
+    if lin_first:
+        layers.append(nn.Linear(widths[-2], n_out))
     if bn_final:
         layers.append(nn.BatchNorm1d(n_out, momentum=0.01))
     if y_range is not None:

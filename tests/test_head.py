@@ -87,6 +87,23 @@ def test_lin_first_blocks():
     assert head.eval()(torch.randn(2, 16, 3, 3)).shape == (2, 4)
 
 
+def test_lin_first_without_first_bn_has_no_batch_norm_in_its_first_block():
+    # fastai: the first block is Linear (keeping its bias), ReLU, Dropout; the others have their BatchNorm
+    head = create_head(16, 4, lin_ftrs=[8, 6], lin_first=True, first_bn=False, ps=[0.1, 0.2, 0.3])
+    assert _layers(head) == ["AdaptiveConcatPool2d", "Flatten", "Dropout", "Linear", "ReLU", "Dropout",
+                             "Linear", "ReLU", "BatchNorm1d", "Dropout", "Linear"]
+    assert [m.bias is not None for m in head if isinstance(m, nn.Linear)] == [True, False, True]
+    assert head.eval()(torch.randn(2, 16, 3, 3)).shape == (2, 4)
+
+
+def test_block_batch_norms_start_as_fastais_and_bn_final_as_a_plain_one():
+    head = create_head(8, 3, bn_final=True)
+    bns = [m for m in head if isinstance(m, nn.BatchNorm1d)]
+    for bn in bns[:-1]:  # fastai's BatchNorm: weight 1, bias 1e-3
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.full_like(bn.bias, 1e-3))
+    assert torch.equal(bns[-1].bias, torch.zeros(3)) and bns[-1].momentum == 0.01
+
+
 def test_sizes_of_any_integral_type_are_plain_ints():
     head = create_head(np.int64(8), np.int64(3), lin_ftrs=[np.int32(16)])
     assert [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)] == [(16, 16), (16, 3)]
