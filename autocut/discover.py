@@ -231,7 +231,7 @@ def _size_note(module: nn.Module, size: tuple[int, int, int]) -> str:
     found = zoo.input_size_source(module)
     if found is None:
         given = "the default 224 px" if size == zoo.default_input_size(module) else "the size given"
-        return f"{given}; it states no input size (read: {', '.join(zoo.INPUT_SIZE_SOURCES)})"
+        return f"{given}; it states no input size (read: {'; '.join(zoo.INPUT_SIZE_SOURCES)})"
     stated, source = found
     return f"the size it states ({source})" if stated == size else f"not the size it states: {stated} from {source}"
 

@@ -203,5 +203,5 @@ def test_a_probe_that_fails_says_which_size_was_tried_and_what_the_model_said():
         autocut.discover(model)
     unnamed = FixedGrid(pos_name="table")  # positions named as no model names them
     with pytest.raises(autocut.CutError, match=r"at input size \(3, 224, 224\), the default 224 px; it states no "
-                                               r"input size \(read: pretrained_cfg / default_cfg input_size, config"):
+                                               r"input size \(read: pretrained_cfg / default_cfg input_size; config"):
         autocut.discover(unnamed)
