@@ -1,4 +1,4 @@
-"""A module's own input size, however it says it.
+"""A module's own input size, however it says it, and a larger probe where it says nothing.
 
 Each reproduction is a small module written the way third-party model packages write theirs: an
 ``input_size`` attribute in (C, H, W) or (H, W, C) order (Cadene's pretrainedmodels), a size held
@@ -21,6 +21,7 @@ from torch import nn
 
 import autocut
 from autocut import zoo
+from autocut.discover import LARGER_SIDES
 
 
 def _stages(chans: list[int], padding: int) -> nn.Sequential:
@@ -192,3 +193,59 @@ def test_configs_come_after_the_places_a_model_states_its_size_directly():
     model.cfg = {"image_size": 384}
     model.image_size = 208
     assert zoo.input_size_source(model) == ((3, 208, 208), "image_size")
+
+
+# --- (5) nothing stated: larger sizes before refusing -------------------------------------------
+
+
+def test_a_model_that_states_nothing_and_fails_at_224_is_cut_at_the_first_larger_size_it_runs_at():
+    model = FixedPool().eval()  # 256 px: a 7x7 map, too small for the 8x8 pool; 299 px: 8x8
+    real = []
+    model.features[0].register_forward_pre_hook(
+        lambda m, args: real.append(args[0].shape[-1]) if type(args[0]) is torch.Tensor else None)
+    cut = autocut.discover(model)
+    assert (cut.where, cut.nf, cut.feature_shape, cut.input_size) == ("features.4.2", 8, (8, 8, 8), (3, 299, 299))
+    assert 256 not in real, "the larger sizes are probed on fake tensors"
+    _check_body(model, (3, 299, 299))
+    adapted = autocut.adapt(model, n_out=3)
+    assert adapted.cut.input_size == (3, 299, 299) and adapted.cut.groups
+    assert adapted.eval()(torch.randn(2, 3, 299, 299)).shape == (2, 3)
+
+
+def test_larger_sizes_are_tried_only_where_the_size_was_a_guess():
+    with pytest.raises(autocut.CutError, match=r"could not probe FixedPool at input size \(3, 224, 224\)") as err:
+        autocut.discover(FixedPool(), input_size=(3, 224, 224))  # asked for: no other size answers
+    assert "larger sizes" not in str(err.value)
+    stated = Table(208)
+    stated.cfg = {"img_size": 256}  # stated, wrongly: refused at that size, not searched around
+    with pytest.raises(autocut.CutError, match=r"at input size \(3, 256, 256\), the size it states \(cfg.img_size\)") as err:
+        autocut.discover(stated)
+    assert "larger sizes" not in str(err.value)
+
+
+def test_a_model_that_runs_at_no_size_tried_is_refused_with_each_size_and_what_it_said():
+    with pytest.raises(autocut.CutError) as err:
+        autocut.discover(Table(208))
+    message = str(err.value)
+    assert message.startswith("could not probe Table at input size (3, 224, 224), the default 224 px; it states no "
+                              "input size (read: ")
+    tried = message.split("nor at the larger sizes tried: ", 1)[1]
+    for side in LARGER_SIDES:
+        grid = side // 16  # what the model said there: its 13x13 table against this grid (fake tensors' words)
+        assert f"{side} px (RuntimeError: Attempting to broadcast a dimension of length 13" in tried
+        assert f"broadcastable to [11, 8, {grid}, {grid}])" in tried
+    assert message.endswith("Check the input size (input_size=(C, H, W)) or pass cut= explicitly")
+    with pytest.raises(autocut.CutError, match="nor at the larger sizes tried: 256 px"):
+        autocut.adapt(Table(208), n_out=2)
+
+
+def test_a_model_that_fails_the_same_way_at_a_larger_size_is_not_tried_at_more():
+    class Broken(AnySize):
+        def forward(self, x):
+            raise TypeError("this model cannot run")
+
+    with pytest.raises(autocut.CutError) as err:
+        autocut.discover(Broken())
+    assert str(err.value).split("; nor at the larger sizes tried: ", 1)[1] == (
+        "256 px (the same error: not a size failure, no larger size tried). Check the input size (input_size=(C, H, W)) "
+        "or pass cut= explicitly")
