@@ -322,14 +322,18 @@ def input_size_source(model: nn.Module | ModelSpec, built: nn.Module | None = No
     :data:`INPUT_SIZE_SOURCES`: ``pretrained_cfg``/``default_cfg``; ``config.image_size`` (and
     ``config.num_channels``), also of a nested ``vision_config`` (transformers); an
     ``image_size``/``img_size`` attribute of the model or of a submodule (a patch embedding); an
-    ``input_size`` attribute holding ``(C, H, W)`` or ``(H, W, C)`` (Cadene's pretrainedmodels);
-    a field such as ``image_size`` of a config object held by the model or a submodule, under
-    any attribute name (:func:`_from_held_config`); the side of a square positional embedding
-    times the patch size.
+    ``input_size`` attribute holding ``(C, H, W)`` or ``(H, W, C)`` (Cadene's pretrainedmodels;
+    the end holding 1 to 4 is the channels); a size field (``image_size``, ``img_size``,
+    ``input_size``, ``resolution``, ``crop_size``, ...; sides 16 to 4096) of a config the model or
+    a submodule holds under any attribute name: a dict, namespace, dataclass or namedtuple, or one
+    nested in it two levels down; the side of a square positional embedding times the patch size.
 
     Example:
         >>> input_size_source(timm.create_model("vit_base_patch16_384"))
         ((3, 384, 384), 'pretrained_cfg')
+        >>> model.args = argparse.Namespace(img_size=256, lr=0.1)
+        >>> input_size_source(model)  # a module that states nothing else
+        ((3, 256, 256), 'args.img_size')
     """
     if isinstance(model, ModelSpec) and model.source == TRANSFORMERS:
         model = built if built is not None else build(model)
