@@ -41,6 +41,7 @@ class _Resolved(NamedTuple):
     input_size: tuple[int, int, int]
     own_size: tuple[int, int, int]  # the model's own (stated or default) size
     users: bool = False
+    guessed: bool = False  # input_size is the 224 px guess: discovery may find a larger one it runs at
 
 
 def _resolve(model: str | nn.Module, input_size, pretrained: bool = False) -> _Resolved:
@@ -51,11 +52,13 @@ def _resolve(model: str | nn.Module, input_size, pretrained: bool = False) -> _R
             raise CutError("pretrained=True needs a model name; load the weights into your module yourself")
         model = unwrap(model)
         own = zoo.default_input_size(model)
-        return _Resolved(model, type(model).__name__, _validate.input_size(input_size, own), own, True)
+        guessed = input_size is None and zoo.stated_input_size(model) is None
+        return _Resolved(model, type(model).__name__, _validate.input_size(input_size, own), own, True, guessed)
     spec = zoo.resolve(model)
     module = zoo.build(spec, device="cpu", pretrained=pretrained)
     own = zoo.default_input_size(spec, module)
-    return _Resolved(module, str(spec), _validate.input_size(input_size, own), own)
+    guessed = input_size is None and zoo.stated_input_size(spec, module) is None
+    return _Resolved(module, str(spec), _validate.input_size(input_size, own), own, guessed=guessed)
 
 
 def _body(model: _Resolved, cut: CutSpec) -> nn.Module:
@@ -63,8 +66,9 @@ def _body(model: _Resolved, cut: CutSpec) -> nn.Module:
     mode; every module of the model keeps its own training flag."""
     traced = None
     with modes_kept(model.module):
-        if cut is None or isinstance(cut, str):
-            cut, traced = discover_with_trace(model.module, model.input_size, arch=model.arch, where=cut)
+        if cut is None or isinstance(cut, str):  # the Cut found says the size it was found at (a larger one than guessed)
+            cut, traced = discover_with_trace(model.module, model.input_size, arch=model.arch, where=cut,
+                                              try_larger=model.guessed)
         body, found = build_body(model.module, cut, model.input_size, model.arch, traced)
         found = read_stride(body, found, model.own_size)  # where the map is big enough to say
         body.train(model.module.training)  # the body's own flag (a GraphBody's graph), not the model's modules'

@@ -4,13 +4,16 @@ The order of attempts, each tried only where the one before failed: the graph ru
 (:mod:`autocut.cut_graph`) on the module as given (meta or fake tensors); on a real CPU copy, for a
 named model whose meta copy cannot run; then the hooks rule (:mod:`autocut.cut_hooks`) on each.
 ``Cut.method`` says which one answered; when none does, the ``CutError`` lists why each failed.
+Where the size probed was only the 224 px guess (the model states none) and the model does not run
+there, the attempts are made at the first of :data:`LARGER_SIDES` it runs at, recorded in
+``Cut.input_size``; where it runs at none, the ``CutError`` lists each size and what the model said.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -23,7 +26,11 @@ from autocut.errors import CutError, first_line
 from autocut.probe import modes_kept, probe_forward
 from autocut.trace import Traced, trace
 
-__all__ = ["discover", "discover_module", "discover_with_trace", "check_input_size", "unwrap"]
+__all__ = ["discover", "discover_module", "discover_with_trace", "check_input_size", "unwrap", "LARGER_SIDES"]
+
+# where a model states no input size and does not run at the 224 px guess (a fixed
+# F.avg_pool2d(x, 8), a positional table for 256 px), the sides tried next, in order
+LARGER_SIDES = (256, 299, 320, 384, 448, 512)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -60,8 +67,11 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
         model: a timm name (``"convnext_tiny"``), a torchvision name (``"torchvision:densenet121"``,
             or the bare name where timm has none), or any ``nn.Module`` (a ``torch.compile``'d or
             data-parallel one is read as the module it wraps, see :func:`unwrap`).
-        input_size: ``(C, H, W)`` to probe with (one int ``s``: ``(C, s, s)``); default from the model's own config (timm's
-            ``pretrained_cfg``, torchvision's weights), else ``(3, 224, 224)``.
+        input_size: ``(C, H, W)`` to probe with (one int ``s``: ``(C, s, s)``); default the size the
+            model states (:func:`autocut.zoo.input_size_source`: timm's ``pretrained_cfg``,
+            torchvision's weights, a module's config or attributes), else ``(3, 224, 224)``, and
+            where the model does not run at that guess, the first of :data:`LARGER_SIDES` it runs
+            at (``Cut.input_size`` says which).
 
     Returns:
         A :class:`Cut`. Named models are built on the meta device: discovery allocates no
@@ -70,8 +80,8 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
 
     Raises:
         CutError: the model has no feature map to cut at (say, an MLP); it does not run at
-            ``input_size`` (the message says which size or ``n_in`` it needs); an unknown model
-            name (the message lists close matches).
+            ``input_size`` (the message says which size or ``n_in`` it needs, or each size tried
+            and what the model said there); an unknown model name (the message lists close matches).
 
     Example:
         >>> cut = discover("resnet34")
@@ -81,12 +91,15 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
     if isinstance(model, nn.Module):
         model = unwrap(model)
         own = zoo.default_input_size(model)
-        return _stride_read(model, discover_module(model, check_input_size(input_size, own)), own)
+        larger = input_size is None and zoo.stated_input_size(model) is None
+        return _stride_read(model, discover_module(model, check_input_size(input_size, own), try_larger=larger), own)
     spec = zoo.resolve(model)
     meta = zoo.build(spec, device="meta")
     own = zoo.default_input_size(spec, meta)
     size = check_input_size(input_size, own)
-    return _stride_read(meta, discover_module(meta, size, arch=str(spec), rebuild=lambda: zoo.build(spec, device="cpu")), own)
+    larger = input_size is None and zoo.stated_input_size(spec, meta) is None
+    cut = discover_module(meta, size, arch=str(spec), rebuild=lambda: zoo.build(spec, device="cpu"), try_larger=larger)
+    return _stride_read(meta, cut, own)
 
 
 def _stride_read(model: nn.Module, cut: Cut, own_size: tuple[int, int, int]) -> Cut:
@@ -111,6 +124,7 @@ def discover_module(
     arch: str | None = None,
     rebuild: Callable[[], nn.Module] | None = None,
     where: str | None = None,
+    try_larger: bool = False,
 ) -> Cut:
     """:func:`discover` for a module at a checked ``input_size``.
 
@@ -119,8 +133,11 @@ def discover_module(
         rebuild: gives a real (CPU) copy, for when the module is on the meta device and the
             meta probe fails.
         where: cut at this node name or module path instead of finding the cut.
+        try_larger: ``input_size`` is only a guess (the model states none, the caller gave
+            none): where the model does not run there, try each of :data:`LARGER_SIDES` in turn
+            and cut at the first it runs at (``Cut.input_size``) before refusing.
     """
-    return discover_with_trace(module, input_size, arch, rebuild, where)[0]
+    return discover_with_trace(module, input_size, arch, rebuild, where, try_larger)[0]
 
 
 def discover_with_trace(
@@ -129,12 +146,14 @@ def discover_with_trace(
     arch: str | None = None,
     rebuild: Callable[[], nn.Module] | None = None,
     where: str | None = None,
+    try_larger: bool = False,
 ) -> tuple[Cut, Traced | None]:
     """:func:`discover_module`, and the trace of ``module`` it was found on (``None`` where the
     cut came from the real copy or from hooks), so a body can reuse the eval graph instead of
-    tracing it again. Every module of ``module`` keeps its training flag."""
+    tracing it again. Every module of ``module`` keeps its training flag. The size the cut was
+    found at is ``Cut.input_size`` (a larger one than ``input_size`` with ``try_larger``)."""
     with modes_kept(module):
-        return _discover(module, input_size, arch or type(module).__name__, rebuild, where)
+        return _discover(module, input_size, arch or type(module).__name__, rebuild, where, try_larger)
 
 
 def _discover(
@@ -143,6 +162,7 @@ def _discover(
     arch: str,
     rebuild: Callable[[], nn.Module] | None,
     where: str | None,
+    try_larger: bool = False,
 ) -> tuple[Cut, Traced | None]:
     errors: list[str] = []
     real: list[nn.Module] = []
@@ -154,6 +174,55 @@ def _discover(
                 real.append(rebuild())
             yield real[0]
 
+    found = _attempts(module, candidates, input_size, arch, where, errors)
+    if found is not None:
+        return found
+
+    def runs_at(size: tuple[int, int, int]) -> bool:
+        return any(_runs_at(candidate, size) for candidate in candidates())
+
+    if where is not None:
+        instead = None if runs_at(tuple(input_size)) else _what_size_instead(arch, module, tuple(input_size), runs_at)
+        raise CutError(instead or f"cannot cut {arch} at {where!r}: it cannot be traced ({errors[0]}); pass a "
+                       "callable or an int")
+    instead = _what_size_instead(arch, module, tuple(input_size), runs_at)
+    if instead is not None:
+        raise CutError(instead)
+    tried: list[str] = []
+    said_before = {error.split(": ", 1)[1] for error in errors}
+    for side in LARGER_SIDES if try_larger else ():
+        size = (input_size[0], side, side)
+        if side <= min(input_size[1:]):
+            continue
+        said = _probe_error(list(candidates()), size)
+        if said in said_before:  # a failure that does not change with the size is not for want of a larger one
+            tried.append(f"{side} px (the same error: not a size failure, no larger size tried)")
+            break
+        if said is None:  # it runs here: cut here (or say why not, at the size it runs at)
+            at_size: list[str] = []
+            found = _attempts(module, candidates, size, arch, None, at_size)
+            if found is not None:
+                return found
+            said = "; ".join(at_size)
+        said_before.add(said)
+        tried.append(f"{side} px ({said})")
+    raise CutError(
+        f"could not probe {arch} at input size {tuple(input_size)}, {_size_note(module, tuple(input_size))} "
+        f"({'; '.join(errors)})" + (f"; nor at the larger sizes tried: {', '.join(tried)}" if tried else "")
+        + ". Check the input size (input_size=(C, H, W)) or pass cut= explicitly"
+    )
+
+
+def _attempts(
+    module: nn.Module,
+    candidates: Callable[[], Iterator[nn.Module]],
+    input_size: tuple[int, int, int],
+    arch: str,
+    where: str | None,
+    errors: list[str],
+) -> tuple[Cut, Traced | None] | None:
+    """The graph rule on each candidate, then (without ``where``) the hooks rule on each: the
+    first cut found and checked, or ``None`` with why each attempt failed added to ``errors``."""
     for candidate in candidates():
         try:
             traced = trace(candidate, input_size)
@@ -165,14 +234,8 @@ def _discover(
         cut = _find_cut_at_own_size(traced, arch)
         check_graph_cut(traced, cut).raise_for(cut)
         return cut, (traced if candidate is module else None)
-
-    def runs_at(size: tuple[int, int, int]) -> bool:
-        return any(_runs_at(candidate, size) for candidate in candidates())
-
     if where is not None:
-        instead = None if runs_at(tuple(input_size)) else _what_size_instead(arch, module, tuple(input_size), runs_at)
-        raise CutError(instead or f"cannot cut {arch} at {where!r}: it cannot be traced ({errors[0]}); pass a "
-                       "callable or an int")
+        return None
     for candidate in candidates():
         try:
             calls = probe_modules(candidate, input_size)
@@ -182,10 +245,26 @@ def _discover(
         cut = find_cut_by_hooks(candidate, calls, input_size, arch)
         check_module_cut(candidate, cut).raise_for(cut)
         return cut, None
-    raise CutError(_what_size_instead(arch, module, tuple(input_size), runs_at) or (
-        f"could not probe {arch} at input size {tuple(input_size)}, {_size_note(module, tuple(input_size))} "
-        f"({'; '.join(errors)}). Check the input size (input_size=(C, H, W)) or pass cut= explicitly"
-    ))
+    return None
+
+
+def _probe_error(candidates: list[nn.Module], size: tuple[int, int, int]) -> str | None:
+    """``None`` where one of ``candidates`` runs at ``size``, else the first line of the error of
+    the last (the real copy, where there is one). Meta or fake tensors only, unless a model's
+    code reads values (``.item()``): then one real forward of batch 1, as every probe does."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    said = None
+    for candidate in candidates:
+        try:
+            try:
+                probe_forward(candidate, size, real_batch=None)
+            except (DataDependentOutputException, DynamicOutputShapeException):
+                probe_forward(candidate, size, batch=1, fake=False)
+            return None
+        except Exception as err:  # any failure: the model does not run at this size; what it said is listed
+            said = f"{type(err).__name__}: {first_line(err)}"
+    return said
 
 
 def _runs_at(module: nn.Module, size: tuple[int, int, int]) -> bool:
@@ -231,7 +310,7 @@ def _size_note(module: nn.Module, size: tuple[int, int, int]) -> str:
     found = zoo.input_size_source(module)
     if found is None:
         given = "the default 224 px" if size == zoo.default_input_size(module) else "the size given"
-        return f"{given}; it states no input size (read: {', '.join(zoo.INPUT_SIZE_SOURCES)})"
+        return f"{given}; it states no input size (read: {'; '.join(zoo.INPUT_SIZE_SOURCES)})"
     stated, source = found
     return f"the size it states ({source})" if stated == size else f"not the size it states: {stated} from {source}"
 

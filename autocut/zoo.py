@@ -3,12 +3,16 @@ read their default input size and normalisation, and load local checkpoints safe
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import difflib
 import functools
 import json
 import math
 import os
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,6 +307,9 @@ INPUT_SIZE_SOURCES = (
     "pretrained_cfg / default_cfg input_size",
     "config.image_size (or a nested vision_config's)",
     "an image_size / img_size attribute (the model's or a patch embedding's)",
+    "an input_size attribute in (C, H, W) or (H, W, C) order",
+    "a config the model holds (a namespace, dataclass, namedtuple or dict attribute) with an "
+    "image_size / img_size / input_size / resolution / crop_size field",
     "positional embedding length x patch size",
 )
 
@@ -314,12 +321,19 @@ def input_size_source(model: nn.Module | ModelSpec, built: nn.Module | None = No
     model insists on (its ViTs); torchvision's weights' crop size. For a module, the first of
     :data:`INPUT_SIZE_SOURCES`: ``pretrained_cfg``/``default_cfg``; ``config.image_size`` (and
     ``config.num_channels``), also of a nested ``vision_config`` (transformers); an
-    ``image_size``/``img_size`` attribute of the model or of a submodule (a patch embedding);
-    the side of a square positional embedding times the patch size.
+    ``image_size``/``img_size`` attribute of the model or of a submodule (a patch embedding); an
+    ``input_size`` attribute holding ``(C, H, W)`` or ``(H, W, C)`` (Cadene's pretrainedmodels;
+    the end holding 1 to 4 is the channels); a size field (``image_size``, ``img_size``,
+    ``input_size``, ``resolution``, ``crop_size``, ...; sides 16 to 4096) of a config the model or
+    a submodule holds under any attribute name: a dict, namespace, dataclass or namedtuple, or one
+    nested in it two levels down; the side of a square positional embedding times the patch size.
 
     Example:
         >>> input_size_source(timm.create_model("vit_base_patch16_384"))
         ((3, 384, 384), 'pretrained_cfg')
+        >>> model.args = argparse.Namespace(img_size=256, lr=0.1)
+        >>> input_size_source(model)  # a module that states nothing else
+        ((3, 256, 256), 'args.img_size')
     """
     if isinstance(model, ModelSpec) and model.source == TRANSFORMERS:
         model = built if built is not None else build(model)
@@ -335,7 +349,8 @@ def input_size_source(model: nn.Module | ModelSpec, built: nn.Module | None = No
             return (3, fixed, fixed), "image_size"
         crop = _torchvision_transform_kwargs(model.name).get("crop_size")
         return ((3, *_pair(crop)), "torchvision weights' crop_size") if crop else None
-    for read in (_from_pretrained_cfg, _from_config, _from_attributes, _from_position_embedding):
+    for read in (_from_pretrained_cfg, _from_config, _from_attributes, _from_input_size_attribute,
+                 _from_held_config, _from_position_embedding):
         found = read(model)
         if found is not None:
             return found
@@ -375,6 +390,104 @@ def _from_attributes(model: nn.Module) -> tuple[tuple[int, int, int], str] | Non
             size = _size(getattr(module, "in_chans", getattr(module, "num_channels", None)), getattr(module, attr, None))
             if size is not None:
                 return size, f"{path}.{attr}" if path else attr
+    return None
+
+
+# the sides a size read from a loosely named place (an input_size triple, a config's field) may
+# have: a field called "resolution" that holds 1 or 8 says something else
+_SIDES = range(16, 4097)
+_CHANNELS = range(1, 5)  # a triple's channel end; the other end holds a side, never this small
+
+
+def _shape(value: Any, channels: Any = None) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` from one side, ``(H, W)``, or a triple in either order: ``(C, H, W)`` where
+    the first entry is a channel count (1 to 4) and the last is not, ``(H, W, C)`` the other way
+    round; ``None`` for anything else (a side out of :data:`_SIDES`, a float, a 4-tuple)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        return None
+    if len(value) == 3:
+        first, last = value[0] in _CHANNELS, value[-1] in _CHANNELS
+        if first == last:  # both ends or neither could be channels: no order to read
+            return None
+        channels, value = (value[0], value[1:]) if first else (value[-1], value[:2])
+    if len(value) != 2 or not all(d in _SIDES for d in value):
+        return None
+    channels = channels if isinstance(channels, int) and not isinstance(channels, bool) and 1 <= channels <= 16 else 3
+    return (channels, value[0], value[1])
+
+
+def _from_input_size_attribute(model: nn.Module) -> tuple[tuple[int, int, int], str] | None:
+    """An ``input_size`` attribute holding a triple, ``[3, 299, 299]`` or ``(299, 299, 3)``, of the
+    model or a submodule (one int means features elsewhere: ``nn.LSTM``'s ``input_size``)."""
+    for path, module in model.named_modules():
+        value = getattr(module, "input_size", None)
+        size = _shape(value) if isinstance(value, (tuple, list)) and len(value) == 3 else None
+        if size is not None:
+            return size, f"{path}.input_size" if path else "input_size"
+    return None
+
+
+# a held config's fields that state the input size, most telling first (compared lower-case:
+# yacs configs say IMAGE_SIZE); those that may hold one int for a square side (an MLP's
+# input_size of 784 is a feature count); and those that state its channels
+_SIZE_FIELDS = ("input_size", "image_size", "img_size", "input_resolution", "image_resolution", "img_resolution",
+                "resolution", "crop_size", "input_shape", "image_shape", "img_shape")
+_SIDE_FIELDS = frozenset(("image_size", "img_size", "input_resolution", "image_resolution", "img_resolution", "resolution",
+                          "crop_size"))
+_CHANNEL_FIELDS = ("in_chans", "in_channels", "num_channels", "input_channels", "n_channels")
+_MODULE_ATTRIBUTES = frozenset(vars(nn.Module()))  # nn.Module's own bookkeeping: hooks, _modules, ...
+
+
+def _config_fields(value: Any) -> dict[str, Any] | None:
+    """The fields of a config object: a dict (or any mapping: yacs, OmegaConf), a namespace
+    (``types.SimpleNamespace``, ``argparse.Namespace``), a dataclass or a namedtuple; ``None``
+    for anything else (a module, a tensor, a list, a plain object)."""
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items()}
+    if isinstance(value, (types.SimpleNamespace, argparse.Namespace)):
+        return dict(vars(value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name, None) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return dict(zip(value._fields, value))
+    return None
+
+
+def _size_in_config(fields: dict[str, Any], path: str, depth: int = 2) -> tuple[tuple[int, int, int], str] | None:
+    """The first size field of a config (see :data:`_SIZE_FIELDS`), else of the configs nested in
+    it, ``depth`` levels down; its channels from a channel field of the same config."""
+    lower = {k.lower(): k for k in fields}
+    channels = next((fields[lower[c]] for c in _CHANNEL_FIELDS if c in lower), None)
+    for name in _SIZE_FIELDS:
+        value = fields[lower[name]] if name in lower else None
+        size = None if value is None or (isinstance(value, int) and name not in _SIDE_FIELDS) else _shape(value, channels)
+        if size is not None:
+            return size, f"{path}.{lower[name]}"
+    if depth > 0:
+        for key, value in fields.items():
+            nested = _config_fields(value)
+            found = _size_in_config(nested, f"{path}.{key}", depth - 1) if nested else None
+            if found is not None:
+                return found
+    return None
+
+
+def _from_held_config(model: nn.Module) -> tuple[tuple[int, int, int], str] | None:
+    """A size field of a config object the model (or a submodule) holds under any attribute
+    name: ``self.args = Namespace(img_size=256)``, ``self._global_params = GlobalParams(...,
+    image_size=260)`` (a namedtuple), ``self.cfg = {"MODEL": {"IMAGE_SIZE": 384}}``."""
+    seen: set[int] = set()  # a config every layer holds (transformers') is read once
+    for path, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if attr in _MODULE_ATTRIBUTES or id(value) in seen:
+                continue
+            seen.add(id(value))
+            fields = _config_fields(value)
+            found = _size_in_config(fields, f"{path}.{attr}" if path else attr) if fields else None
+            if found is not None:
+                return found
     return None
 
 

@@ -60,10 +60,12 @@ def test_when_every_attempt_fails_the_error_lists_each():
         discover_module(Broken().to("meta"), (3, 16, 16), rebuild=Broken)
     message = str(err.value)
     assert message.startswith("could not probe Broken at input size (3, 16, 16), the size given; it states no input "
-                              "size (read: pretrained_cfg / default_cfg input_size, config.image_size (or a nested "
-                              "vision_config's), an image_size / img_size attribute (the model's or a patch "
-                              "embedding's), positional embedding length x patch size) (fx: TypeError: this model "
-                              "cannot run; ")
+                              "size (read: pretrained_cfg / default_cfg input_size; config.image_size (or a nested "
+                              "vision_config's); an image_size / img_size attribute (the model's or a patch "
+                              "embedding's); an input_size attribute in (C, H, W) or (H, W, C) order; a config the "
+                              "model holds (a namespace, dataclass, namedtuple or dict attribute) with an image_size / "
+                              "img_size / input_size / resolution / crop_size field; positional embedding length x "
+                              "patch size) (fx: TypeError: this model cannot run; ")
     assert message.count("fx: TypeError") == 2 and message.count("hooks: TypeError: this model cannot run") == 2
     assert message.endswith("Check the input size (input_size=(C, H, W)) or pass cut= explicitly")
 

@@ -201,7 +201,10 @@ def test_a_probe_that_fails_says_which_size_was_tried_and_what_the_model_said():
         model = FixedGrid()
         model.config = Config(image_size=384)  # wrong: its positions are for 256 px
         autocut.discover(model)
-    unnamed = FixedGrid(pos_name="table")  # positions named as no model names them
+    unnamed = FixedGrid(side=208, pos_name="table")  # positions named as no model names them, for no size tried
     with pytest.raises(autocut.CutError, match=r"at input size \(3, 224, 224\), the default 224 px; it states no "
-                                               r"input size \(read: pretrained_cfg / default_cfg input_size, config"):
+                                               r"input size \(read: pretrained_cfg / default_cfg input_size; config.*"
+                                               r"nor at the larger sizes tried: 256 px \(RuntimeError: "):
         autocut.discover(unnamed)
+    cut = autocut.discover(FixedGrid(pos_name="table"))  # for 256 px: the first larger size tried
+    assert (cut.input_size, cut.feature_shape) == ((3, 256, 256), (8, 16, 16))
