@@ -1,0 +1,160 @@
+"""Model code as it is written in the wild, each shape on a small hand-written module: a forward
+set on the instance (``features()`` + ``logits()``, ``fc`` renamed ``last_linear``), spatial layers
+inside the classifier container (MONAI's ``class_layers.relu``), and per-channel ops the module
+hooks cannot stop after. The oracle is the input of the model's own last global pooling in its
+own eager forward, at the model's own size (224 px for a module that states none)."""
+
+import functools
+import types
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autocut
+from autocut.cut_hooks import EarlyExitBody
+
+SIZE = (3, 224, 224)  # the size a module that states none is described at
+
+
+def _x(b=2):
+    return torch.randn(b, *SIZE, generator=torch.Generator().manual_seed(0))
+
+
+def _randomise_norms(model: nn.Module) -> nn.Module:
+    """Running statistics away from (0, 1), so that a body one BatchNorm short shows in the values."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def _pool_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of the model's last global pooling in its own eager forward: a pre-hook on every
+    pooling module, and the pooling functions wrapped while it runs."""
+    seen = []
+    pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
+    handles = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+               for m in model.modules() if isinstance(m, pools)]
+
+    def spy(fn):
+        @functools.wraps(fn)
+        def pool(x, *args, **kwargs):
+            seen.append(x.clone())
+            return fn(x, *args, **kwargs)
+        return pool
+
+    try:
+        with torch.no_grad(), mock.patch.object(F, "avg_pool2d", spy(F.avg_pool2d)), \
+                mock.patch.object(F, "adaptive_avg_pool2d", spy(F.adaptive_avg_pool2d)):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen[-1]
+
+
+def _assert_body_is_the_pool_input(model: nn.Module) -> nn.Module:
+    body = autocut.create_body(model).eval()
+    with torch.no_grad():
+        got = body(_x())
+    torch.testing.assert_close(got, _pool_input(model, _x()), rtol=0, atol=1e-5)
+    return body
+
+
+def _stem(width: int = 16) -> nn.Sequential:
+    """224 px to a 7x7 map, ending with a BatchNorm (DenseNet's ``norm5``): no activation of its own."""
+    layers = []
+    for i, (cin, cout) in enumerate([(3, 8), (8, 8), (8, 16), (16, 16), (16, width)]):
+        layers += [nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout)] + ([nn.ReLU()] if i < 4 else [])
+    return nn.Sequential(*layers)
+
+
+# --- 1. a forward set on the instance -----------------------------------------------------------
+
+
+class DenseNetLike(nn.Module):
+    """A torchvision-style model: its class forward reads ``self.fc``."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = _stem()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.features(x)), 1), 1))
+
+
+def _features_and_logits(model: nn.Module) -> nn.Module:
+    """What pretrainedmodels does to it: ``fc`` renamed ``last_linear``, ``logits()`` (the ReLU
+    before a fixed 7x7 average pool) and a forward bound on the instance."""
+    model.last_linear = model.fc
+    del model.fc
+
+    def logits(self, features):
+        x = F.relu(features, inplace=True)
+        x = F.avg_pool2d(x, kernel_size=7, stride=1)
+        return self.last_linear(x.view(x.size(0), -1))
+
+    def forward(self, x):
+        return self.logits(self.features(x))
+
+    model.logits = types.MethodType(logits, model)
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def test_a_forward_set_on_the_instance_is_traced_and_the_relu_in_its_logits_kept():
+    model = _randomise_norms(_features_and_logits(DenseNetLike()))
+    cut = autocut.discover(model)
+    assert (cut.where, cut.method, cut.nf, cut.feature_shape, cut.input_size) == ("relu", "fx", 16, (16, 7, 7), SIZE)
+    assert cut.dropped == ("last_linear",)
+    _assert_body_is_the_pool_input(model)
+    adapted = autocut.adapt(model, n_out=3)  # the class forward (and its self.fc) never runs
+    assert adapted.eval()(_x()).shape == (2, 3)
+
+
+def test_a_closure_set_as_the_forward_is_traced_with_its_own_arguments():
+    model = _randomise_norms(_features_and_logits(DenseNetLike()))
+    model.forward = lambda x, scale=1.0: model.logits(model.features(x) * scale)
+    cut = autocut.discover(model)
+    assert (cut.where, cut.method, cut.feature_shape) == ("relu", "fx", (16, 7, 7))
+    _assert_body_is_the_pool_input(model)
+
+
+class DataDependent(nn.Module):
+    """A class forward fx cannot trace (it branches on values) and that reads ``self.fc``."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = _stem()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.sum() > -1e30:
+            x = F.relu(x)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_the_hooks_body_runs_the_forward_set_on_the_instance():
+    model = _randomise_norms(DataDependent())
+    model.last_linear = model.fc
+    del model.fc
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.sum() > -1e30:  # fx cannot trace this one either: the hooks rule runs it
+            x = F.relu(x)
+        return self.last_linear(self.pool(x).flatten(1))
+
+    model.forward = types.MethodType(forward, model)
+    cut = autocut.discover(model)
+    assert (cut.where, cut.method, cut.feature_shape, cut.dropped) == ("pool:input", "hooks", (16, 7, 7), ("last_linear",))
+    body = _assert_body_is_the_pool_input(model)
+    assert isinstance(body, EarlyExitBody) and "last_linear.weight" not in body.state_dict()
+    assert autocut.adapt(model, n_out=3).eval()(_x()).shape == (2, 3)
