@@ -6,8 +6,10 @@ own eager forward, at the model's own size (224 px for a module that states none
 
 import functools
 import types
+from collections import OrderedDict
 from unittest import mock
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -158,3 +160,69 @@ def test_the_hooks_body_runs_the_forward_set_on_the_instance():
     body = _assert_body_is_the_pool_input(model)
     assert isinstance(body, EarlyExitBody) and "last_linear.weight" not in body.state_dict()
     assert autocut.adapt(model, n_out=3).eval()(_x()).shape == (2, 3)
+
+
+# --- 2. spatial layers inside the classifier container ------------------------------------------
+
+
+class ClassLayers(nn.Module):
+    """MONAI's DenseNet: ``features`` end with a BatchNorm; the ReLU is the classifier's."""
+
+    def __init__(self, act: nn.Module | None = None):
+        super().__init__()
+        self.features = _stem()
+        self.class_layers = nn.Sequential(OrderedDict(
+            relu=act or nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1), out=nn.Linear(16, 10)))
+
+    def forward(self, x):
+        return self.class_layers(self.features(x))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, lambda: nn.PReLU(16)], ids=["relu", "prelu"])
+def test_an_activation_inside_the_classifier_container_stays_in_the_body(act):
+    model = _randomise_norms(ClassLayers(act()))
+    cut = autocut.discover(model)
+    assert (cut.where, cut.method, cut.nf, cut.feature_shape, cut.input_size) == (
+        "class_layers.relu", "fx", 16, (16, 7, 7), SIZE)
+    assert cut.dropped == ("class_layers.out",)  # only what really is dropped
+    body = _assert_body_is_the_pool_input(model)
+    assert {k.rsplit(".", 1)[0] for k in body.state_dict()} >= {"features.12"} | (
+        {"class_layers.relu"} if isinstance(model.class_layers.relu, nn.PReLU) else set())
+    assert not any(k.startswith("class_layers.out") for k in body.state_dict())
+
+
+class ConvFirstClassifier(ClassLayers):
+    """A norm, then a 1x1 conv that keeps the shape (16 to 16 channels), then the pool: the norm
+    is per channel and stays; the conv mixes channels and begins the head, as SqueezeNet's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.class_layers = nn.Sequential(OrderedDict(
+            norm=nn.BatchNorm2d(16), conv=nn.Conv2d(16, 16, 1), relu=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(1), out=nn.Linear(16, 10)))
+
+
+def test_a_conv_in_the_classifier_container_begins_the_head_after_the_per_channel_norm():
+    model = _randomise_norms(ConvFirstClassifier())
+    cut = autocut.discover(model)
+    assert (cut.where, cut.feature_shape) == ("class_layers.norm", (16, 7, 7))
+    assert cut.dropped == ("class_layers.conv", "class_layers.out")
+
+
+class GatedClassifier(nn.Module):
+    """A head that weighs the map by a gate computed from it before pooling: not per channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Conv2d(16, 1, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc((x * self.gate(x).sigmoid()).mean((2, 3)))
+
+
+def test_a_gate_made_from_the_map_begins_the_head():
+    model = ClassLayers()
+    model.class_layers = GatedClassifier()
+    cut = autocut.discover(model.eval())
+    assert (cut.where, cut.dropped) == ("features.13", ("class_layers",))
