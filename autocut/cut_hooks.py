@@ -12,6 +12,7 @@ the probe, the rule and the body, all on module calls instead of graph nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from autocut.layout import Feature, Layout, ToNCHW, feature_of
 from autocut.probe import PROBE_BATCH, first_input, leaf_at, probe_forward, shape_of, shapes_inside, tensor_leaves
 from autocut.trace import forward_of
 
-__all__ = ["ModuleCall", "probe_modules", "find_cut_by_hooks", "EarlyExitBody"]
+__all__ = ["ModuleCall", "probe_modules", "find_cut_by_hooks", "move_cut", "EarlyExitBody"]
 
 
 @dataclass
@@ -140,8 +141,18 @@ def find_cut_by_hooks(model: nn.Module, calls: list[ModuleCall], input_size: tup
         prefix_tokens=feat.prefix_tokens,
         method="hooks",
         input_size=tuple(input_size),
-        dropped=dropped_modules(model, _with_bare_parameters(model, _modules_used(calls, where))),
+        dropped=_dropped(model, calls, where),
         after="" if ":" in where else where,
+    )
+
+
+def move_cut(model: nn.Module, calls: list[ModuleCall], cut: Cut, where: str) -> Cut:
+    """``cut`` moved to ``where`` (a module's output or ``":input"``) holding a map of the same
+    shape: where :func:`autocut.cut_check.check_module_cut` found per-channel ops (a head's
+    ReLU) that run on the map after ``cut`` and end at a module call (``CutCheck.move_to``)."""
+    return dataclasses.replace(
+        cut, where=where, after="" if ":" in where else where,
+        dropped=_dropped(model, calls, where),
     )
 
 
@@ -199,6 +210,15 @@ def _features(shapes: Any, in_hw: tuple[int, int], grids: list[tuple[int, int]])
     tensor output), in order."""
     items = shapes.items() if isinstance(shapes, dict) else [("", shapes)]
     return [(key, feat) for key, shape in items if (feat := feature_of(shape, in_hw, grids)) is not None]
+
+
+def _dropped(model: nn.Module, calls: list[ModuleCall], where: str) -> tuple[str, ...]:
+    """What a body cut at ``where`` leaves out: what runs after the cut, but never a module around
+    the cut, whose forward the body runs up to it (``head`` for ``"head.pool:input"``: its ``fc``)."""
+    parts = where.partition(":")[0].split(".")
+    around = {".".join(parts[:k]) for k in range(1, len(parts))}
+    used = _with_bare_parameters(model, _modules_used(calls, where) | around) - around
+    return dropped_modules(model, used, around)
 
 
 def _with_bare_parameters(model: nn.Module, used: set[str]) -> set[str]:

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import autocut
-from autocut.cut_hooks import EarlyExitBody
+from autocut.cut_check import check_module_cut
+from autocut.cut_hooks import EarlyExitBody, find_cut_by_hooks, probe_modules
+from autocut.errors import CutError
 
 SIZE = (3, 224, 224)  # the size a module that states none is described at
 
@@ -226,3 +228,75 @@ def test_a_gate_made_from_the_map_begins_the_head():
     model.class_layers = GatedClassifier()
     cut = autocut.discover(model.eval())
     assert (cut.where, cut.dropped) == ("features.13", ("class_layers",))
+
+
+# --- 3. the hooks rule: per-channel ops after the cut are moved past or refused ------------------
+
+
+class Untraceable(nn.Module):
+    """``features`` then ``head``, with data-dependent control flow: only module hooks apply."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.features = _stem()
+        self.head = head
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.sum() > -1e30:
+            x = self.head(x)
+        return x
+
+
+class ReluThenPoolModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(F.relu(x)).flatten(1))
+
+
+class ReluThenMean(ReluThenPoolModule):
+    def forward(self, x):
+        return self.fc(F.relu(x).mean((2, 3)))
+
+
+def test_the_hooks_rule_keeps_a_relu_module_inside_the_classifier_container():
+    model = _randomise_norms(Untraceable(ClassLayers().class_layers))
+    cut = autocut.discover(model)
+    assert (cut.where, cut.method, cut.feature_shape, cut.dropped) == ("head.relu", "hooks", (16, 7, 7), ("head.out",))
+    _assert_body_is_the_pool_input(model)
+
+
+def test_the_hooks_rule_stops_at_the_pool_after_a_functional_relu_in_the_head():
+    model = _randomise_norms(Untraceable(ReluThenPoolModule()))
+    calls = probe_modules(model, SIZE)
+    first = find_cut_by_hooks(model, calls, SIZE, "Untraceable")
+    assert first.where == "head:input"
+    check = check_module_cut(model, first)
+    assert check.problems and check.move_to == "head.pool:input"
+    cut = autocut.discover(model)
+    assert (cut.where, cut.method, cut.dropped) == ("head.pool:input", "hooks", ("head.fc",))
+    _assert_body_is_the_pool_input(model)
+
+
+def test_the_hooks_rule_refuses_a_functional_relu_no_module_can_stop_after():
+    model = _randomise_norms(Untraceable(ReluThenMean()))
+    with pytest.raises(CutError, match=r"at 'head:input' \(found by hooks\) does not hold: .*aten\.relu runs on the map "
+                                       r"after it in 'head', before its pooling.* Pass cut= a callable model -> body"):
+        autocut.discover(model)
+
+
+def test_the_hooks_rule_refuses_a_functional_relu_in_the_models_own_forward_after_the_cut():
+    class Functional(DataDependent):
+        def forward(self, x):
+            x = self.features(x)
+            if x.sum() > -1e30:
+                x = F.relu(x, inplace=True)
+            return self.fc(x.mean((2, 3)))
+
+    with pytest.raises(CutError, match=r"at 'features' \(found by hooks\) does not hold: .*aten\.relu_ runs on the map "
+                                       r"after it in the model's own forward.*lambda m: nn\.Sequential\(m\.features, "):
+        autocut.discover(_randomise_norms(Functional()))
