@@ -81,7 +81,7 @@ def _stem(width: int = 16) -> nn.Sequential:
 
 
 class DenseNetLike(nn.Module):
-    """A torchvision-style model: its class forward reads ``self.fc``."""
+    """A model whose class forward reads ``self.fc`` and pools ``features`` as they are."""
 
     def __init__(self):
         super().__init__()
@@ -89,14 +89,16 @@ class DenseNetLike(nn.Module):
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.features(x)), 1), 1))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
-def _features_and_logits(model: nn.Module) -> nn.Module:
-    """What pretrainedmodels does to it: ``fc`` renamed ``last_linear``, ``logits()`` (the ReLU
-    before a fixed 7x7 average pool) and a forward bound on the instance."""
+def _features_and_logits(model: nn.Module, keep_fc: bool = False) -> nn.Module:
+    """What pretrainedmodels does to it: ``fc`` renamed ``last_linear``, ``logits()`` (a ReLU
+    before a fixed 7x7 average pool) and a forward bound on the instance. With ``keep_fc`` the
+    class forward still runs, but it is not what the instance runs."""
     model.last_linear = model.fc
-    del model.fc
+    if not keep_fc:
+        del model.fc
 
     def logits(self, features):
         x = F.relu(features, inplace=True)
@@ -111,11 +113,12 @@ def _features_and_logits(model: nn.Module) -> nn.Module:
     return model
 
 
-def test_a_forward_set_on_the_instance_is_traced_and_the_relu_in_its_logits_kept():
-    model = _randomise_norms(_features_and_logits(DenseNetLike()))
+@pytest.mark.parametrize("keep_fc", [False, True], ids=["fc-renamed", "fc-kept"])
+def test_a_forward_set_on_the_instance_is_traced_and_the_relu_in_its_logits_kept(keep_fc):
+    model = _randomise_norms(_features_and_logits(DenseNetLike(), keep_fc))
     cut = autocut.discover(model)
     assert (cut.where, cut.method, cut.nf, cut.feature_shape, cut.input_size) == ("relu", "fx", 16, (16, 7, 7), SIZE)
-    assert cut.dropped == ("last_linear",)
+    assert cut.dropped == (("fc",) if keep_fc else ("last_linear",))  # one Linear: named once, by its first name
     _assert_body_is_the_pool_input(model)
     adapted = autocut.adapt(model, n_out=3)  # the class forward (and its self.fc) never runs
     assert adapted.eval()(_x()).shape == (2, 3)
