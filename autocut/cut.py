@@ -110,10 +110,12 @@ def stride_of(input_size: tuple[int, int, int], grid: tuple[int, int]) -> float 
     return sh if sh == sw else (sh, sw)
 
 
-def dropped_modules(model: nn.Module, used: set[str]) -> tuple[str, ...]:
+def dropped_modules(model: nn.Module, used: set[str], around: set[str] = frozenset()) -> tuple[str, ...]:
     """The outermost modules (or bare parameters) of ``model`` whose parameters none of the
     ``used`` module or parameter paths holds: what a body leaves out (the original head).
-    Compared by identity: a module reached under two names is used under both."""
+    Compared by identity: a module reached under two names is used under both. A module that holds
+    a used one, or one of ``around`` (whose forward runs up to the cut), is never left out whole:
+    ``class_layers.out`` is, where the body keeps ``class_layers.relu``."""
     kept: set[int] = set()
     for path in used:
         try:
@@ -131,7 +133,8 @@ def dropped_modules(model: nn.Module, used: set[str]) -> tuple[str, ...]:
             params = [id(p) for p in child.parameters()]
             if not params or all(p in kept for p in params):
                 continue
-            if any(p in kept for p in params):
+            path = f"{prefix}{name}"
+            if any(p in kept for p in params) or path in around or any(u.startswith(path + ".") for u in used):
                 visit(f"{prefix}{name}.", child)
             else:
                 dropped.append(f"{prefix}{name}")

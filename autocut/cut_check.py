@@ -9,7 +9,10 @@ A cut holds when, with the value at the cut held fixed,
    a feature map and returns none, an attention pool): a cut too early (at the stem, before the
    stages of an encoder whose output the rule could not read) computes more maps after it.
    Re-laying the value at the cut (views, permutes, slices, copies) makes no new map; re-laying
-   values computed after it (windows put back on their grid) does.
+   values computed after it (windows put back on their grid) does. On the eager forward, per-channel
+   ops on the value at the cut (an activation, a norm) make a later map even inside the head: the
+   head begins where the map is first mixed across channels or pooled; a module that returns or
+   takes the last such map is where the cut belongs (``CutCheck.move_to``).
 
 Dependence is read without values, so the check runs on meta and fake tensors as the probe does:
 each value carries the set of sources it was computed from (``"input"``, ``"cut"``), propagated
@@ -20,6 +23,7 @@ every op the eager forward dispatches (:func:`check_module_cut`). Ops that only 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from autocut.cut import Cut
 from autocut.cut_graph import carries_tensor, scopes_of
 from autocut.errors import CutError
-from autocut.layout import feature_of
+from autocut.layout import feature_of, per_channel
 from autocut.probe import PROBE_BATCH, eval_mode, first_input, model_device, model_dtype, probe_input, tensor_leaves
 from autocut.trace import Traced
 
@@ -60,6 +64,8 @@ class CutCheck:
 
     problems: list[str] = field(default_factory=list)
     later_maps: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)
+    move_to: str | None = None
+    unreachable: tuple[str, str] | None = None
 
     def raise_for(self, cut: Cut) -> None:
         """Raise a :class:`CutError` naming what failed, the candidates and ``cut=``; nothing if it holds."""
@@ -67,6 +73,17 @@ class CutCheck:
             return
         candidates = list(dict.fromkeys(where for where, _, _ in self.later_maps if where))[-3:]
         hint = f" The feature maps it misses are made in {', '.join(map(repr, candidates))}." if candidates else ""
+        if self.unreachable is not None:
+            where, op = self.unreachable
+            path = cut.where.partition(":")[0]
+            example = f" (say, lambda m: nn.Sequential(m.{path}, <{op} as a module>))" if ":" not in cut.where else ""
+            raise CutError(
+                f"the cut of {cut.arch} at {cut.where!r} (found by {cut.method}) does not hold: "
+                + "; ".join(self.problems)
+                + f". {op} runs on the map after it" + (f" in {where!r}" if where else " in the model's own forward")
+                + ", before its pooling, and no module returns or takes what it makes: module hooks cannot stop there."
+                f" Pass cut= a callable model -> body that ends with {op}{example}"
+            )
         raise CutError(
             f"the cut of {cut.arch} at {cut.where!r} (found by {cut.method}) does not hold: "
             + "; ".join(self.problems)
@@ -185,6 +202,10 @@ class _Call:
     path: str
     takes_map: bool = False
     returns_map: bool = False
+    entered: int = 0  # the number of ops dispatched before it started, and before it returned
+    left: int = 0
+    takes: int | None = None  # id() of its first input, and of each tensor it returns
+    returns: tuple[int, ...] = ()
 
 
 class _Sources(TorchDispatchMode):
@@ -197,9 +218,14 @@ class _Sources(TorchDispatchMode):
         self.tags: dict[int, frozenset[str]] = {}
         self.alive: list[torch.Tensor] = []  # every tagged tensor, so that no id is reused
         self.stack: list[_Call] = []
-        self.later: list[tuple[list[_Call], str, tuple[int, ...]]] = []
+        # (modules running, op, shape, id() of the map where a per-channel op made it of the value at the cut)
+        self.later: list[tuple[list[_Call], str, tuple[int, ...], int | None]] = []
         self.relaid: set[int] = set()  # ids of the value at the cut and what layout ops made of it alone
         self.batch = PROBE_BATCH
+        self.held: tuple[int, ...] | None = None  # the shape of the value at the cut
+        self.per_channel: dict[int, int] = {}  # id -> op count: the value at the cut, what per-channel ops made of it
+        self.ops = 0  # ops dispatched so far
+        self.calls: list[_Call] = []  # every module call, in the order they return
 
     def tag(self, t: torch.Tensor, sources: frozenset[str], replace: bool = False) -> None:
         self.tags[id(t)] = sources if replace else self.tags.get(id(t), frozenset()) | sources
@@ -212,6 +238,7 @@ class _Sources(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.ops += 1
         read = self.sources((args, kwargs))
         if read:
             written = [a for a, spec in zip(args, func._schema.arguments) if spec.alias_info is not None
@@ -220,6 +247,9 @@ class _Sources(TorchDispatchMode):
                 self.tag(t, read)
             name = func.overloadpacket.__name__
             outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            per_channel = CUT in read and self._per_channel((args, kwargs), outs)
+            if per_channel:
+                self.per_channel[id(outs[0])] = self.ops
             if CUT in read and name in LAYOUT_OPS and all(
                 id(t) in self.relaid for t in pytree.tree_leaves((args, kwargs))
                 if isinstance(t, torch.Tensor) and CUT in self.tags.get(id(t), ())
@@ -228,9 +258,40 @@ class _Sources(TorchDispatchMode):
             elif CUT in read and not _is_head_op(name):
                 for t in outs:
                     if _is_later_map(tuple(t.shape), self.cut, self.batch):
-                        self.later.append((list(self.stack), f"aten.{name}", tuple(t.shape)))
+                        self.later.append((list(self.stack), f"aten.{name}", tuple(t.shape), id(t) if per_channel else None))
                         break
         return out
+
+    def _per_channel(self, inputs: Any, outs: list[torch.Tensor]) -> bool:
+        """Whether an op reading the cut makes a map of the value at the cut's shape from that value
+        (or what per-channel ops made of it) and per-channel constants only (a norm, an activation)."""
+        if self.held is None or not outs or tuple(outs[0].shape) != self.held:
+            return False
+        for t in (t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)):
+            if id(t) in self.per_channel:
+                continue
+            if self.tags.get(id(t)) or not per_channel(tuple(t.shape), self.held, self.cut.layout):
+                return False
+        return True
+
+    def reachable(self) -> tuple[str | None, tuple[str, str] | None]:
+        """For the last map per-channel ops made of the value at the cut: the cut that ends there (a
+        module returned it, ``"path"``, or took it first, ``"path:input"``), or where and by which
+        op it was made where no module call did either."""
+        made = [(step, i) for i, step in self.per_channel.items() if step > 0]
+        if not made or all(made_id is None for *_, made_id in self.later):
+            return None, None
+        step, last = max(made)
+        counts = Counter(c.path for c in self.calls)
+        once = {p for p, n in counts.items() if n == 1}  # a module called twice cannot be stopped at its second call
+        returned = [c for c in self.calls if c.path in once and last in c.returns and c.entered < step <= c.left]
+        if returned:  # the innermost module that returned it: the first to return
+            return min(returned, key=lambda c: c.left).path, None
+        taken = [c for c in self.calls if c.path in once and c.takes == last and c.entered >= step]
+        if taken:  # the outermost module that took it: the first to start
+            return min(taken, key=lambda c: c.entered).path + ":input", None
+        found = [(stack[-1].path if stack else "", op) for stack, op, _, made_id in self.later if made_id is not None]
+        return None, found[-1]
 
 
 def check_module_cut(model: nn.Module, cut: Cut, batch: int = PROBE_BATCH) -> CutCheck:
@@ -251,16 +312,23 @@ def check_module_cut(model: nn.Module, cut: Cut, batch: int = PROBE_BATCH) -> Cu
         if key in leaves:
             mode.tag(leaves[key], frozenset({CUT}), replace=True)
             mode.relaid.add(id(leaves[key]))
+            mode.held = tuple(leaves[key].shape)
+            mode.per_channel[id(leaves[key])] = 0
 
     def enter(path):
         def fn(module, args, kwargs):
-            mode.stack.append(_Call(path, takes_map=any(_is_map(tuple(t.shape), cut) for _, t in tensor_leaves((args, kwargs)))))
+            first = first_input(args, kwargs)
+            mode.stack.append(_Call(path, takes_map=any(_is_map(tuple(t.shape), cut) for _, t in tensor_leaves((args, kwargs))),
+                                    entered=mode.ops, takes=id(first) if isinstance(first, torch.Tensor) else None))
 
         return fn
 
     def leave(module, args, kwargs, output):
         call = mode.stack.pop()
-        call.returns_map = any(_is_map(tuple(t.shape), cut) for _, t in tensor_leaves(output))
+        leaves = tensor_leaves(output)
+        call.returns_map = any(_is_map(tuple(t.shape), cut) for _, t in leaves)
+        call.left, call.returns = mode.ops, tuple(id(t) for _, t in leaves)
+        mode.calls.append(call)
 
     handles = []
     for p, module in model.named_modules():
@@ -281,7 +349,13 @@ def check_module_cut(model: nn.Module, cut: Cut, batch: int = PROBE_BATCH) -> Cu
     finally:
         for h in handles:
             h.remove()
-    later = [(calls[-1].path if calls else "", op, shape) for calls, op, shape in mode.later
-             if not any(c.takes_map and not c.returns_map for c in calls)]
-    return _verdict(output_tags, later)
+    # a head's own ops are its business, except per-channel ones on the value at the cut before it mixes or pools it
+    later = [(calls[-1].path if calls else "", op, shape) for calls, op, shape, made in mode.later
+             if made is not None or not any(c.takes_map and not c.returns_map for c in calls)]
+    check = _verdict(output_tags, later)
+    if check.problems:
+        move_to, unreachable = mode.reachable()
+        check.move_to = move_to if move_to != cut.where else None
+        check.unreachable = unreachable if check.move_to is None else None
+    return check
 

@@ -12,6 +12,9 @@ The rule, on the eval-mode graph:
 3. A module that takes a feature map and returns none (an attention pool, SqueezeNet's conv
    classifier, a head with a conv inside) is the head: the cut moves to that module's input.
    So does a cut made of adaptive pooling (VGG's ``avgpool``), dropout or identity.
+4. Ops such a head runs on the map before anything that mixes channels or changes its shape (an
+   activation, a per-channel norm or scale: ``class_layers.relu`` before ``class_layers.pool``)
+   still make the map: the cut moves past them, and the body keeps them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import fx, nn
 
 from autocut.cut import HEAD_LIKE_MODULES, Cut, dropped_modules, stride_of
 from autocut.errors import CutError
-from autocut.layout import Feature, Layout, feature_of
+from autocut.layout import Feature, Layout, feature_of, per_channel
 from autocut.trace import Traced
 
 __all__ = ["find_cut", "cut_at_node", "resolve_node", "ancestors", "layout_hint", "carries_tensor", "scopes_of"]
@@ -176,15 +179,61 @@ def find_cut(traced: Traced, arch: str) -> Cut:
             + (f"its branches only meet after pooling (last maps: {names}). " if deeper else "it has none (an MLP?). ")
             + "Pass cut= a node name, a module path, or a callable model -> body to choose one"
         )
+    head_input = None
     for _ in range(len(features)):
         moved = _head_module_input(traced, node, features, live)
-        if moved is None and _is_head_like_op(traced, node):
+        if moved is not None and moved is not node:
+            head_input = moved
+        elif moved is None and _is_head_like_op(traced, node):
             moved = next((a for a in node.all_input_nodes if a in features), None)
         if moved is None or moved is node:
             break
         node = moved
+    if node is head_input:
+        node = _through_per_channel_ops(traced, chain, features, node)
     node = _before_modules_registered_after_the_pool(traced, chain, features, node)
     return _cut_at(traced, node, features[node], arch, method="fx")
+
+
+def _through_per_channel_ops(traced: Traced, chain: list[fx.Node], features: dict[fx.Node, Feature], node: fx.Node) -> fx.Node:
+    """The last map on ``chain`` that per-channel ops make of ``node``'s, one after another: a head
+    that starts with an activation or a norm (MONAI's ``class_layers.relu``) before its pool runs
+    them on the map, which the body keeps; a conv, a Linear or attention (SqueezeNet's classifier,
+    an attention pool) is where the head starts."""
+    shape, feat = traced.shapes.get(node), features[node]
+    made = {node}  # node, and what per-channel ops made of it alone
+    nodes = list(traced.graph.nodes)
+    for n in nodes[nodes.index(node) + 1:]:
+        if traced.shapes.get(n) != shape or _is_head_like_op(traced, n):
+            continue
+        tensors = [a for a in n.all_input_nodes if carries_tensor(traced.shapes.get(a))]
+        if any(a in made for a in tensors) and _is_per_channel_op(traced, n, feat) and all(
+            a in made or _is_constant(traced, a, shape, feat.layout) for a in tensors
+        ):
+            made.add(n)
+    for n in chain[chain.index(node) + 1:]:
+        if n not in made:
+            break
+        node = n
+    return node
+
+
+def _is_per_channel_op(traced: Traced, node: fx.Node, feat: Feature) -> bool:
+    """A function, or a module whose parameters and buffers are per-channel (a norm, a PReLU, a
+    scale) or that has none (an activation): a conv or a Linear holds a weight of ``nf * nf``."""
+    if node.op != "call_module":
+        return node.op in ("call_function", "call_method")
+    module = _module_of(traced, node)
+    return module is not None and all(t.numel() <= feat.nf for t in (*module.parameters(), *module.buffers()))
+
+
+def _is_constant(traced: Traced, node: fx.Node, map_shape: tuple[int, ...], layout: Layout) -> bool:
+    """A value made of parameters and buffers alone, per channel of the map (a norm's weight,
+    a ``(1, C, 1, 1)`` scale): not computed from the input, as a mask or a gate is."""
+    shape = traced.shapes.get(node)
+    if not isinstance(shape, tuple) or not per_channel(shape, map_shape, layout):
+        return False
+    return all(a.op == "get_attr" for a in ancestors(node) if a.op not in ("call_function", "call_method"))
 
 
 def _module_path(traced: Traced, node: fx.Node) -> str:

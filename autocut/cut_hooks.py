@@ -12,7 +12,9 @@ the probe, the rule and the body, all on module calls instead of graph nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +25,9 @@ from autocut.cut import HEAD_LIKE_MODULES, Cut, dropped_modules, stride_of
 from autocut.errors import CutError
 from autocut.layout import Feature, Layout, ToNCHW, feature_of
 from autocut.probe import PROBE_BATCH, first_input, leaf_at, probe_forward, shape_of, shapes_inside, tensor_leaves
+from autocut.trace import forward_of
 
-__all__ = ["ModuleCall", "probe_modules", "find_cut_by_hooks", "EarlyExitBody"]
+__all__ = ["ModuleCall", "probe_modules", "find_cut_by_hooks", "move_cut", "EarlyExitBody"]
 
 
 @dataclass
@@ -138,8 +141,18 @@ def find_cut_by_hooks(model: nn.Module, calls: list[ModuleCall], input_size: tup
         prefix_tokens=feat.prefix_tokens,
         method="hooks",
         input_size=tuple(input_size),
-        dropped=dropped_modules(model, _with_bare_parameters(model, _modules_used(calls, where))),
+        dropped=_dropped(model, calls, where),
         after="" if ":" in where else where,
+    )
+
+
+def move_cut(model: nn.Module, calls: list[ModuleCall], cut: Cut, where: str) -> Cut:
+    """``cut`` moved to ``where`` (a module's output or ``":input"``) holding a map of the same
+    shape: where :func:`autocut.cut_check.check_module_cut` found per-channel ops (a head's
+    ReLU) that run on the map after ``cut`` and end at a module call (``CutCheck.move_to``)."""
+    return dataclasses.replace(
+        cut, where=where, after="" if ":" in where else where,
+        dropped=_dropped(model, calls, where),
     )
 
 
@@ -199,6 +212,15 @@ def _features(shapes: Any, in_hw: tuple[int, int], grids: list[tuple[int, int]])
     return [(key, feat) for key, shape in items if (feat := feature_of(shape, in_hw, grids)) is not None]
 
 
+def _dropped(model: nn.Module, calls: list[ModuleCall], where: str) -> tuple[str, ...]:
+    """What a body cut at ``where`` leaves out: what runs after the cut, but never a module around
+    the cut, whose forward the body runs up to it (``head`` for ``"head.pool:input"``: its ``fc``)."""
+    parts = where.partition(":")[0].split(".")
+    around = {".".join(parts[:k]) for k in range(1, len(parts))}
+    used = _with_bare_parameters(model, _modules_used(calls, where) | around) - around
+    return dropped_modules(model, used, around)
+
+
 def _with_bare_parameters(model: nn.Module, used: set[str]) -> set[str]:
     """``used``, and the parameters held directly by the model or a module around a used one (a
     class token, a scale on the input): hooks cannot see them used, so they stay with the body."""
@@ -251,7 +273,8 @@ _MISSING = object()
 
 
 class EarlyExitBody(nn.Module):
-    """A body for models fx cannot trace: runs the model's own forward and stops at the cut
+    """A body for models fx cannot trace: runs the model's own forward (the one set on the instance,
+    where there is one: :func:`autocut.trace.forward_of`) and stops at the cut
     (a hook on the cut module raises with the value). Top-level children the cut drops become
     ``nn.Identity``, so the head's parameters are not carried; names are the model's own.
 
@@ -266,7 +289,12 @@ class EarlyExitBody(nn.Module):
         dropped = set(cut.dropped)
         # the model's children become ours, so parameter names stay the model's own
         object.__setattr__(self, "_model_cls", type(model))
-        self._model_dict = {k: v for k, v in model.__dict__.items() if k not in ("_modules", "_parameters", "_buffers")}
+        # what model(x) runs: the class's forward, or one set on the instance (which the class's may not match)
+        object.__setattr__(self, "_model_forward", forward_of(model))
+        extra = {k: v for k, v in model.__dict__.items() if k not in ("_modules", "_parameters", "_buffers", "forward")}
+        # methods bound on the instance (features(), logits()) are bound to us instead, as the class's are
+        self._model_methods = {k: v.__func__ for k, v in extra.items() if isinstance(v, types.MethodType) and v.__self__ is model}
+        self._model_dict = {k: v for k, v in extra.items() if k not in self._model_methods}
         for name, child in model.named_children():
             self.add_module(name, child if name not in dropped else nn.Identity())
         for name, p in model.named_parameters(recurse=False):
@@ -286,6 +314,9 @@ class EarlyExitBody(nn.Module):
             extra = self.__dict__.get("_model_dict", {})
             if name in extra:
                 return extra[name]
+            method = self.__dict__.get("_model_methods", {}).get(name)
+            if method is not None:
+                return types.MethodType(method, self)
             cls = self.__dict__.get("_model_cls", object)
             attr = inspect.getattr_static(cls, name, _MISSING)
             if attr is _MISSING:
@@ -295,14 +326,14 @@ class EarlyExitBody(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cut_path:  # a map in the model's own (structured) output: a backbone's
-            return self.to_nchw(leaf_at(self._model_cls.forward(self, x), self.cut_key))
+            return self.to_nchw(leaf_at(self._model_forward(self, x), self.cut_key))
         module = self.get_submodule(self.cut_path)
         if self.cut_input:
             handle = module.register_forward_pre_hook(_raise_input, with_kwargs=True)
         else:
             handle = module.register_forward_hook(_raise_output_leaf(self.cut_key) if self.cut_key else _raise_output)
         try:
-            self._model_cls.forward(self, x)
+            self._model_forward(self, x)
         except _Exit as exit_:
             return self.to_nchw(exit_.value)
         finally:

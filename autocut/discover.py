@@ -21,7 +21,7 @@ from autocut import _validate, zoo
 from autocut.cut import Cut
 from autocut.cut_check import check_graph_cut, check_module_cut
 from autocut.cut_graph import cut_at_node, find_cut
-from autocut.cut_hooks import find_cut_by_hooks, probe_modules
+from autocut.cut_hooks import find_cut_by_hooks, move_cut, probe_modules
 from autocut.errors import CutError, first_line
 from autocut.probe import modes_kept, probe_forward
 from autocut.trace import Traced, trace
@@ -243,7 +243,11 @@ def _attempts(
             errors.append(f"hooks: {type(err).__name__}: {first_line(err)}")
             continue
         cut = find_cut_by_hooks(candidate, calls, input_size, arch)
-        check_module_cut(candidate, cut).raise_for(cut)
+        check = check_module_cut(candidate, cut)
+        if check.move_to:  # per-channel ops (a head's ReLU) run on the map after the cut, up to a module call
+            cut = move_cut(candidate, calls, cut, check.move_to)
+            check = check_module_cut(candidate, cut)
+        check.raise_for(cut)
         return cut, None
     return None
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from autocut.probe import PROBE_BATCH
 
-__all__ = ["Layout", "Feature", "MAX_PREFIX_TOKENS", "feature_of", "nhwc_to_nchw", "tokens_to_nchw", "to_nchw", "ToNCHW"]
+__all__ = ["Layout", "Feature", "MAX_PREFIX_TOKENS", "feature_of", "per_channel", "nhwc_to_nchw", "tokens_to_nchw", "to_nchw",
+           "ToNCHW"]
 
 MAX_PREFIX_TOKENS = 32  # class + distillation + register tokens
 
@@ -45,6 +46,25 @@ class Feature:
 
 
 # --- reading shapes as feature maps ---------------------------------------------------------
+
+
+def per_channel(shape: tuple[int, ...], map_shape: tuple[int, ...], layout: Layout) -> bool:
+    """Whether a tensor of ``shape``, combined with a map of ``map_shape`` laid out as ``layout``,
+    varies along the map's channels at most: a number, a norm's ``(C,)`` weight, a ``(1, C, 1, 1)``
+    scale; not a mask or a gate made per image or per position, nor a conv's weight.
+
+    >>> per_channel((1, 64, 1, 1), (2, 64, 7, 7), Layout.NCHW), per_channel((2, 1, 7, 7), (2, 64, 7, 7), Layout.NCHW)
+    (True, False)
+    """
+    if math.prod(shape) <= 1 or (len(shape) == 1 and shape[0] == _channels(map_shape, layout)):
+        return True
+    channel = 1 if layout == Layout.NCHW else len(map_shape) - 1
+    offset = len(map_shape) - len(shape)
+    return offset >= 0 and all(size == 1 or i + offset == channel for i, size in enumerate(shape))
+
+
+def _channels(map_shape: tuple[int, ...], layout: Layout) -> int:
+    return map_shape[1] if layout == Layout.NCHW else map_shape[-1]
 
 
 def _proportional(h: int, w: int, in_hw: tuple[int, int]) -> bool:

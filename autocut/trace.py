@@ -13,6 +13,9 @@ import dis
 import inspect
 import math
 import re
+import sys
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +26,51 @@ from torchvision.models import feature_extraction as tv_fx
 
 from autocut.probe import PROBE_BATCH, eval_mode, model_device, model_dtype, probe_input, shape_of
 
-__all__ = ["Traced", "trace", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of", "has_hooks"]
+__all__ = ["Traced", "trace", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of", "has_hooks",
+           "forward_of"]
+
+
+def forward_of(model: nn.Module) -> Callable[..., Any]:
+    """The function ``model(x)`` runs, taking the module first: its class's ``forward``, or the
+    one set on the instance (``model.forward = types.MethodType(fn, model)``, as packages that
+    split a model into ``features()`` and ``logits()`` do), which Python calls instead.
+
+    torch.fx traces the class's; autocut traces, probes and runs this one, so a class forward
+    that reads an attribute the instance renamed (``fc``, now ``last_linear``) is never run.
+
+    Example:
+        >>> model.forward = types.MethodType(lambda self, x: self.logits(self.features(x)), model)
+        >>> forward_of(model)(model, x)  # the same as model(x)
+    """
+    own = vars(model).get("forward")
+    if own is None:
+        return type(model).forward
+    if isinstance(own, types.MethodType) and own.__self__ is model and isinstance(own.__func__, types.FunctionType):
+        return own.__func__
+    return _taking_module(own)
+
+
+def _taking_module(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A function of ``(module, *fn's parameters)`` that calls ``fn`` (a closure, a partial, another
+    module's method set as the forward): fx names its placeholders after the parameters it reads."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        params = None
+    plain = params is not None and all(
+        p.kind == p.POSITIONAL_OR_KEYWORD and p.name.isidentifier() and p.name not in ("module", "_fn") for p in params
+    )
+    if not plain:
+        def forward(module, *args, **kwargs):
+            return fn(*args, **kwargs)
+
+        return forward
+    names = ", ".join(p.name for p in params)
+    namespace: dict[str, Any] = {"_fn": fn}
+    exec(f"def forward(module, {names}):\n    return _fn({names})", namespace)  # names checked: identifiers only
+    forward = namespace["forward"]
+    forward.__defaults__ = tuple(p.default for p in params if p.default is not p.empty) or None
+    return forward
 
 
 def tracer_kwargs() -> dict[str, Any]:
@@ -51,6 +98,7 @@ class _ScopeTracer(tv_fx.NodePathTracer):
         self.constants: dict[str, torch.Tensor] = {}  # tensors made in forward: fx's _tensor_constantN
         self._name_counts: dict[str, int] = {}
         self._names: set[str] = set()
+        self._forward: Callable[..., Any] | None = None  # the root's forward set on the instance, where it has one
 
     def _get_node_qualname(self, module_qualname: str, node: fx.Node) -> str:
         # torchvision's naming ("layer1.0.relu_1": fx's global suffix replaced by one counted
@@ -84,12 +132,26 @@ class _ScopeTracer(tv_fx.NodePathTracer):
         # fx finds a tensor's attribute name by scanning all of the root's parameters or
         # buffers each time one is used; a dict made once per trace gives the same first name
         self._tensors: dict[int, tuple[str, torch.Tensor]] = {}
+        self._forward = None
+        search = list(self._autowrap_search)
         if isinstance(root, nn.Module):
             for named in (root.named_parameters(), root.named_buffers()):
                 for qualname, t in named:
                     self._tensors.setdefault(id(t), (qualname, t))
-        with _cached_bytecode():
-            return super().trace(root, concrete_args)
+            if "forward" in vars(root):  # fx traces the class's forward; the instance runs its own
+                self._forward = forward_of(root)
+                home = sys.modules.get(getattr(vars(root)["forward"], "__module__", None) or "")
+                if home is not None:  # wrap the functions (math, timm's) its own module calls, as fx does the class's
+                    self._autowrap_search.append(home)
+        try:
+            with _cached_bytecode():
+                return super().trace(root, concrete_args)
+        finally:
+            self._autowrap_search = search
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        return super().create_args_for_root(self._forward if is_module and self._forward else root_fn, is_module,
+                                            concrete_args)
 
     def create_arg(self, a: Any):
         # the commonest arguments first: fx checks each against parameters, tensors, modules and
