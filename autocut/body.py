@@ -26,7 +26,7 @@ from collections.abc import Callable
 from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule
 
-from autocut.cut import Cut
+from autocut.cut import METHODS, Cut
 from autocut.cut_graph import ancestors
 from autocut.cut_hooks import EarlyExitBody
 from autocut.discover import discover_module
@@ -232,10 +232,10 @@ def build_body(
     if isinstance(cut, Cut):
         if cut.method in ("fx", "user"):
             body = _fx_body(model, cut, traced)
-        elif cut.method == "hooks":
+        elif cut.method in ("export", "hooks"):
             body = EarlyExitBody(model, cut)
         else:
-            raise CutError(f"unknown cut method {cut.method!r}: one of fx, hooks, user")
+            raise CutError(f"unknown cut method {cut.method!r}: one of {', '.join(METHODS)}")
         if traced is None:  # a Cut given, not one discovery just found on this very trace
             _check_output(body, cut, f"the body cut at {cut.where!r}", "is the Cut of another model or input size? "
                           f"Pass cut={cut.where!r} (or cut=None) to read it again")

@@ -15,8 +15,9 @@ from autocut.layout import Layout
 
 __all__ = ["Cut", "METHODS", "HEAD_LIKE_MODULES", "stride_of", "dropped_modules"]
 
-# how a cut can be found: on the traced graph, with module hooks, or where the user said
-METHODS = ("fx", "hooks", "user")
+# how a cut can be found: on the fx graph, on torch.export's graph (made with hooks), with module
+# hooks, or where the user said
+METHODS = ("fx", "export", "hooks", "user")
 
 # modules that belong to the head when a cut lands on their output (both rules): global pools,
 # dropout, identity; the cut moves to their input
@@ -39,8 +40,10 @@ class Cut:
         stride: input size / feature size (one number when both axes agree, else ``(sh, sw)``),
             read at ``stride_size`` where that is set.
         prefix_tokens: class/register/distillation tokens the body drops (token layouts).
-        method: how the cut was found: ``"fx"`` (graph on meta/fake tensors), ``"hooks"`` (module
-            hooks, for models fx cannot trace) or ``"user"`` (given by the caller).
+        method: how the cut was found: ``"fx"`` (torch.fx's graph on meta/fake tensors),
+            ``"export"`` (torch.export's graph, for models fx cannot trace; made at a module's
+            output or input, as a hooks cut is), ``"hooks"`` (module hooks, for models neither
+            can capture) or ``"user"`` (given by the caller).
         input_size: ``(C, H, W)`` the model was probed with.
         dropped: modules with parameters that the body leaves out (the original head).
         groups: for an adapted model's cut, the default layer groups as ``(first module, last

@@ -33,9 +33,9 @@ from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autocut.cut import Cut
-from autocut.cut_graph import carries_tensor, scopes_of
+from autocut.cut_graph import carries_tensor, node_op, scopes_of
 from autocut.errors import CutError
-from autocut.layout import feature_of, per_channel
+from autocut.layout import LAYOUT_OPS, feature_of, per_channel
 from autocut.probe import PROBE_BATCH, eval_mode, first_input, model_device, model_dtype, probe_input, tensor_leaves
 from autocut.trace import Traced
 
@@ -43,14 +43,6 @@ __all__ = ["CutCheck", "check_graph_cut", "check_module_cut", "LAYOUT_OPS"]
 
 INPUT, CUT = "input", "cut"
 
-# ops that re-lay or copy a value without computing a new one, by name (aten overload packets,
-# fx call_method / call_function targets)
-LAYOUT_OPS = frozenset({
-    "view", "_unsafe_view", "reshape", "_reshape_alias", "view_as", "flatten", "unflatten", "permute", "transpose",
-    "t", "movedim", "expand", "expand_as", "slice", "select", "narrow", "getitem", "unsqueeze", "squeeze", "split",
-    "split_with_sizes", "chunk", "unbind", "clone", "contiguous", "copy", "copy_", "_to_copy", "to", "type", "float",
-    "half", "bfloat16", "alias", "detach", "lift_fresh", "as_strided", "to_nchw",
-})
 
 
 @dataclass
@@ -122,16 +114,6 @@ def _is_later_map(shape: Any, cut: Cut, batch: int) -> bool:
 # --- on the traced graph ---------------------------------------------------------------------------
 
 
-def _node_op(traced: Traced, node: fx.Node) -> str:
-    if node.op == "call_module":
-        module = traced.model.get_submodule(str(node.target))
-        return "clone" if isinstance(module, (nn.Identity, nn.Dropout)) else type(module).__name__
-    if node.op in ("call_function", "call_method"):
-        target = node.target
-        return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-    return node.op
-
-
 def _scope_is_head(traced: Traced, scope: str, cut: Cut) -> bool:
     """Whether the module at ``scope`` takes a feature map and returns none (a pooling head)."""
     inside = {n for n, s in traced.scope.items() if s == scope or s.startswith(scope + ".")}
@@ -181,16 +163,16 @@ def check_graph_cut(traced: Traced, cut: Cut) -> CutCheck:
             output_tags = set(tags[node])
         elif node is not at and CUT in tags[node]:
             sources = [a for a in node.all_input_nodes if CUT in tags.get(a, ())]
-            if _node_op(traced, node) in LAYOUT_OPS and all(a in relaid for a in sources):
+            if node_op(traced, node) in LAYOUT_OPS and all(a in relaid for a in sources):
                 relaid.add(node)
                 continue
             shape = traced.shapes.get(node)
-            if _is_later_map(shape, cut, batch) and not _is_head_op(_node_op(traced, node)):
+            if _is_later_map(shape, cut, batch) and not _is_head_op(node_op(traced, node)):
                 scopes = scopes_of(traced, node)
                 if any(s in dropped for s in scopes):
                     continue
                 if not any(heads.setdefault(s, _scope_is_head(traced, s, cut)) for s in scopes):
-                    later.append((traced.scope.get(node, ""), _node_op(traced, node), shape))
+                    later.append((traced.scope.get(node, ""), node_op(traced, node), shape))
     return _verdict(output_tags, later)
 
 

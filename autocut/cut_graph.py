@@ -28,10 +28,10 @@ from torch import fx, nn
 
 from autocut.cut import HEAD_LIKE_MODULES, Cut, dropped_modules, stride_of
 from autocut.errors import CutError
-from autocut.layout import Feature, Layout, feature_of, per_channel
-from autocut.trace import Traced
+from autocut.layout import LAYOUT_OPS, Feature, Layout, feature_of, per_channel
+from autocut.trace import Traced, op_name
 
-__all__ = ["find_cut", "cut_at_node", "resolve_node", "ancestors", "layout_hint", "carries_tensor", "scopes_of"]
+__all__ = ["find_cut", "cut_at_node", "resolve_node", "ancestors", "layout_hint", "node_op", "carries_tensor", "scopes_of"]
 
 
 def carries_tensor(shape: Any) -> bool:
@@ -88,6 +88,12 @@ def _dominator_chain(traced: Traced) -> tuple[list[fx.Node], set[fx.Node]]:
 
 _HEAD_LIKE_NAMES = ("SelectAdaptivePool2d", "AdaptiveAvgMaxPool2d", "AdaptiveCatAvgMaxPool2d", "DropPath")  # timm's
 _ADAPTIVE_FNS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.adaptive_avg_pool1d}
+# the same ops in an exported graph (ATen), where every module is inlined
+_HEAD_LIKE_OPS = frozenset({"adaptive_avg_pool2d", "adaptive_max_pool2d", "_adaptive_avg_pool2d", "adaptive_avg_pool1d",
+                            "adaptive_max_pool1d", "dropout", "feature_dropout", "alpha_dropout", "native_dropout"})
+_NCHW_OPS = frozenset({"conv2d", "convolution", "batch_norm", "_native_batch_norm_legit_no_training", "max_pool2d",
+                       "avg_pool2d", "max_pool2d_with_indices"})
+_LAST_DIM_OPS = frozenset({"linear", "layer_norm", "native_layer_norm"})
 
 
 def _module_of(traced: Traced, node: fx.Node) -> nn.Module | None:
@@ -104,15 +110,22 @@ def _is_head_like_op(traced: Traced, node: fx.Node) -> bool:
     module = _module_of(traced, node)
     if module is not None:
         return isinstance(module, HEAD_LIKE_MODULES) or type(module).__name__ in _HEAD_LIKE_NAMES
-    return node.op == "call_function" and node.target in _ADAPTIVE_FNS
+    return node.op == "call_function" and (node.target in _ADAPTIVE_FNS or op_name(node) in _HEAD_LIKE_OPS)
 
 
 def _features_on_chain(traced: Traced, chain: list[fx.Node]) -> dict[fx.Node, Feature]:
+    """The maps on ``chain``: not the image itself, nor what only re-lays or casts it (an exported
+    forward's ``pixel_values.to(dtype)``)."""
     in_hw = traced.input_shape[2:]
     grids: list[tuple[int, int]] = []
     out: dict[fx.Node, Feature] = {}
+    image = {traced.input}
     for node in chain:
-        if node is traced.input or node.op == "output":
+        if node in image or node.op == "output":
+            continue
+        tensors = [a for a in node.all_input_nodes if carries_tensor(traced.shapes.get(a))]
+        if tensors and all(a in image for a in tensors) and node_op(traced, node) in LAYOUT_OPS:
+            image.add(node)
             continue
         feat = feature_of(traced.shapes.get(node), in_hw, grids[::-1], hint=layout_hint(traced, node))
         if feat is not None:
@@ -120,6 +133,18 @@ def _features_on_chain(traced: Traced, chain: list[fx.Node]) -> dict[fx.Node, Fe
             if feat.layout != Layout.NLC:
                 grids.append(feat.grid)
     return out
+
+
+def node_op(traced: Traced, node: fx.Node) -> str:
+    """What ``node`` computes, by name: a module's class (``"clone"`` for identity and dropout),
+    a function's or method's name, an ATen op's (``"conv2d"``); else the node's kind."""
+    if node.op == "call_module":
+        module = traced.model.get_submodule(str(node.target))
+        return "clone" if isinstance(module, (nn.Identity, nn.Dropout)) else type(module).__name__
+    if node.op in ("call_function", "call_method"):
+        target = node.target
+        return target if isinstance(target, str) else op_name(node) or getattr(target, "__name__", str(target))
+    return node.op
 
 
 def layout_hint(traced: Traced, node: fx.Node) -> Layout | None:
@@ -130,7 +155,12 @@ def layout_hint(traced: Traced, node: fx.Node) -> Layout | None:
         return Layout.NCHW
     if isinstance(module, (nn.Linear, nn.LayerNorm)):
         return Layout.NHWC
-    if node.op == "call_method" and node.target == "permute":
+    aten = op_name(node)
+    if aten in _NCHW_OPS:
+        return Layout.NCHW
+    if aten in _LAST_DIM_OPS:
+        return Layout.NHWC
+    if (node.op == "call_method" and node.target == "permute") or aten == "permute":
         dims = tuple(a for a in node.args[1:]) if len(node.args) > 2 else tuple(node.args[1]) if len(node.args) > 1 else ()
         if dims == (0, 2, 3, 1):
             return Layout.NHWC
@@ -156,14 +186,19 @@ def _head_module_input(
         inputs = {a for n in inside for a in n.all_input_nodes if a not in inside and a in live}
         outputs = [n for n in inside if any(u not in inside for u in n.users)]
         feature_inputs = [a for a in inputs if a in chain_features]
-        if not feature_inputs or any(_output_is_feature(traced, o) for o in outputs):
+        if not feature_inputs or any(_output_is_feature(traced, o, chain_features) for o in outputs):
             continue
         return max(feature_inputs, key=lambda a: list(chain_features).index(a))
     return None
 
 
-def _output_is_feature(traced: Traced, node: fx.Node) -> bool:
-    return feature_of(traced.shapes.get(node), traced.input_shape[2:]) is not None
+def _output_is_feature(traced: Traced, node: fx.Node, chain_features: dict[fx.Node, Feature]) -> bool:
+    """Whether a module's output is a map: tokens on a grid the chain's maps were seen on count
+    (ViTPose's 16x12 patches at 256x192), as they do on the chain."""
+    if node in chain_features:
+        return True
+    grids = [f.grid for f in chain_features.values() if f.layout != Layout.NLC][::-1]
+    return feature_of(traced.shapes.get(node), traced.input_shape[2:], grids) is not None
 
 
 def find_cut(traced: Traced, arch: str) -> Cut:
@@ -221,10 +256,15 @@ def _through_per_channel_ops(traced: Traced, chain: list[fx.Node], features: dic
 def _is_per_channel_op(traced: Traced, node: fx.Node, feat: Feature) -> bool:
     """A function, or a module whose parameters and buffers are per-channel (a norm, a PReLU, a
     scale) or that has none (an activation): a conv or a Linear holds a weight of ``nf * nf``."""
-    if node.op != "call_module":
-        return node.op in ("call_function", "call_method")
+    if node.op != "call_module":  # a function: per-channel unless it reads a weight (an exported graph's linear)
+        return node.op in ("call_function", "call_method") and all(
+            _numel(traced.shapes.get(a)) <= feat.nf for a in node.all_input_nodes if a.op == "get_attr")
     module = _module_of(traced, node)
     return module is not None and all(t.numel() <= feat.nf for t in (*module.parameters(), *module.buffers()))
+
+
+def _numel(shape: Any) -> int:
+    return int(torch.Size(shape).numel()) if isinstance(shape, tuple) else 0
 
 
 def _is_constant(traced: Traced, node: fx.Node, map_shape: tuple[int, ...], layout: Layout) -> bool:

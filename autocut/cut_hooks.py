@@ -27,7 +27,7 @@ from autocut.layout import Feature, Layout, ToNCHW, feature_of
 from autocut.probe import PROBE_BATCH, first_input, leaf_at, probe_forward, shape_of, shapes_inside, tensor_leaves
 from autocut.trace import forward_of
 
-__all__ = ["ModuleCall", "probe_modules", "find_cut_by_hooks", "move_cut", "EarlyExitBody"]
+__all__ = ["ModuleCall", "probe_modules", "find_cut_by_hooks", "move_cut", "dropped_by", "EarlyExitBody"]
 
 
 @dataclass
@@ -141,7 +141,7 @@ def find_cut_by_hooks(model: nn.Module, calls: list[ModuleCall], input_size: tup
         prefix_tokens=feat.prefix_tokens,
         method="hooks",
         input_size=tuple(input_size),
-        dropped=_dropped(model, calls, where),
+        dropped=dropped_by(model, calls, where),
         after="" if ":" in where else where,
     )
 
@@ -152,7 +152,7 @@ def move_cut(model: nn.Module, calls: list[ModuleCall], cut: Cut, where: str) ->
     ReLU) that run on the map after ``cut`` and end at a module call (``CutCheck.move_to``)."""
     return dataclasses.replace(
         cut, where=where, after="" if ":" in where else where,
-        dropped=_dropped(model, calls, where),
+        dropped=dropped_by(model, calls, where),
     )
 
 
@@ -212,7 +212,7 @@ def _features(shapes: Any, in_hw: tuple[int, int], grids: list[tuple[int, int]])
     return [(key, feat) for key, shape in items if (feat := feature_of(shape, in_hw, grids)) is not None]
 
 
-def _dropped(model: nn.Module, calls: list[ModuleCall], where: str) -> tuple[str, ...]:
+def dropped_by(model: nn.Module, calls: list[ModuleCall], where: str) -> tuple[str, ...]:
     """What a body cut at ``where`` leaves out: what runs after the cut, but never a module around
     the cut, whose forward the body runs up to it (``head`` for ``"head.pool:input"``: its ``fc``)."""
     parts = where.partition(":")[0].split(".")

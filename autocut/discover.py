@@ -11,6 +11,7 @@ there, the attempts are made at the first of :data:`LARGER_SIDES` it runs at, re
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,11 +21,12 @@ from torch import nn
 from autocut import _validate, zoo
 from autocut.cut import Cut
 from autocut.cut_check import check_graph_cut, check_module_cut
+from autocut.cut_export import module_cut
 from autocut.cut_graph import cut_at_node, find_cut
-from autocut.cut_hooks import find_cut_by_hooks, move_cut, probe_modules
+from autocut.cut_hooks import ModuleCall, find_cut_by_hooks, move_cut, probe_modules
 from autocut.errors import CutError, first_line
 from autocut.probe import modes_kept, probe_forward
-from autocut.trace import Traced, trace
+from autocut.trace import Traced, trace, trace_exported
 
 __all__ = ["discover", "discover_module", "discover_with_trace", "check_input_size", "unwrap", "LARGER_SIDES"]
 
@@ -242,7 +244,7 @@ def _attempts(
         except Exception as err:  # the model's forward fails: next attempt; listed in the CutError if all fail
             errors.append(f"hooks: {type(err).__name__}: {first_line(err)}")
             continue
-        cut = find_cut_by_hooks(candidate, calls, input_size, arch)
+        cut = _cut_on_export(candidate, calls, input_size, arch, errors) or find_cut_by_hooks(candidate, calls, input_size, arch)
         check = check_module_cut(candidate, cut)
         if check.move_to:  # per-channel ops (a head's ReLU) run on the map after the cut, up to a module call
             cut = move_cut(candidate, calls, cut, check.move_to)
@@ -250,6 +252,27 @@ def _attempts(
         check.raise_for(cut)
         return cut, None
     return None
+
+
+def _cut_on_export(
+    module: nn.Module, calls: list[ModuleCall], input_size: tuple[int, int, int], arch: str, errors: list[str]
+) -> Cut | None:
+    """The graph rule on ``module``'s exported graph, checked there and made at a module's output or
+    input (:mod:`autocut.cut_export`); ``None`` where it does not export or the cut is made between
+    module calls (the hooks rule answers instead; why is added to ``errors``). A cut that fails the
+    graph check raises, as on an fx graph."""
+    try:
+        traced = trace_exported(module, input_size)
+    except Exception as err:  # torch.export fails (data-dependent code, unsupported Python): the hooks rule
+        errors.append(f"export: {type(err).__name__}: {first_line(err)}")
+        return None
+    cut = find_cut(traced, arch)
+    check_graph_cut(traced, cut).raise_for(dataclasses.replace(cut, method="export"))
+    try:
+        return module_cut(module, traced, cut, calls)
+    except CutError as err:
+        errors.append(f"export: {first_line(err)}")
+        return None
 
 
 def _probe_error(candidates: list[nn.Module], size: tuple[int, int, int]) -> str | None:

@@ -18,10 +18,20 @@ from torch import nn
 
 from autocut.probe import PROBE_BATCH
 
-__all__ = ["Layout", "Feature", "MAX_PREFIX_TOKENS", "feature_of", "per_channel", "nhwc_to_nchw", "tokens_to_nchw", "to_nchw",
-           "ToNCHW"]
+__all__ = ["Layout", "Feature", "LAYOUT_OPS", "MAX_PREFIX_TOKENS", "feature_of", "per_channel", "nhwc_to_nchw",
+           "tokens_to_nchw", "to_nchw", "ToNCHW"]
 
 MAX_PREFIX_TOKENS = 32  # class + distillation + register tokens
+
+
+# ops that re-lay or copy a value without computing a new one, by name (aten overload packets,
+# fx call_method / call_function targets)
+LAYOUT_OPS = frozenset({
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "view_as", "flatten", "unflatten", "permute", "transpose",
+    "t", "movedim", "expand", "expand_as", "slice", "select", "narrow", "getitem", "unsqueeze", "squeeze", "split",
+    "split_with_sizes", "chunk", "unbind", "clone", "contiguous", "copy", "copy_", "_to_copy", "to", "type", "float",
+    "half", "bfloat16", "alias", "detach", "lift_fresh", "as_strided", "to_nchw",
+})
 
 
 class Layout(str, enum.Enum):

@@ -26,8 +26,8 @@ from torchvision.models import feature_extraction as tv_fx
 
 from autocut.probe import PROBE_BATCH, eval_mode, model_device, model_dtype, probe_input, shape_of
 
-__all__ = ["Traced", "trace", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of", "has_hooks",
-           "forward_of"]
+__all__ = ["Traced", "trace", "trace_exported", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of",
+           "has_hooks", "forward_of", "op_name"]
 
 
 def forward_of(model: nn.Module) -> Callable[..., Any]:
@@ -265,6 +265,7 @@ class Traced:
     concrete_args: dict[str, Any] = field(default_factory=dict)
     shape_method: str = "meta"
     constants: dict[str, torch.Tensor] = field(default_factory=dict)  # the graph's _tensor_constantN
+    capture: str = "fx"  # how the graph was captured: "fx" (symbolic trace) or "export" (torch.export, ATen ops)
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -318,7 +319,8 @@ def constants_attached(model: nn.Module, constants: dict[str, torch.Tensor]):
 
 def _purge_proxies(model: nn.Module) -> None:
     """Drop fx proxies that a trace left in module caches (levit's and efficientformer's
-    attention-bias caches): a later trace would reuse a node of the old graph."""
+    attention-bias caches): a later trace would reuse a node of the old graph. (torch.export
+    takes back the tensors it sees assigned itself.)"""
     for module in model.modules():
         for name, value in list(vars(module).items()):
             # nn.Module's own dicts (parameters, buffers, submodules, hooks) never hold proxies
@@ -355,4 +357,64 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
         concrete_args=concrete,
         shape_method="meta" if device.type == "meta" else "fake",
         constants=tracer.constants,
+    )
+
+
+def op_name(node: fx.Node) -> str | None:
+    """The ATen op a node of an exported graph calls (``"conv2d"``, ``"permute"``), else ``None``."""
+    target = node.target
+    return target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else None
+
+
+def trace_exported(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE_BATCH) -> Traced:
+    """:func:`trace` by ``torch.export`` (non-strict), for models torch.fx cannot trace (a forward
+    wrapped in decorators, ``**kwargs`` plumbing, structured outputs built in Python).
+
+    The exported graph is of ATen ops, every module inlined; each node's module comes from the
+    export's ``nn_module_stack`` and its shape from the export's own fake values, so there is no
+    second run. Parameters, buffers and constants become ``get_attr`` nodes, as in an fx graph.
+    A graph to find a cut on, not to run: a cut found on it is made with module hooks
+    (:mod:`autocut.cut_export`). Raises whatever the export raised.
+    """
+    shape = (batch, *input_size)
+    with eval_mode(model), torch.no_grad():
+        try:
+            x = torch.empty(shape, device=model_device(model), dtype=model_dtype(model))
+            program = torch.export.export(model, (x,), strict=False)
+        finally:
+            _purge_proxies(model)
+    graph = program.graph
+    signature = program.graph_signature
+    attributes = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+                  **signature.inputs_to_lifted_tensor_constants}
+    constants = {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    for node in placeholders:
+        target = attributes.get(node.name)
+        if target is None:
+            continue
+        if target in program.constants:  # a tensor the forward made: kept apart, as fx's constants are
+            constants[target] = program.constants[target]
+        with graph.inserting_before(first_op):
+            attr = graph.create_node("get_attr", target)  # (graph.get_attr warns: the program holds no such attribute)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        graph.erase_node(node)
+    source = next(n for n in graph.nodes if n.op == "placeholder" and n.name == signature.user_inputs[0])
+    scope = {}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        scope[node] = list(stack.values())[-1][0] if stack else ""
+    return Traced(
+        model=model,
+        graph=graph,
+        qualname={n: n.name for n in graph.nodes},
+        scope=scope,
+        shapes={n: shape_of(n.meta.get("val")) for n in graph.nodes},
+        input=source,
+        input_shape=shape,
+        shape_method="meta" if model_device(model).type == "meta" else "fake",
+        constants=constants,
+        capture="export",
     )

@@ -1,0 +1,186 @@
+"""The second graph capture: models torch.fx cannot trace are exported (``torch.export``,
+non-strict), cut by the graph rule on the exported graph and made at a module's output or input
+(``Cut.method == "export"``); what cannot be made there goes to the hooks rule. Each model's own
+eager values are the oracle."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import autocut
+from autocut.cut_export import module_cut
+from autocut.cut_graph import find_cut
+from autocut.cut_hooks import probe_modules
+from autocut.trace import trace, trace_exported
+
+SIZE = (3, 32, 32)
+
+
+def _even(x):
+    if x.shape[-1] % 2:
+        x = F.pad(x, (0, 1, 0, 1))
+    return x
+
+
+def _x(b=2):
+    return torch.randn(b, *SIZE, generator=torch.Generator().manual_seed(0))
+
+
+class ShapeBranch(nn.Module):
+    """Branches on the input's shape: fx cannot trace it (a Proxy in a condition); torch.export
+    can (the shape is known). The map is ``stage``'s output, pooled by a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 4)
+
+    def features(self, x):
+        return self.stage(self.stem(_even(x)))
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class ScaledBeforePool(ShapeBranch):
+    """The last map is made by the forward's own code (a scale) between ``stage`` and ``pool``:
+    no module returns it, ``pool`` takes it."""
+
+    def features(self, x):  # (no super(): a body that runs the model's forward is not an instance of its class)
+        return self.stage(self.stem(_even(x))) * 2.0
+
+
+class PooledByFunctions(ShapeBranch):
+    """The last map is made and pooled by the forward's own code: no module returns or takes it."""
+
+    def features(self, x):
+        return F.gelu(self.stage(self.stem(_even(x))) + 1.0)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+class KeepsItsLastMap(ShapeBranch):
+    """Keeps the last map it computed in a dict (for the user to read, as a feature-extraction
+    hook would): an export must not leave one of its fake tensors there."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = {}
+
+    def features(self, x):
+        self.cache["last"] = self.stage(self.stem(_even(x)))
+        return self.cache["last"]
+
+
+class CastsItsInput(nn.Module):
+    """A wrapper that casts the image and hands it to a whole classifier (transformers'
+    ``TimmWrapper``): the cast image is no map, and the classifier is not a head to cut before."""
+
+    def __init__(self, shape_branch: bool):
+        super().__init__()
+        self.inner = ShapeBranch() if shape_branch else nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.inner(x.to(torch.float32))
+
+
+def test_fx_cannot_trace_the_shape_branch_and_export_can():
+    with pytest.raises(fx.proxy.TraceError):
+        trace(ShapeBranch(), SIZE)
+    traced = trace_exported(ShapeBranch().eval(), SIZE)
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    assert [n.name for n in placeholders] == ["x"] and traced.input is placeholders[0]
+    assert sorted(str(n.target) for n in traced.graph.nodes if n.op == "get_attr") == sorted(
+        name for name, _ in (*ShapeBranch().named_parameters(), *ShapeBranch().named_buffers()))
+    convs = [n for n in traced.graph.nodes if n.op == "call_function" and "conv2d" in str(n.target)]
+    assert [traced.scope[n] for n in convs] == ["stem.0", "stage.0"]
+    assert [traced.shapes[n] for n in convs] == [(11, 8, 16, 16), (11, 16, 8, 8)]
+    assert traced.capture == "export"
+
+
+def test_a_model_fx_cannot_trace_is_cut_on_its_exported_graph_and_the_body_is_its_own_map():
+    model = ShapeBranch().eval()
+    cut = autocut.discover(model, input_size=SIZE)
+    assert (cut.method, cut.where, cut.after, cut.feature_shape, cut.stride) == ("export", "stage", "stage", (16, 8, 8), 4)
+    assert cut.dropped == ("fc",)
+    assert "(found by export)" in str(cut)
+    body = autocut.create_body(model, input_size=SIZE).eval()
+    with torch.no_grad():
+        assert torch.equal(body(_x()), model.features(_x()))
+    assert not any(k.startswith("fc.") for k in body.state_dict())
+
+
+def test_a_map_made_between_modules_is_cut_at_the_input_of_the_module_that_takes_it():
+    model = ScaledBeforePool().eval()
+    cut = autocut.discover(model, input_size=SIZE)
+    assert (cut.method, cut.where, cut.after) == ("export", "pool:input", "")
+    body = autocut.create_body(model, input_size=SIZE).eval()
+    with torch.no_grad():
+        assert torch.equal(body(_x()), model.features(_x()))
+
+
+def test_a_map_no_module_returns_or_takes_goes_to_the_hooks_rule():
+    model = PooledByFunctions().eval()
+    traced = trace_exported(model, SIZE)
+    found = find_cut(traced, "PooledByFunctions")
+    assert traced.scope[traced.node_named(found.where)] == ""  # made by the forward's own gelu
+    with pytest.raises(autocut.CutError, match="made and used by code between module calls"):
+        module_cut(model, traced, found, probe_modules(model, SIZE))
+    with pytest.raises(autocut.CutError, match=r"found by hooks\) does not hold.*gelu.*runs on the map after it"):
+        autocut.discover(model, input_size=SIZE)  # stage's output is not the map: the hooks rule refuses, naming why
+
+
+def test_an_export_leaves_no_fake_tensor_in_the_models_caches():
+    model = KeepsItsLastMap().eval()
+    trace_exported(model, SIZE)  # (discovery runs the real forward again after it, which would hide one)
+    assert not any(isinstance(v, torch._subclasses.fake_tensor.FakeTensor) for v in model.cache.values())
+    assert autocut.discover(model, input_size=SIZE).method == "export"
+    with torch.no_grad():
+        assert torch.equal(autocut.create_body(model, input_size=SIZE).eval()(_x()), model.features(_x()))
+
+
+@pytest.mark.parametrize("shape_branch, method, where", [(False, "fx", "inner.3"), (True, "export", "inner.stage")])
+def test_an_input_only_cast_is_not_a_map_and_the_classifier_inside_is_cut(shape_branch, method, where):
+    model = CastsItsInput(shape_branch).eval()
+    cut = autocut.discover(model, input_size=SIZE)
+    assert (cut.method, cut.where, cut.feature_shape) == (method, where, (16, 8, 8))
+    body = autocut.create_body(model, input_size=SIZE).eval()
+    inner = model.inner
+    with torch.no_grad():
+        expected = inner.features(_x()) if shape_branch else inner[:4](_x())
+        assert torch.equal(body(_x()), expected)
+
+
+class MeanPooledTokens(nn.Module):
+    """Patch tokens, an MLP over them, pooled by a mean over the tokens: no class token, and no
+    norm the per-channel rule would walk through."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, stride=8)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))  # a module fx goes into
+        self.head = nn.Linear(dim, 4)
+
+    def features(self, x):
+        return self.mlp(self.patch(x).flatten(2).transpose(1, 2))
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(1))
+
+
+@pytest.mark.parametrize("size", [(3, 224, 224), (3, 224, 400)])  # 28x50: no square grid with a few prefix tokens
+def test_tokens_on_a_grid_that_is_not_square_are_a_map_and_the_last_block_stays_in_the_body(size):
+    model = MeanPooledTokens().eval()
+    cut = autocut.discover(model, input_size=size)
+    h, w = size[1] // 8, size[2] // 8
+    assert (cut.method, cut.where, cut.layout, cut.feature_shape) == ("fx", "mlp.2", "NLC", (16, h, w))
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        expected = model.features(x).transpose(1, 2).reshape(2, 16, h, w)
+        assert torch.equal(autocut.create_body(model, input_size=size).eval()(x), expected)
