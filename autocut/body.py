@@ -128,18 +128,24 @@ class GraphBody(DualGraphModule):
 def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Module:
     if traced is not None:  # discovery's eval graph: no need to trace it again
         eval_graph, eval_names_of, constants = traced.graph, traced.qualname, dict(traced.constants)
+        one_graph = _eval_graph_serves_training(traced, cut)
     else:
         eval_graph, eval_tracer, _ = trace_graph(model, training=False)
         eval_names_of, constants = eval_tracer.node_to_qualname, dict(eval_tracer.constants)
+        one_graph = False
     eval_names = set(eval_names_of.values())
     _truncate(eval_graph, eval_names_of, cut)
     # The graphs' tensor constants sit on the model only while the body is built (the body keeps
     # its own copies): the user's model is left without fx's _tensor_constantN attributes.
     with constants_attached(model, constants):
         try:
+            if one_graph:  # no code read a training flag before the cut: the train graph is this one
+                raise _OneGraph
             train_graph, train_tracer, _ = trace_graph(model, training=True)  # names constants past the eval ones
             constants.update(train_tracer.constants)
             _truncate(train_graph, train_tracer.node_to_qualname, cut, train_only=eval_names)
+        except _OneGraph:
+            train_graph = eval_graph
         except Exception as err:  # any trace failure: warned, and the eval graph serves both modes
             warnings.warn(
                 f"{cut.arch} could not be traced in train mode ({type(err).__name__}: {first_line(err)}); the body runs "
@@ -157,6 +163,28 @@ def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Mod
     _match_persistence(body, set(model.state_dict(keep_vars=True)))
     body.train(model.training)
     return body
+
+
+class _OneGraph(Exception):
+    pass
+
+
+def _eval_graph_serves_training(traced: Traced, cut: Cut) -> bool:
+    """Whether the train-mode graph, truncated at ``cut``, is the eval-mode one: no module's
+    training flag was read (:attr:`Traced.training_reads`) before the cut's node and every node
+    that uses it were made. Up to the first read, a trace runs the same code in either mode (leaf
+    modules, dropout and batch norm among them, are calls whose mode switches at run time); after
+    it, nothing the body keeps can differ (not even a train-only op applied to the map after the
+    cut, which would be a later user of it)."""
+    reads = traced.training_reads
+    if reads is None or traced.capture != "fx":
+        return False
+    node = traced.node_named(cut.where)
+    if node is None:
+        return False
+    index = {n: i for i, n in enumerate(traced.graph.nodes)}
+    made = max([index[node]] + [index[u] for u in node.users])
+    return all(read > made for read in reads)
 
 
 def _module_calls(traced: Traced, graph: fx.Graph) -> tuple[tuple[str, object], ...]:

@@ -14,6 +14,7 @@ import inspect
 import math
 import re
 import sys
+import threading
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,22 +133,42 @@ class _ScopeTracer(tv_fx.NodePathTracer):
         # fx finds a tensor's attribute name by scanning all of the root's parameters or
         # buffers each time one is used; a dict made once per trace gives the same first name
         self._tensors: dict[int, tuple[str, torch.Tensor]] = {}
+        self._named: tuple[dict[int, tuple[str, torch.Tensor]], ...] = ({}, {})  # parameters, buffers: id -> first name
         self._forward = None
         search = list(self._autowrap_search)
         if isinstance(root, nn.Module):
-            for named in (root.named_parameters(), root.named_buffers()):
+            for named, names in zip((root.named_parameters(), root.named_buffers()), self._named):
                 for qualname, t in named:
                     self._tensors.setdefault(id(t), (qualname, t))
+                    names.setdefault(id(t), (qualname, t))
             if "forward" in vars(root):  # fx traces the class's forward; the instance runs its own
                 self._forward = forward_of(root)
                 home = sys.modules.get(getattr(vars(root)["forward"], "__module__", None) or "")
                 if home is not None:  # wrap the functions (math, timm's) its own module calls, as fx does the class's
                     self._autowrap_search.append(home)
         try:
-            with _cached_bytecode():
+            with _cached_bytecode(), _training_reads(root, self) as reads:
+                self.training_reads = reads
                 return super().trace(root, concrete_args)
         finally:
             self._autowrap_search = search
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
+        # fx finds a parameter or buffer a forward reads (timm's LayerNorm: self.weight) by scanning
+        # all of the root's parameters, then buffers, each time: the dicts made once per trace give
+        # the same first name (and the same node, from the same cache)
+        params, buffers = self._named
+        found = None
+        if isinstance(attr_val, nn.Parameter):
+            found = params.get(id(attr_val))
+        if found is None and self.proxy_buffer_attributes and isinstance(attr_val, torch.Tensor):
+            found = buffers.get(id(attr_val))
+        if found is None or found[1] is not attr_val:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        name = found[0]
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         return super().create_args_for_root(self._forward if is_module and self._forward else root_fn, is_module,
@@ -182,6 +203,43 @@ def _attribute(root: nn.Module, qualname: str) -> Any:
     for part in qualname.split("."):
         value = getattr(value, part, None)
     return value
+
+
+_READS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _training_reads(root: Any, tracer: fx.Tracer):
+    """Within the block, every read of a module's ``training`` flag is recorded as the number of
+    graph nodes ``tracer`` had made by then: where no code read it before the cut was made, the
+    train-mode graph up to the cut is the eval-mode one (``GraphBody`` needs no second trace).
+    Yields the list, or ``None`` where reads cannot all be seen: a module class with a
+    ``training`` of its own or a ``train()`` that does more than set flags, another thread tracing."""
+    modules = list(root.modules()) if isinstance(root, nn.Module) else []
+    seen = all(type(m).train is nn.Module.train and not any("training" in vars(c) for c in type(m).__mro__ if c not in (nn.Module, object))
+               for m in modules)
+    if not modules or not seen or not _READS_LOCK.acquire(blocking=False):
+        yield None
+        return
+    reads: list[int] = []
+
+    def read(module: nn.Module) -> bool:
+        graph = getattr(tracer, "graph", None)
+        reads.append(len(graph.nodes) if graph is not None else 0)
+        try:
+            return module.__dict__["training"]
+        except KeyError:
+            raise AttributeError("training") from None
+
+    def write(module: nn.Module, value: bool) -> None:
+        module.__dict__["training"] = value
+
+    nn.Module.training = property(read, write)  # a data descriptor: found before the instance's own flag
+    try:
+        yield reads
+    finally:
+        del nn.Module.training
+        _READS_LOCK.release()
 
 
 class _CachedDis:
@@ -231,6 +289,75 @@ def concrete_args_of(model: nn.Module) -> dict[str, Any]:
     return out
 
 
+def _same_layout(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _contiguous(x: torch.Tensor, last: int | None = None) -> torch.Tensor:
+    shape = x.shape if last is None else (*x.shape[:-1], last)
+    return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+
+def _dtype_fits(module: nn.Module, x: torch.Tensor) -> bool:
+    return all(t.dtype == x.dtype for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+               if t.is_floating_point())
+
+
+def _output_like(module: nn.Module, x: Any) -> torch.Tensor | None:
+    """What ``module(x)`` returns on meta or fake tensors, made without running it: the shape,
+    dtype and strides of the module's own meta kernel, for the leaf modules whose meta kernels are
+    slow Python decompositions (norms: half of a probe) or trivial (activations, dropout in eval).
+    ``None`` where no rule applies or the input would not fit (the module then runs, and raises)."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("meta", "cpu", "cuda") or not _dtype_fits(module, x):
+        return None
+    kind = type(module)
+    if kind in (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d):  # (in eval mode: the input itself)
+        return x
+    if kind in _ELEMENTWISE_MODULES:
+        return x if getattr(module, "inplace", False) else _same_layout(x)
+    if kind in _BATCH_NORMS:
+        return _same_layout(x) if x.dim() >= 2 and x.shape[1] == module.num_features else None
+    if kind is nn.LayerNorm:
+        n = len(module.normalized_shape)
+        return _contiguous(x) if tuple(x.shape[x.dim() - n:]) == tuple(module.normalized_shape) else None
+    if kind is nn.GroupNorm:
+        return _contiguous(x) if x.dim() >= 2 and x.shape[1] == module.num_channels else None
+    if kind is nn.Linear:
+        return _contiguous(x, module.out_features) if x.dim() >= 1 and x.shape[-1] == module.in_features else None
+    return None
+
+
+def _attention_like(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``F.scaled_dot_product_attention(q, k, v)``'s output on the meta device (contiguous, as its
+    meta kernel makes it; on fake tensors the backend chosen decides the strides: it runs)."""
+    if len(args) != 3 or set(kwargs) - {"dropout_p", "is_causal", "scale"}:  # (a mask must broadcast: it runs)
+        return None
+    q, k, v = args
+    if not all(isinstance(t, torch.Tensor) and t.device.type == "meta" and t.dtype == q.dtype and t.dim() == 4
+               for t in (q, k, v)):
+        return None
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        return None
+    return torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device="meta")
+
+
+def _norm_classes() -> tuple[type, ...]:
+    from timm.layers import BatchNormAct2d  # a BatchNorm2d and an activation: timm's leaf
+
+    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNormAct2d)
+
+
+_BATCH_NORMS = frozenset(_norm_classes())
+_ELEMENTWISE_MODULES = frozenset({
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.LeakyReLU,
+    nn.ELU,
+})
+_ELEMENTWISE_FUNCTIONS = frozenset({
+    torch.nn.functional.gelu, torch.nn.functional.relu, torch.nn.functional.silu, torch.nn.functional.hardswish,
+    torch.nn.functional.hardsigmoid, torch.nn.functional.mish, torch.sigmoid, torch.tanh, torch.relu,
+})
+
+
 class _ShapeRecorder(fx.Interpreter):
     # Values are kept (garbage_collect_values=False): levit and efficientformer cache attention
     # biases across calls, and meta/fake values cost no memory.
@@ -250,6 +377,31 @@ class _ShapeRecorder(fx.Interpreter):
         self.shapes[n] = shape_of(out)
         return out
 
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        if len(args) == 1 and not kwargs:
+            module = self.fetch_attr(target)
+            if not has_hooks(module) and not module.training:  # (a user's hooks, or batch statistics: it runs)
+                out = _output_like(module, args[0])
+                if out is not None:
+                    return out
+        return super().call_module(target, args, kwargs)
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target in _ELEMENTWISE_FUNCTIONS and len(args) == 1 and isinstance(args[0], torch.Tensor) and (
+                set(kwargs) <= {"approximate", "inplace"}):
+            return args[0] if kwargs.get("inplace") else _same_layout(args[0])
+        if target is torch.nn.functional.scaled_dot_product_attention:
+            out = _attention_like(args, kwargs)
+            if out is not None:
+                return out
+        if target is torch.nn.functional.layer_norm and args and isinstance(args[0], torch.Tensor):
+            x, weight = args[0], args[2] if len(args) > 2 else kwargs.get("weight")
+            shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+            fits = weight is None or (isinstance(weight, torch.Tensor) and weight.dtype == x.dtype)
+            if fits and isinstance(shape, (tuple, list, torch.Size)) and tuple(x.shape[x.dim() - len(shape):]) == tuple(shape):
+                return _contiguous(x)
+        return super().call_function(target, args, kwargs)
+
 
 @dataclass
 class Traced:
@@ -266,6 +418,7 @@ class Traced:
     shape_method: str = "meta"
     constants: dict[str, torch.Tensor] = field(default_factory=dict)  # the graph's _tensor_constantN
     capture: str = "fx"  # how the graph was captured: "fx" (symbolic trace) or "export" (torch.export, ATen ops)
+    training_reads: tuple[int, ...] | None = None  # graph length at each read of a module's training flag (fx)
 
     @property
     def nodes(self) -> list[fx.Node]:
@@ -357,6 +510,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
         concrete_args=concrete,
         shape_method="meta" if device.type == "meta" else "fake",
         constants=tracer.constants,
+        training_reads=None if tracer.training_reads is None else tuple(tracer.training_reads),
     )
 
 

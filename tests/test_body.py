@@ -201,3 +201,58 @@ def test_a_copied_body_keeps_its_record_its_mode_and_each_modules_mode():
     torch.testing.assert_close(clone(x), body(x))  # the train graph, without a .train() call
     torch.testing.assert_close(clone(x), body.conv(x) * 2)
 
+
+
+class _ReadsTrainingInItsHead(torch.nn.Module):
+    """Reads its training flag only after the map (dropout before the classifier, as timm's
+    ``forward_head`` does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(torch.nn.functional.dropout(x, 0.5, self.training))
+
+
+class _ReadsTrainingBeforeTheMap(_ReadsTrainingInItsHead):
+    def forward(self, x):
+        x = self.conv(x)
+        x = x * (1.0 if self.training else 1.0)  # the same either way: but read before the map is made
+        return self.fc(torch.relu(x).mean((2, 3)))
+
+
+class _OwnTrainingFlag(_ReadsTrainingInItsHead):
+    training = property(lambda self: self.__dict__.get("_mode", True), lambda self, v: self.__dict__.update(_mode=v))
+
+
+@pytest.mark.parametrize("model, train_traces", [(_ReadsTrainingInItsHead(), 0), (_ReadsTrainingBeforeTheMap(), 1),
+                                                 (_OwnTrainingFlag(), 1)])
+def test_the_train_graph_is_traced_only_where_code_before_the_map_reads_the_mode(monkeypatch, model, train_traces):
+    from autocut import body as body_module
+
+    calls = []
+    real = body_module.trace_graph
+    monkeypatch.setattr(body_module, "trace_graph", lambda m, training=False: calls.append(training) or real(m, training))
+    body = autocut.create_body(model, input_size=(3, 8, 8))
+    assert calls.count(True) == train_traces  # (a class with its own flag: its reads cannot be seen, so it is traced)
+    assert body.train_graph is body.eval_graph
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(body.train()(x), torch.relu(model.conv(x)))
+
+
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
+                                  "torchvision:inception_v3", "torchvision:mobilenet_v3_small", "mobilevitv2_050"])
+def test_the_one_graph_for_both_modes_is_the_train_graph_a_second_trace_makes(monkeypatch, name):
+    from autocut import body as body_module
+    from autocut import zoo
+
+    from autocut.body import _same_graph
+
+    spec = zoo.resolve(name)
+    one = autocut.create_body(zoo.build(spec, device="meta"))
+    monkeypatch.setattr(body_module, "_eval_graph_serves_training", lambda traced, cut: False)
+    two = autocut.create_body(zoo.build(spec, device="meta"))
+    assert _same_graph(one.train_graph, two.train_graph) and _same_graph(one.eval_graph, two.eval_graph)

@@ -295,3 +295,15 @@ def test_bad_scan_arguments_are_refused_by_name(tmp_path, capsys):
                                 ("memory_limit_gb", -1.0, "a number above 0")]:
         with pytest.raises(ValueError, match=rf"^{option} must be {what}, got {value!r}$"):
             scan([], tmp_path, check=FAKE, progress=False, **{option: value})  # no name: nothing to run if let through
+
+
+def test_the_report_counts_which_path_found_each_verified_cut():
+    from autocut.scan.report import render_report
+
+    recs = {f"m{i}": {"name": f"m{i}", "zoo": zoo, "family": "f", "status": status, "method": method, "times": {}}
+            for i, (zoo, status, method) in enumerate([
+                ("timm", "ok", "fx"), ("timm", "ok", "fx"), ("timm", "differs", "hooks"), ("timm", "failed", None),
+                ("transformers", "ok", "export"), ("transformers", "ok", "hooks"), ("transformers", "mismatch", "fx")])}
+    report = render_report(recs, [], plots=False)
+    assert ("| zoo | cuts | fx | export | hooks | user |\n|---|---|---|---|---|---|\n| timm | 3 | 2 | 0 | 1 | 0 |\n"
+            "| transformers | 2 | 0 | 1 | 1 | 0 |\n| all | 5 | 2 | 1 | 2 | 0 |\n") in report

@@ -75,3 +75,66 @@ def test_trace_restores_the_models_mode_and_raises_what_tracing_raised():
 
     with pytest.raises(Exception, match="symbolically traced variables cannot be used as inputs to control flow"):
         trace(Branchy(), (3, 8, 8))
+
+
+class _PlainShapes(torch.fx.Interpreter):
+    """fx's own interpreter, every op run: the oracle for the shapes autocut's recorder makes
+    without running norms, activations and attention."""
+
+    def __init__(self, traced):
+        super().__init__(traced.model, garbage_collect_values=False, graph=traced.graph)
+        self.constants = traced.constants
+        self.seen = {}
+
+    def fetch_attr(self, target):
+        return self.constants[target] if target in self.constants else super().fetch_attr(target)
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.seen[n] = (tuple(out.shape), out.stride(), out.dtype) if isinstance(out, torch.Tensor) else None
+        return out
+
+
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "convnext_tiny", "vit_tiny_patch16_224",
+                                  "swin_tiny_patch4_window7_224", "regnety_002", "mobilenetv3_small_050"])
+def test_the_recorders_shortcuts_give_every_nodes_shape_stride_and_dtype_as_running_it(name):
+    from autocut.probe import eval_mode
+    from autocut.trace import _ShapeRecorder
+
+    model = zoo.build(zoo.resolve(name), device="meta")
+    size = zoo.default_input_size(zoo.resolve(name), model)
+    traced = trace(model, size)
+    shortcut = _ShapeRecorder(traced.model, traced.graph, traced.constants)
+    plain = _PlainShapes(traced)
+    x = torch.empty(11, *size, device="meta")
+    with eval_mode(model), torch.no_grad():
+        shortcut.run(x)
+        plain.run(x)
+    got = {n: (s, v.stride(), v.dtype) for n, s in shortcut.shapes.items() if isinstance(v := shortcut.env[n], torch.Tensor)}
+    assert got == {n: v for n, v in plain.seen.items() if v is not None}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
+@pytest.mark.parametrize("fake", [False, True])
+def test_each_shortcut_is_what_the_module_returns(layout, fake):
+    import timm.layers
+
+    from autocut.probe import probe_input
+    from autocut.trace import _output_like
+
+    device = torch.device("cpu" if fake else "meta")  # (modules moved before the fake mode starts)
+    modules = [m.to(device).eval() for m in (
+        nn.BatchNorm2d(8), timm.layers.BatchNormAct2d(8), nn.GroupNorm(2, 8), nn.ReLU(), nn.ReLU(inplace=True),
+        nn.GELU(), nn.SiLU(), nn.Hardswish(), nn.Identity(), nn.Dropout(0.5))]
+    last = [m.to(device).eval() for m in (nn.LayerNorm(8), nn.Linear(8, 5))]
+    unfit = [m.to(device).eval() for m in (nn.BatchNorm2d(4), nn.Linear(4, 5), nn.LayerNorm(4), nn.GroupNorm(2, 4),
+                                            nn.BatchNorm2d(8).half())]
+    with probe_input((3, 8, 5, 7), device, fake=fake) as x:
+        x = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+             "permuted": x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)}[layout]
+        for module, v in [(m, x) for m in modules] + [(m, x.permute(0, 2, 3, 1)) for m in last]:
+            got, want = _output_like(module, v), module(v)
+            assert (got.shape, got.stride(), got.dtype) == (want.shape, want.stride(), want.dtype), type(module)
+            assert (got is v) == (want is v), type(module)  # the input itself where the module returns it
+        for module in unfit:
+            assert _output_like(module, x) is None  # does not fit: the module runs, and raises

@@ -155,6 +155,7 @@ def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
     md.append("\n`ok`: the body returns the oracle's shape; `differs`: a deliberate difference, with its reason; "
               "`mismatch`: both ran and disagree; `failed`: an exception (phase and error below); `timeout`, "
               "`crashed`, `oom`: the model's process was killed, died, or hit the memory limit.\n")
+    md.append(_methods_section(recs, zoos))
     md.append(_values_section(recs, zoos))
     md.append(_phase_cost_section(recs, zoos))
 
@@ -329,6 +330,22 @@ def _phase_cost_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
     return ("\n## Phase cost\n\nSeconds per phase, summed over each zoo's records (one thread per model; the "
             "records' own runs, see above), and the cut phase against build and oracle together:\n\n"
             + _table(["zoo", *_PHASES, "cut / (build + oracle)"], rows))
+
+
+def _methods_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
+    """How each verified cut was found (``Cut.method``), per zoo: the fx graph, torch.export's graph
+    (models fx cannot trace), module hooks (models neither captures)."""
+    from autocut.cut import METHODS
+
+    rows = []
+    for zoo in zoos + ["all"]:
+        sel = [r for r in recs if r["status"] in ("ok", "differs") and r.get("method") and zoo in ("all", r.get("zoo"))]
+        c = Counter(r["method"] for r in sel)
+        rows.append([zoo, len(sel), *[c[m] for m in METHODS]])
+    return ("\n## How each cut was found\n\nOf the verified cuts (`ok`, or a known difference that was cut), "
+            "the path that found each (`Cut.method`): torch.fx's graph; torch.export's graph (non-strict), "
+            "for models fx cannot trace; module hooks, for models neither can capture:\n\n"
+            + _table(["zoo", "cuts", *METHODS], rows))
 
 
 def _values_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
