@@ -32,7 +32,7 @@ from autocut.cut_hooks import EarlyExitBody
 from autocut.discover import discover_module
 from autocut.errors import CutError, first_line
 from autocut.layout import Layout, ToNCHW, to_nchw
-from autocut.probe import probe_forward, shape_of
+from autocut.probe import probe_forward, set_mode, shape_of
 from autocut.trace import Traced, constants_attached, trace_graph
 
 __all__ = ["build_body", "GraphBody", "SequentialBody"]
@@ -111,7 +111,12 @@ class GraphBody(DualGraphModule):
                 graph.owning_module = self
                 type(self).forward = cached[1]
                 self.__dict__.update(cached[2])
-        return nn.Module.train(self, mode)
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        vars(self)["training"] = mode  # nn.Module.train's work, each module's flag set directly
+        for child in self.children():
+            set_mode(child, mode)
+        return self
 
     def __deepcopy__(self, memo):
         # GraphModule's deepcopy re-runs __init__, which resets every training flag to True

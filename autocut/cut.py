@@ -120,15 +120,13 @@ def dropped_modules(model: nn.Module, used: set[str], around: set[str] = frozens
     a used one, or one of ``around`` (whose forward runs up to the cut), is never left out whole:
     ``class_layers.out`` is, where the body keeps ``class_layers.relu``."""
     kept: set[int] = set()
+    modules = dict(model.named_modules(remove_duplicate=False))  # every name a module is reached by
+    params = dict(model.named_parameters(remove_duplicate=False))
     for path in used:
-        try:
-            target = model.get_submodule(path)
-            kept.update(id(p) for p in target.parameters())
-        except AttributeError:
-            try:
-                kept.add(id(model.get_parameter(path)))
-            except AttributeError:
-                pass
+        if path in modules:
+            kept.update(id(p) for p in modules[path].parameters())
+        elif path in params:
+            kept.add(id(params[path]))
     dropped: list[str] = []
 
     def visit(prefix: str, module: nn.Module):

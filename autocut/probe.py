@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = [
     "PROBE_BATCH", "shape_of", "tensor_leaves", "first_input", "leaf_at", "shapes_inside", "model_device",
-    "model_dtype", "probe_input", "modes_kept", "eval_mode", "probe_forward",
+    "model_dtype", "probe_input", "modes_kept", "eval_mode", "set_mode", "probe_forward",
 ]
 
 # An odd prime no other dimension is likely to equal: attention pools stack k/v in a dimension of
@@ -175,7 +175,7 @@ def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in flags:
             if type(m).train is nn.Module.train:
-                m.training = training
+                vars(m)["training"] = training  # (what nn.Module.__setattr__ would do, without its checks)
             else:  # its own train() does more than set flags (a GraphBody switches graphs): call it
                 m.train(training)  # (its children come later, and get their own flags back)
 
@@ -184,8 +184,23 @@ def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode within the block, each module's own mode restored after."""
     with modes_kept(model):
-        model.eval()
+        set_mode(model, False)
         yield model
+
+
+def set_mode(model: nn.Module, training: bool) -> nn.Module:
+    """``model.train(training)``, a few times faster on a model of thousands of modules: each
+    flag is set directly, and a module with a ``train()`` of its own (a ``GraphBody`` switches
+    graphs, a frozen-BatchNorm wrapper keeps its norms in eval) is left to it, subtree included."""
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if type(m).train is not nn.Module.train:
+            m.train(training)
+            continue
+        vars(m)["training"] = training
+        stack.extend(child for child in vars(m)["_modules"].values() if child is not None)
+    return model
 
 
 def probe_forward(

@@ -12,6 +12,7 @@ import contextlib
 import dis
 import inspect
 import math
+import operator
 import re
 import sys
 import threading
@@ -25,7 +26,7 @@ import torchvision
 from torch import fx, nn
 from torchvision.models import feature_extraction as tv_fx
 
-from autocut.probe import PROBE_BATCH, eval_mode, model_device, model_dtype, probe_input, shape_of
+from autocut.probe import PROBE_BATCH, eval_mode, model_device, model_dtype, probe_input, set_mode, shape_of
 
 __all__ = ["Traced", "trace", "trace_exported", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of",
            "has_hooks", "forward_of", "op_name"]
@@ -294,6 +295,11 @@ def _same_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 def _contiguous(x: torch.Tensor, last: int | None = None) -> torch.Tensor:
+    """A new contiguous tensor shaped like ``x`` (with ``last`` as its last dimension); without
+    ``last``, what ``x.contiguous()`` would be laid out as (``x``'s own strides, size-1 dimensions
+    included, where it already is)."""
+    if last is None and x.is_contiguous():
+        return _same_layout(x)
     shape = x.shape if last is None else (*x.shape[:-1], last)
     return torch.empty(shape, dtype=x.dtype, device=x.device)
 
@@ -330,7 +336,8 @@ def _output_like(module: nn.Module, x: Any) -> torch.Tensor | None:
 def _attention_like(args: tuple, kwargs: dict) -> torch.Tensor | None:
     """``F.scaled_dot_product_attention(q, k, v)``'s output on the meta device (contiguous, as its
     meta kernel makes it; on fake tensors the backend chosen decides the strides: it runs)."""
-    if len(args) != 3 or set(kwargs) - {"dropout_p", "is_causal", "scale"}:  # (a mask must broadcast: it runs)
+    if len(args) != 3 or kwargs.get("attn_mask") is not None or set(kwargs) - {"attn_mask", "dropout_p", "is_causal",
+                                                                                  "scale"}:
         return None
     q, k, v = args
     if not all(isinstance(t, torch.Tensor) and t.device.type == "meta" and t.dtype == q.dtype and t.dim() == 4
@@ -339,6 +346,30 @@ def _attention_like(args: tuple, kwargs: dict) -> torch.Tensor | None:
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
         return None
     return torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device="meta")
+
+
+def _dense(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _binary_like(a: Any, b: Any) -> torch.Tensor | None:
+    """``a + b`` (``-``, ``*``, ``/``) where the result is plainly ``a``'s layout: two tensors of the
+    same shape, strides, dtype and device (a residual), or a floating-point tensor and a Python
+    number. ``None`` for anything that broadcasts or promotes (it runs)."""
+    if isinstance(b, torch.Tensor) and not isinstance(a, torch.Tensor):
+        a, b = b, a
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+        return None
+    if isinstance(b, torch.Tensor):
+        if (b.dtype, b.device) != (a.dtype, a.device) or not _dense(a):
+            return None
+        if (b.shape, b.stride()) == (a.shape, a.stride()):
+            return _same_layout(a)
+        # the other broadcast onto a map with no size-1 dimension (a per-channel scale): the map's layout
+        if b.dim() <= a.dim() and min(a.shape) > 1 and torch.broadcast_shapes(a.shape, b.shape) == a.shape:
+            return _same_layout(a)
+        return None
+    return _same_layout(a) if type(b) in (int, float) and _dense(a) else None
 
 
 def _norm_classes() -> tuple[type, ...]:
@@ -352,6 +383,8 @@ _ELEMENTWISE_MODULES = frozenset({
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.LeakyReLU,
     nn.ELU,
 })
+_BINARY_FUNCTIONS = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+                               torch.mul, torch.div})
 _ELEMENTWISE_FUNCTIONS = frozenset({
     torch.nn.functional.gelu, torch.nn.functional.relu, torch.nn.functional.silu, torch.nn.functional.hardswish,
     torch.nn.functional.hardsigmoid, torch.nn.functional.mish, torch.sigmoid, torch.tanh, torch.relu,
@@ -387,6 +420,10 @@ class _ShapeRecorder(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target in _BINARY_FUNCTIONS and len(args) == 2 and not kwargs:
+            out = _binary_like(*args)
+            if out is not None:
+                return out
         if target in _ELEMENTWISE_FUNCTIONS and len(args) == 1 and isinstance(args[0], torch.Tensor) and (
                 set(kwargs) <= {"approximate", "inplace"}):
             return args[0] if kwargs.get("inplace") else _same_layout(args[0])
@@ -443,12 +480,12 @@ def trace_graph(model: nn.Module, training: bool = False) -> tuple[fx.Graph, _Sc
     before = set(vars(model))
     tracer = _ScopeTracer(**tracer_kwargs())
     try:
-        model.train(training)
+        set_mode(model, training)
         _purge_proxies(model)
         graph = tracer.trace(model, concrete_args=concrete or None)
     finally:
         _purge_proxies(model)
-        model.train(was_training)
+        set_mode(model, was_training)
         for name in [k for k in vars(model) if k not in before and k.startswith("_tensor_constant")]:
             tracer.constants[name] = vars(model).pop(name)
     return graph, tracer, concrete
@@ -475,6 +512,8 @@ def _purge_proxies(model: nn.Module) -> None:
     attention-bias caches): a later trace would reuse a node of the old graph. (torch.export
     takes back the tensors it sees assigned itself.)"""
     for module in model.modules():
+        if type(module).__module__.startswith("torch.nn."):  # (torch's own modules keep no caches)
+            continue
         for name, value in list(vars(module).items()):
             # nn.Module's own dicts (parameters, buffers, submodules, hooks) never hold proxies
             if isinstance(value, dict) and name not in _MODULE_INTERNALS:

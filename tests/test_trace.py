@@ -96,7 +96,8 @@ class _PlainShapes(torch.fx.Interpreter):
 
 
 @pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "convnext_tiny", "vit_tiny_patch16_224",
-                                  "swin_tiny_patch4_window7_224", "regnety_002", "mobilenetv3_small_050"])
+                                  "swin_tiny_patch4_window7_224", "regnety_002", "mobilenetv3_small_050", "edgenext_xx_small",
+                                  "poolformer_s12"])
 def test_the_recorders_shortcuts_give_every_nodes_shape_stride_and_dtype_as_running_it(name):
     from autocut.probe import eval_mode
     from autocut.trace import _ShapeRecorder
