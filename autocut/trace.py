@@ -217,8 +217,8 @@ def _training_reads(root: Any, tracer: fx.Tracer):
     Yields the list, or ``None`` where reads cannot all be seen: a module class with a
     ``training`` of its own or a ``train()`` that does more than set flags, another thread tracing."""
     modules = list(root.modules()) if isinstance(root, nn.Module) else []
-    seen = all(type(m).train is nn.Module.train and not any("training" in vars(c) for c in type(m).__mro__ if c not in (nn.Module, object))
-               for m in modules)
+    seen = all(type(m).train is nn.Module.train
+               and not any("training" in vars(c) for c in type(m).__mro__ if c not in (nn.Module, object)) for m in modules)
     if not modules or not seen or not _READS_LOCK.acquire(blocking=False):
         yield None
         return

@@ -248,7 +248,6 @@ def test_the_train_graph_is_traced_only_where_code_before_the_map_reads_the_mode
 def test_the_one_graph_for_both_modes_is_the_train_graph_a_second_trace_makes(monkeypatch, name):
     from autocut import body as body_module
     from autocut import zoo
-
     from autocut.body import _same_graph
 
     spec = zoo.resolve(name)
