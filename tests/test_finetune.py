@@ -436,8 +436,9 @@ def test_two_processes_match_one(tmp_path):
             # Float noise (gradients summed over 8 + 8 samples, not 16) grows through Adam's steps on a
             # few near-zero gradients (62 of 1.2M weights of layer4.0.conv1 by 6e-4 on an AVX-512 CPU),
             # so: nearly every value tight, every value close. A DDP bug moves most values.
+            # (one value of a small tensor may be off too: 1 of layer1.0.bn1's 64 running means on another CPU)
             off = ~torch.isclose(ddp[key], one[key], rtol=1e-3, atol=5e-5)
-            assert off.float().mean().item() <= 5e-3, (key, off.sum().item())
+            assert off.sum().item() <= max(1, 5e-3 * off.numel()), (key, off.sum().item())
             torch.testing.assert_close(ddp[key], one[key], rtol=1e-3, atol=5e-3, msg=key)
         else:
             assert torch.equal(ddp[key], one[key]), key  # num_batches_tracked: the same steps
