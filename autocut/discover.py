@@ -25,7 +25,7 @@ from autocut.cut_export import module_cut
 from autocut.cut_graph import cut_at_node, find_cut
 from autocut.cut_hooks import ModuleCall, find_cut_by_hooks, move_cut, probe_modules
 from autocut.errors import CutError, first_line
-from autocut.probe import modes_kept, probe_forward
+from autocut.probe import model_device, modes_kept, probe_forward
 from autocut.trace import Traced, trace, trace_exported
 
 __all__ = ["discover", "discover_module", "discover_with_trace", "check_input_size", "unwrap", "LARGER_SIDES"]
@@ -238,13 +238,16 @@ def _attempts(
         return cut, (traced if candidate is module else None)
     if where is not None:
         return None
+    values_read = False  # the meta model's forward failed: it reads values, which torch.export cannot trace either
     for candidate in candidates():
         try:
             calls = probe_modules(candidate, input_size)
         except Exception as err:  # the model's forward fails: next attempt; listed in the CutError if all fail
             errors.append(f"hooks: {type(err).__name__}: {first_line(err)}")
+            values_read = values_read or model_device(candidate).type == "meta"
             continue
-        cut = _cut_on_export(candidate, calls, input_size, arch, errors) or find_cut_by_hooks(candidate, calls, input_size, arch)
+        exported = None if values_read else _cut_on_export(candidate, calls, input_size, arch, errors)
+        cut = exported or find_cut_by_hooks(candidate, calls, input_size, arch)
         check = check_module_cut(candidate, cut)
         if check.move_to:  # per-channel ops (a head's ReLU) run on the map after the cut, up to a module call
             cut = move_cut(candidate, calls, cut, check.move_to)

@@ -307,3 +307,14 @@ def test_the_report_counts_which_path_found_each_verified_cut():
     report = render_report(recs, [], plots=False)
     assert ("| zoo | cuts | fx | export | hooks | user |\n|---|---|---|---|---|---|\n| timm | 3 | 2 | 0 | 1 | 0 |\n"
             "| transformers | 2 | 0 | 1 | 1 | 0 |\n| all | 5 | 2 | 1 | 2 | 0 |\n") in report
+
+
+def test_the_report_says_which_values_were_carried_from_an_earlier_run():
+    from autocut.scan.report import render_report
+
+    base = {"zoo": "timm", "family": "f", "status": "ok", "method": "fx", "times": {}, "values": "equal"}
+    recs = {"a": {**base, "name": "a", "values_from": "2026-12-04T15:11:32"}, "b": {**base, "name": "b"}}
+    report = render_report(recs, [], plots=False)
+    assert "| timm | 2 | 2 | 0 | 0 | 0 |" in report
+    assert "identical; `values_from` gives when they were compared): timm 1." in report
+    assert "carried" not in render_report({"b": recs["b"]}, [], plots=False)

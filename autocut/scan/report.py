@@ -363,6 +363,12 @@ def _values_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
             f"model's own seeded random init), batch 2 at the size checked; equal means `torch.allclose(rtol={VALUES_RTOL:g}, "
             f"atol={VALUES_ATOL:g})` (`autocut scan --values`).\n\n",
             _table(["zoo", "verified", "values equal", "differ", "could not compare", "not compared yet"], rows)]
+    carried = Counter(r.get("zoo") for r in ok if r.get("values_from"))
+    if carried:  # a later scan without --values found the same cut: the earlier comparison stands for it
+        text.append("\nValues carried from an earlier `--values` run to a later record whose cut is the same (where, "
+                    "nf, layout, feature shape, stride, prefix tokens, input size and groups identical; "
+                    "`values_from` gives when they were compared): "
+                    + ", ".join(f"{zoo} {n}" for zoo, n in sorted(carried.items())) + ".\n")
     from autocut.scan.oracles import VALUE_DIFFERENCES
 
     bad = [r for r in ok if r.get("values") in ("differ", "failed")]
