@@ -318,3 +318,24 @@ def test_the_report_says_which_values_were_carried_from_an_earlier_run():
     assert "| timm | 2 | 2 | 0 | 0 | 0 |" in report
     assert "identical; `values_from` gives when they were compared): timm 1." in report
     assert "carried" not in render_report({"b": recs["b"]}, [], plots=False)
+
+
+def test_building_the_real_copy_counts_as_build_whichever_phase_asks_for_it(monkeypatch):
+    import time
+
+    from autocut import zoo
+    from autocut.scan.check import check_model
+
+    real_build = zoo.build
+
+    def slow_on_cpu(spec, device="cpu"):
+        if str(device) == "cpu":
+            time.sleep(1.5)  # a model whose weights take long to initialise
+        return real_build(spec, device=device)
+
+    monkeypatch.setattr(zoo, "build", slow_on_cpu)
+    rec = check_model("efficientvit_b0")  # value-dependent code: its cut needs the real copy
+    assert rec["status"] == "ok" and rec["verified_on"] == "cpu"
+    times = rec["times"]
+    assert times["build"] >= 1.5 and times["cut"] < 1.5  # (the copy is built once, while the cut is found)
+    assert abs(sum(v for k, v in times.items() if k != "total") - times["total"]) < 0.05

@@ -150,10 +150,15 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
+    building = [0.0]  # seconds spent building the real CPU copy since the last lap: the build phase's
+
     def lap(key: str) -> None:
         nonlocal clock
         now = time.perf_counter()
-        times[key] = round(now - clock, 4)
+        times[key] = round(times.get(key, 0.0) + now - clock - building[0], 4)
+        if building[0]:
+            times["build"] = round(times.get("build", 0.0) + building[0], 4)
+            building[0] = 0.0
         clock = now
 
     rec: dict[str, Any] = {"times": times}
@@ -170,7 +175,9 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
 
     def rebuild() -> torch.nn.Module:
         if not real:
+            started_build = time.perf_counter()
             real.append(zoo.build(spec, device="cpu"))
+            building[0] += time.perf_counter() - started_build
         return real[0]
 
     # the oracle first, on the untouched model
