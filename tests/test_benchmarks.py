@@ -48,3 +48,21 @@ def test_the_concat_pool_benchmark_runs_end_to_end(tmp_path):
     assert {r["matches_eager"] for r in rows if r["impl"] == "fused"} == {"True"}, "checked against eager first"
     report = next(tmp_path.glob("concat_pool_CPU-smoke_*.md")).read_text()
     assert "ResNet-50" in report and "UNMEASURED" in report
+
+
+@pytest.mark.slow
+def test_the_adapt_benchmark_measures_each_way_that_applies(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adapt_benchmark", ROOT / "benchmarks" / "adapt.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "adapt.md"
+    assert bench.main(["--models", "resnet10t", "torchvision:resnet18", "--repeat", "1", "--out", str(out)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| resnet10t") or line.startswith("| torchvision:resnet18")}
+    header = next(line for line in out.read_text().splitlines() if line.startswith("| model")).split(" | ")
+    for name, cells in rows.items():
+        got = dict(zip(header, cells))
+        assert float(got["timm s"]) > 0 and float(got["autocut s"]) > 0 and got["autocut / timm"].endswith("x")
+        assert (got["tv_fx s"] == "-") == (name == "resnet10t")  # torchvision's extractor: its own models only

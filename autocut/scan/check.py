@@ -150,14 +150,14 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
-    building = [0.0]  # seconds spent building the real CPU copy since the last lap: the build phase's
+    building = [0.0]  # seconds spent building the real CPU copy since the last lap: a phase of its own
 
     def lap(key: str) -> None:
         nonlocal clock
         now = time.perf_counter()
         times[key] = round(times.get(key, 0.0) + now - clock - building[0], 4)
         if building[0]:
-            times["build"] = round(times.get("build", 0.0) + building[0], 4)
+            times["build_cpu"] = round(times.get("build_cpu", 0.0) + building[0], 4)
             building[0] = 0.0
         clock = now
 

@@ -313,7 +313,7 @@ def _plots(records: dict[str, dict[str, Any]], out: Path) -> bool:
     return True
 
 
-_PHASES = ("build", "oracle", "cut", "verify", "values", "groups")
+_PHASES = ("build", "oracle", "cut", "verify", "values", "groups", "build_cpu")
 
 
 def _phase_cost_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
@@ -328,7 +328,9 @@ def _phase_cost_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
         base = total["build"] + total["oracle"]
         rows.append([zoo, *[f"{total[p]:.1f}" for p in _PHASES], f"{total['cut'] / base:.2f}" if base else "-"])
     return ("\n## Phase cost\n\nSeconds per phase, summed over each zoo's records (one thread per model; the "
-            "records' own runs, see above), and the cut phase against build and oracle together:\n\n"
+            "records' own runs, see above), and the cut phase against build and oracle together. `build_cpu`: "
+            "building a real CPU copy, whichever phase needed it (a cut only a real forward can find, a real "
+            "oracle, values); in records of scans that have it, the other phases leave it out:\n\n"
             + _table(["zoo", *_PHASES, "cut / (build + oracle)"], rows))
 
 
