@@ -28,6 +28,11 @@ import json
 import platform
 import subprocess
 import sys
+from pathlib import Path
+
+# run as a script, this folder comes first on the path, where its ``kernels`` package would shadow
+# the one transformers imports by that name
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 LADDER = [
     "resnet18",
