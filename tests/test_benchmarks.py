@@ -59,10 +59,14 @@ def test_the_adapt_benchmark_measures_each_way_that_applies(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "adapt.md"
     assert bench.main(["--models", "resnet10t", "torchvision:resnet18", "--repeat", "1", "--out", str(out)]) == 0
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.read_text().splitlines()
-            if line.startswith("| resnet10t") or line.startswith("| torchvision:resnet18")}
-    header = next(line for line in out.read_text().splitlines() if line.startswith("| model")).split(" | ")
-    for name, cells in rows.items():
-        got = dict(zip(header, cells))
+    def cells(line):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    lines = out.read_text().splitlines()
+    header = cells(next(line for line in lines if line.startswith("| model")))
+    rows = {cells(line)[0]: cells(line) for line in lines if line.startswith(("| resnet10t", "| torchvision:resnet18"))}
+    assert set(rows) == {"resnet10t", "torchvision:resnet18"}
+    for name, row in rows.items():
+        got = dict(zip(header, row))
         assert float(got["timm s"]) > 0 and float(got["autocut s"]) > 0 and got["autocut / timm"].endswith("x")
         assert (got["tv_fx s"] == "-") == (name == "resnet10t")  # torchvision's extractor: its own models only
