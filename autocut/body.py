@@ -140,27 +140,12 @@ def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Mod
         one_graph = False
     eval_names = set(eval_names_of.values())
     _truncate(eval_graph, eval_names_of, cut)
+    # where no code read a training flag before the cut, the train graph is this one: no second trace
+    train_graph = None if one_graph else _train_graph(model, cut, constants, eval_names)
+    if train_graph is None or _same_graph(train_graph, eval_graph):  # one graph, one compile, free .train()/.eval()
+        train_graph = eval_graph
     # The graphs' tensor constants sit on the model only while the body is built (the body keeps
     # its own copies): the user's model is left without fx's _tensor_constantN attributes.
-    with constants_attached(model, constants):
-        try:
-            if one_graph:  # no code read a training flag before the cut: the train graph is this one
-                raise _OneGraph
-            train_graph, train_tracer, _ = trace_graph(model, training=True)  # names constants past the eval ones
-            constants.update(train_tracer.constants)
-            _truncate(train_graph, train_tracer.node_to_qualname, cut, train_only=eval_names)
-        except _OneGraph:
-            train_graph = eval_graph
-        except Exception as err:  # any trace failure: warned, and the eval graph serves both modes
-            warnings.warn(
-                f"{cut.arch} could not be traced in train mode ({type(err).__name__}: {first_line(err)}); the body runs "
-                "its eval graph in both modes: code that branches on self.training outside leaf modules (dropout, "
-                "drop path, batch norm modules still switch) keeps its eval branch",
-                stacklevel=3,
-            )
-            train_graph = eval_graph
-    if _same_graph(train_graph, eval_graph):  # most models: one graph, one compile, free .train()/.eval()
-        train_graph = eval_graph
     with constants_attached(model, constants):
         body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body")
     if traced is not None:  # what each module call returns, for the layer groups (no forward needed)
@@ -170,8 +155,23 @@ def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Mod
     return body
 
 
-class _OneGraph(Exception):
-    pass
+def _train_graph(model: nn.Module, cut: Cut, constants: dict, eval_names: set[str]) -> fx.Graph | None:
+    """The train-mode graph truncated at ``cut`` (its tensor constants added to ``constants``); where
+    it cannot be traced, a warning and ``None``: the eval graph serves both modes."""
+    with constants_attached(model, constants):
+        try:
+            train_graph, train_tracer, _ = trace_graph(model, training=True)  # names constants past the eval ones
+            constants.update(train_tracer.constants)
+            _truncate(train_graph, train_tracer.node_to_qualname, cut, train_only=eval_names)
+            return train_graph
+        except Exception as err:  # any trace failure: warned, and the eval graph serves both modes
+            warnings.warn(
+                f"{cut.arch} could not be traced in train mode ({type(err).__name__}: {first_line(err)}); the body runs "
+                "its eval graph in both modes: code that branches on self.training outside leaf modules (dropout, "
+                "drop path, batch norm modules still switch) keeps its eval branch",
+                stacklevel=4,
+            )
+            return None
 
 
 def _eval_graph_serves_training(traced: Traced, cut: Cut) -> bool:
