@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import autocut
+    from autocut.scan.runner import cpu_model
 
     rows = []
     for i, name in enumerate(args.models, 1):
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "# What `autocut.adapt` costs against the tools a user would pick instead",
         "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {platform.machine()} ({_cpu()}), measurements with {args.threads} torch threads; CPU only",
+        f"- machine: {platform.machine()} ({cpu_model()}), measurements with {args.threads} torch threads; CPU only",
         f"- python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}",
         f"- command: `python benchmarks/adapt.py{' --out ' + args.out if args.out else ''}`",
         f"- each cell: the best of {args.repeat} builds in one subprocess (real, randomly initialised weights, "
@@ -206,17 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             f.write(report)
     return 0
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

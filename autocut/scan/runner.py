@@ -38,8 +38,8 @@ from autocut._validate import POSITIVE, POSITIVE_INT
 
 ZOOS = ("timm", "torchvision", "transformers", "all")
 
-__all__ = ["scan", "zoo_names", "ZOOS", "family_of", "load_results", "read_jsonl", "output_folder", "RESULTS", "RUNS",
-           "FAILED_STATUSES"]
+__all__ = ["scan", "zoo_names", "cpu_model", "ZOOS", "family_of", "load_results", "read_jsonl", "output_folder",
+           "RESULTS", "RUNS", "FAILED_STATUSES"]
 
 RESULTS = "results.jsonl"
 RUNS = "scan_runs.jsonl"
@@ -304,7 +304,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for reports that compare timings across machines."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -378,7 +379,7 @@ def scan(
     run = {
         "argv": argv, "started": datetime.datetime.now().isoformat(timespec="seconds"), "names": len(names),
         "todo": len(todo), "jobs": jobs, "timeout": timeout, "memory_limit_gb": memory_limit_gb,
-        "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "load_avg_start": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_start": round(os.getloadavg()[0], 2),
         "versions": _versions(), "platform": platform.platform(),
     }
     began = time.monotonic()
