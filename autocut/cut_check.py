@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from autocut.cut import Cut
-from autocut.cut_graph import carries_tensor, node_op, scopes_of
+from autocut.cut_graph import carries_tensor, node_op, nodes_in, scopes_of
 from autocut.errors import CutError
 from autocut.layout import LAYOUT_OPS, feature_of, per_channel
 from autocut.probe import PROBE_BATCH, eval_mode, first_input, model_device, model_dtype, probe_input, tensor_leaves
@@ -116,7 +116,7 @@ def _is_later_map(shape: Any, cut: Cut, batch: int) -> bool:
 
 def _scope_is_head(traced: Traced, scope: str, cut: Cut) -> bool:
     """Whether the module at ``scope`` takes a feature map and returns none (a pooling head)."""
-    inside = {n for n, s in traced.scope.items() if s == scope or s.startswith(scope + ".")}
+    inside = nodes_in(traced, scope)
     if not inside:
         return False
     ins = [a for n in inside for a in n.all_input_nodes if a not in inside]

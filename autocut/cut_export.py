@@ -20,7 +20,7 @@ from collections import Counter
 from torch import fx, nn
 
 from autocut.cut import Cut
-from autocut.cut_graph import carries_tensor, cut_at_node, layout_hint, scopes_of
+from autocut.cut_graph import carries_tensor, cut_at_node, layout_hint, nodes_in, scopes_of
 from autocut.cut_hooks import ModuleCall, dropped_by
 from autocut.errors import CutError
 from autocut.layout import LAYOUT_OPS, feature_of
@@ -83,14 +83,10 @@ def _same_map(traced: Traced, node: fx.Node, want) -> bool:
     return False
 
 
-def _inside(traced: Traced, path: str) -> set[fx.Node]:
-    return {n for n, s in traced.scope.items() if s == path or s.startswith(path + ".")}
-
-
 def _returned_by(traced: Traced, node: fx.Node, by_path: dict[str, ModuleCall]) -> str | None:
     shape = traced.shapes.get(node)
     for path in scopes_of(traced, node):
-        inside = _inside(traced, path)
+        inside = nodes_in(traced, path)
         outputs = {n for n in inside if carries_tensor(traced.shapes.get(n)) and any(u not in inside for u in n.users)}
         call = by_path.get(path)
         if outputs != {node} or call is None:

@@ -20,6 +20,7 @@ The rule, on the eval-mode graph:
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -31,7 +32,8 @@ from autocut.errors import CutError
 from autocut.layout import LAYOUT_OPS, Feature, Layout, feature_of, per_channel
 from autocut.trace import Traced, op_name
 
-__all__ = ["find_cut", "cut_at_node", "resolve_node", "ancestors", "layout_hint", "node_op", "carries_tensor", "scopes_of"]
+__all__ = ["find_cut", "cut_at_node", "resolve_node", "ancestors", "layout_hint", "node_op", "carries_tensor", "scopes_of",
+           "nodes_in"]
 
 
 def carries_tensor(shape: Any) -> bool:
@@ -169,6 +171,12 @@ def layout_hint(traced: Traced, node: fx.Node) -> Layout | None:
     return None
 
 
+def nodes_in(traced: Traced, path: str, among: Iterable[fx.Node] | None = None) -> set[fx.Node]:
+    """The nodes made inside the module at ``path`` (its submodules included), of ``among`` where given."""
+    nodes = traced.scope if among is None else among
+    return {n for n in nodes if (s := traced.scope.get(n, "")) == path or s.startswith(path + ".")}
+
+
 def scopes_of(traced: Traced, node: fx.Node) -> list[str]:
     """Module paths enclosing ``node``, outermost first (the root excluded)."""
     scope = traced.scope.get(node, "")
@@ -182,7 +190,7 @@ def _head_module_input(
     """If ``node`` sits inside a module that maps a feature map to no feature map (a head), the
     chain feature map that module consumes."""
     for scope in scopes_of(traced, node):
-        inside = {n for n in live if (s := traced.scope.get(n, "")) == scope or s.startswith(scope + ".")}
+        inside = nodes_in(traced, scope, live)
         inputs = {a for n in inside for a in n.all_input_nodes if a not in inside and a in live}
         outputs = [n for n in inside if any(u not in inside for u in n.users)]
         feature_inputs = [a for a in inputs if a in chain_features]
