@@ -3,6 +3,7 @@
 >>> import autocut
 >>> cut = autocut.discover("resnet34")          # where, nf, layout, stride, how it was found
 >>> model = autocut.adapt("resnet34", n_out=37)  # nn.Sequential(body, head)
+>>> pyramid = autocut.create_pyramid("resnet34")  # a map per stride: 2, 4, 8, 16, 32
 """
 
 from autocut.adapt import AdaptedModel, adapt, apply_init, create_body
@@ -12,18 +13,22 @@ from autocut.errors import CutError
 from autocut.groups import group_summary, layer_groups, splitter
 from autocut.layers import AdaptiveConcatPool2d, SigmoidRange, create_head, fuse_bn_dropout
 from autocut.optim import param_groups
+from autocut.pyramid import Pyramid, create_pyramid, discover_pyramid
 
 __all__ = [
     "AdaptedModel",
     "AdaptiveConcatPool2d",
     "Cut",
     "CutError",
+    "Pyramid",
     "SigmoidRange",
     "adapt",
     "apply_init",
     "create_body",
     "create_head",
+    "create_pyramid",
     "discover",
+    "discover_pyramid",
     "finetune",
     "fuse_bn_dropout",
     "group_summary",

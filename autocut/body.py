@@ -45,30 +45,37 @@ def _append_to_nchw(graph: fx.Graph, node: fx.Node, cut: Cut) -> fx.Node:
         return graph.call_function(to_nchw, (node, cut.layout.value, cut.prefix_tokens, cut.grid))
 
 
-def _truncate(graph: fx.Graph, qualname: dict[fx.Node, str], cut: Cut, train_only: set[str] | None = None) -> fx.Graph:
-    """End ``graph`` at ``cut.where``: new output, layout conversion, everything else removed
-    except asserts (and what they read) that run before the cut.
+def _truncate(
+    graph: fx.Graph, qualname: dict[fx.Node, str], cuts: list[Cut], train_only: set[str] | None = None, as_list: bool = False
+) -> fx.Graph:
+    """End ``graph`` at each cut's ``where``: a new output (the one map, or with ``as_list`` the list
+    of them), each converted to NCHW; everything else removed except asserts (and what they read)
+    that run before the last cut.
 
     With ``train_only`` (the eval graph's node names), ops that only the train graph has and
-    that directly follow the cut stay in the body: they act on the feature map in training."""
-    node = next((n for n, q in qualname.items() if q == cut.where), None)
-    if node is None:
-        raise CutError(f"no node {cut.where!r} in the graph of {cut.arch}: is the Cut of another model?")
-    while train_only is not None and len(node.users) == 1:
-        user = next(iter(node.users))
-        if user.op == "output" or qualname.get(user) in train_only:
-            break
-        node = user
+    that directly follow a cut stay in the body: they act on the feature map in training."""
+    ends = []
+    for cut in cuts:
+        node = next((n for n, q in qualname.items() if q == cut.where), None)
+        if node is None:
+            raise CutError(f"no node {cut.where!r} in the graph of {cut.arch}: is the Cut of another model?")
+        while train_only is not None and len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.op == "output" or qualname.get(user) in train_only:
+                break
+            node = user
+        ends.append((node, cut))
     for out in [n for n in graph.nodes if n.op == "output"]:
         graph.erase_node(out)
-    result = _append_to_nchw(graph, node, cut)
-    graph.output(result)
+    results = [_append_to_nchw(graph, node, cut) for node, cut in ends]
+    graph.output(results if as_list else results[0])
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
+    last = max(position[node] for node, _ in ends)
     live = ancestors(nodes[-1])
     for n in nodes:
         # keep input checks (torch._assert) that precede the cut
-        if n.op == "call_function" and position[n] < position[node] and n.is_impure():
+        if n.op == "call_function" and position[n] < last and n.is_impure():
             live |= ancestors(n)
     for n in reversed(nodes):
         if n not in live and n.op != "placeholder":
@@ -130,18 +137,23 @@ class GraphBody(DualGraphModule):
         return res
 
 
-def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Module:
+def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = None) -> nn.Module:
+    """A :class:`GraphBody` ending at ``cut``; for a list of cuts (a pyramid's levels), one
+    returning the list of their maps."""
+    as_list = isinstance(cut, list)
+    cuts = cut if as_list else [cut]
+    cut = cuts[-1]
     if traced is not None:  # discovery's eval graph: no need to trace it again
         eval_graph, eval_names_of, constants = traced.graph, traced.qualname, dict(traced.constants)
-        one_graph = _eval_graph_serves_training(traced, cut)
+        one_graph = all(_eval_graph_serves_training(traced, c) for c in cuts)
     else:
         eval_graph, eval_tracer, _ = trace_graph(model, training=False)
         eval_names_of, constants = eval_tracer.node_to_qualname, dict(eval_tracer.constants)
         one_graph = False
     eval_names = set(eval_names_of.values())
-    _truncate(eval_graph, eval_names_of, cut)
+    _truncate(eval_graph, eval_names_of, cuts, as_list=as_list)
     # where no code read a training flag before the cut, the train graph is this one: no second trace
-    train_graph = None if one_graph else _train_graph(model, cut, constants, eval_names)
+    train_graph = None if one_graph else _train_graph(model, cuts, as_list, constants, eval_names)
     if train_graph is None or _same_graph(train_graph, eval_graph):  # one graph, one compile, free .train()/.eval()
         train_graph = eval_graph
     # The graphs' tensor constants sit on the model only while the body is built (the body keeps
@@ -155,18 +167,18 @@ def _fx_body(model: nn.Module, cut: Cut, traced: Traced | None = None) -> nn.Mod
     return body
 
 
-def _train_graph(model: nn.Module, cut: Cut, constants: dict, eval_names: set[str]) -> fx.Graph | None:
-    """The train-mode graph truncated at ``cut`` (its tensor constants added to ``constants``); where
+def _train_graph(model: nn.Module, cuts: list[Cut], as_list: bool, constants: dict, eval_names: set[str]) -> fx.Graph | None:
+    """The train-mode graph truncated at ``cuts`` (as :func:`_truncate`; its tensor constants added to ``constants``); where
     it cannot be traced, a warning and ``None``: the eval graph serves both modes."""
     with constants_attached(model, constants):
         try:
             train_graph, train_tracer, _ = trace_graph(model, training=True)  # names constants past the eval ones
             constants.update(train_tracer.constants)
-            _truncate(train_graph, train_tracer.node_to_qualname, cut, train_only=eval_names)
+            _truncate(train_graph, train_tracer.node_to_qualname, cuts, train_only=eval_names, as_list=as_list)
             return train_graph
         except Exception as err:  # any trace failure: warned, and the eval graph serves both modes
             warnings.warn(
-                f"{cut.arch} could not be traced in train mode ({type(err).__name__}: {first_line(err)}); the body runs "
+                f"{cuts[-1].arch} could not be traced in train mode ({type(err).__name__}: {first_line(err)}); the body runs "
                 "its eval graph in both modes: code that branches on self.training outside leaf modules (dropout, "
                 "drop path, batch norm modules still switch) keeps its eval branch",
                 stacklevel=4,

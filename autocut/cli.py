@@ -22,9 +22,11 @@ def _inspect(args: argparse.Namespace) -> int:
     except (CutError, ValueError) as err:
         print(f"autocut inspect: {err}", file=sys.stderr)
         return 2
+    levels = _pyramid_of(args.name, cut)
     if args.json:
         record = dict(cut.__dict__)
         record["groups"] = _groups_of(args.name, cut)
+        record["pyramid"] = [{k: getattr(level, k) for k in _LEVEL_FIELDS} for level in levels]
         print(json.dumps(record, indent=2))
         return 0
     from rich.console import Console
@@ -60,7 +62,30 @@ def _inspect(args: argparse.Namespace) -> int:
             stride = "-" if g["stride"] is None else f"{g['stride']:g}"
             gt.add_row(str(g["group"]), g["first"], g["last"], stride, f"{g['params']:,}")
         console.print(gt)
+    if levels:
+        pt = Table(title="feature pyramid (autocut.create_pyramid)", title_justify="left")
+        for col in ("stride", "level at", "end of module", "channels", "map", "layout"):
+            pt.add_column(col, justify="right" if col in ("stride", "channels") else "left")
+        for level in levels:
+            stride = "x".join(f"{s:g}" for s in level.stride) if isinstance(level.stride, tuple) else f"{level.stride:g}"
+            pt.add_row(stride, level.where, level.after or "-", str(level.nf),
+                       f"{level.feature_shape[1]} x {level.feature_shape[2]}", str(level.layout))
+        console.print(pt)
     return 0
+
+
+_LEVEL_FIELDS = ("where", "after", "nf", "stride", "layout", "feature_shape", "prefix_tokens")
+
+
+def _pyramid_of(name: str, cut) -> list:
+    """The pyramid's levels, or none (and why, on stderr) where the model has none."""
+    from autocut import CutError, discover_pyramid
+
+    try:
+        return discover_pyramid(name, input_size=cut.input_size)
+    except CutError as err:  # the pyramid is extra information: say why it is missing
+        print(f"(no feature pyramid: {str(err).splitlines()[0]})", file=sys.stderr)
+        return []
 
 
 def _groups_of(name: str, cut) -> list[dict]:
@@ -84,7 +109,7 @@ def make_parser() -> argparse.ArgumentParser:
     """The ``autocut`` parser with every subcommand (numbers are checked by :mod:`autocut._validate`)."""
     parser = argparse.ArgumentParser(prog="autocut", description="Cut any vision backbone and attach a new head.")
     sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="show where a model is cut, nf, layout and stride")
+    inspect = sub.add_parser("inspect", help="show where a model is cut, nf, layout, stride, layer groups and feature pyramid")
     inspect.add_argument("name", nargs="?", default=DEFAULT_ARCH, help=f"timm or torchvision:NAME (default {DEFAULT_ARCH})")
     inspect.add_argument("--input-size", nargs=3, type=POSITIVE_INT, metavar=("C", "H", "W"),
                          help="probe size (default: the model's)")

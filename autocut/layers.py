@@ -21,6 +21,7 @@ from autocut.errors import CutError
 __all__ = [
     "AdaptiveConcatPool2d",
     "BatchNormDropout1d",
+    "Resample",
     "SigmoidRange",
     "adaptive_concat_pool2d",
     "batch_norm_dropout",
@@ -85,6 +86,33 @@ class SigmoidRange(nn.Module):
 
     def extra_repr(self) -> str:
         return f"low={self.low}, high={self.high}"
+
+
+class Resample(nn.Module):
+    """A map scaled by ``factor`` on each side, with no parameters: bilinear upsampling for a
+    factor above 1, max pooling to the smaller grid below 1 (``2`` takes a stride-16 map to stride
+    8; ``0.5`` to stride 32). What a simple feature pyramid (ViTDet's, made learnable there by
+    deconvolutions a dense head can add) does to the maps of a model at one stride.
+
+    Example:
+        >>> Resample(2)(torch.zeros(1, 8, 14, 14)).shape, Resample(0.5)(torch.zeros(1, 8, 14, 14)).shape
+        (torch.Size([1, 8, 28, 28]), torch.Size([1, 8, 7, 7]))
+    """
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = number("factor", factor, "(0, inf)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.factor == 1:
+            return x
+        size = (max(1, round(x.shape[-2] * self.factor)), max(1, round(x.shape[-1] * self.factor)))
+        if self.factor > 1:
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return F.adaptive_max_pool2d(x, size)
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
 
 
 # --- normalisation and dropout --------------------------------------------------------------

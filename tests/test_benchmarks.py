@@ -70,3 +70,18 @@ def test_the_adapt_benchmark_measures_each_way_that_applies(tmp_path):
         got = dict(zip(header, row))
         assert float(got["timm s"]) > 0 and float(got["autocut s"]) > 0 and got["autocut / timm"].endswith("x")
         assert (got["tv_fx s"] == "-") == (name == "resnet10t")  # torchvision's extractor: its own models only
+
+
+@pytest.mark.slow
+def test_the_pyramid_benchmark_compares_levels_with_feature_info(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pyramid_benchmark", ROOT / "benchmarks" / "pyramid.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "pyramid.md"
+    assert bench.main(["--models", "resnet10t", "xception41p", "--repeat", "1", "--out", str(out)]) == 0
+    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    assert rows["resnet10t"].rstrip().endswith("| agree |")
+    assert "2 (64), 4 (64), 8 (128), 16 (256), 29.333 (512)" in rows["resnet10t"]
+    assert "stride 2: timm blocks.0.stack.conv2 128 ch, autocut stem.1 64 ch" in rows["xception41p"]

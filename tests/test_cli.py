@@ -18,6 +18,16 @@ def test_inspect_prints_the_cut_and_the_groups():
     assert "layer4" in out and "512" in out and "fc" in out and "1024 (concat pool" in out
     assert "layer3" in out and "layer groups" in out
     assert "end of module" in out
+    assert "feature pyramid" in out and "layer1" in out
+
+
+def test_inspect_json_lists_the_pyramid_levels():
+    proc = _run("inspect", "resnet18", "--json")
+    assert proc.returncode == 0, proc.stderr
+    levels = json.loads(proc.stdout)["pyramid"]
+    assert [(lv["after"], lv["nf"], lv["stride"]) for lv in levels] == [
+        ("act1", 64, 2), ("layer1", 64, 4), ("layer2", 128, 8), ("layer3", 256, 16), ("layer4", 512, 32)]
+    assert levels[-1]["where"] == "layer4.1.act2" and levels[-1]["feature_shape"] == [512, 7, 7]
 
 
 def test_inspect_json_is_machine_readable():

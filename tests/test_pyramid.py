@@ -1,0 +1,235 @@
+"""Feature pyramids (autocut.pyramid): each level against the model's own code, never autocut's:
+timm's ``feature_info`` (strides, channels, and the values its modules return), torchvision's
+``IntermediateLayerGetter`` (the ResNet backbone of its detection models), timm's
+``forward_intermediates`` for a model at one stride."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18
+from torchvision.models._utils import IntermediateLayerGetter
+
+import autocut
+from autocut import CutError, create_pyramid, discover_pyramid
+from autocut.layers import Resample
+
+# strides and channels of every level timm's feature_info lists but the deepest, where autocut's is
+# the model's cut (after efficientnet's conv_head, swin's final norm); names cover the ways a
+# stride ends: a stage (resnet, regnet), a downsampling module inside the next stage (convnext,
+# swin, efficientformer), a block that expands before its strided conv (efficientnet, mobilenet),
+# a transition (densenet), a pooling layer (vgg), valid-padded convs (inception), a token model
+# whose stride changes in attention (levit)
+AGREE_WITH_FEATURE_INFO = ["resnet50", "convnext_atto", "efficientnet_b0", "mobilenetv3_large_100", "densenet121",
+                           "vgg11", "regnetx_002", "swin_tiny_patch4_window7_224", "efficientformer_l1",
+                           "inception_v3", "levit_128", "cspdarknet53", "dla34"]
+
+
+def _at(levels, reduction):
+    """The levels at timm's (nominal) reduction: valid padding makes inception's 2.03."""
+    return [i for i, level in enumerate(levels) if abs(level.stride - reduction) <= 0.15 * reduction]
+
+
+def _agrees(name):
+    levels = discover_pyramid(name)
+    info = timm.create_model(name, features_only=True, pretrained=False).feature_info.get_dicts()
+    for entry in info[:-1]:
+        at = _at(levels, entry["reduction"])
+        assert len(at) == 1, f"{name}: no level at stride {entry['reduction']} ({entry['module']})"
+        assert levels[at[0]].nf == entry["num_chs"], (name, entry, levels[at[0]])
+    assert levels[-1] == autocut.discover(name)
+    return levels
+
+
+@pytest.mark.parametrize("name", AGREE_WITH_FEATURE_INFO)
+def test_levels_agree_with_timms_feature_info(name):
+    levels = _agrees(name)
+    strides = [level.stride for level in levels]
+    assert strides == sorted(set(strides))  # strictly increasing
+
+
+def test_the_resnet_levels_are_timms_modules_outputs():
+    levels = discover_pyramid("resnet18")
+    assert [(level.where, level.after, level.nf, level.stride) for level in levels] == [
+        ("act1", "act1", 64, 2), ("layer1.1.act2", "layer1", 64, 4), ("layer2.1.act2", "layer2", 128, 8),
+        ("layer3.1.act2", "layer3", 256, 16), ("layer4.1.act2", "layer4", 512, 32)]
+    assert levels[1].dropped == ("layer2", "layer3", "layer4", "fc")
+
+
+def test_a_block_that_expands_before_its_strided_conv_is_not_where_the_stride_ends():
+    # the expansion (96 channels at stride 2) is the last map at stride 2, but inside the block
+    # that changes the stride: the level is the map that block takes, timm's blocks.0
+    levels = discover_pyramid("efficientnet_b0")
+    assert [(level.nf, level.stride) for level in levels[:4]] == [(16, 2), (24, 4), (40, 8), (112, 16)]
+    assert levels[0].after == "blocks.0"
+
+
+@pytest.mark.parametrize("name, size", [("convnext_atto", 64), ("efficientnet_b0", 64), ("resnet18", 64),
+                                        ("densenet121", 64), ("swin_tiny_patch4_window7_224", 224)])
+def test_each_level_is_the_value_timms_feature_module_returns(name, size):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    info = timm.create_model(name, features_only=True, pretrained=False).feature_info.get_dicts()
+    pyramid = create_pyramid(model, input_size=(3, size, size))
+    returned = {}
+    hooks = [model.get_submodule(e["module"]).register_forward_hook(
+        lambda m, a, out, key=e["module"]: returned.__setitem__(key, out)) for e in info]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        model(x)
+        maps = pyramid(x)
+    for h in hooks:
+        h.remove()
+    assert len(maps) == len(pyramid.levels)
+    for entry in info[:-1]:
+        theirs = returned[entry["module"]]
+        if theirs.shape[1] != entry["num_chs"]:  # swin's NHWC stages
+            theirs = theirs.permute(0, 3, 1, 2)
+        [level] = _at(pyramid.levels, entry["reduction"])
+        torch.testing.assert_close(maps[level], theirs, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(maps[-1], autocut.create_body(model, input_size=(3, size, size))(x), rtol=0, atol=0)
+
+
+def test_the_resnet_levels_are_torchvisions_detection_backbone():
+    torch.manual_seed(0)
+    model = resnet18().eval()
+    getter = IntermediateLayerGetter(model, {f"layer{i}": str(i) for i in range(1, 5)}).eval()
+    pyramid = create_pyramid(model, strides=[4, 8, 16, 32], input_size=(3, 96, 96))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        theirs, ours = getter(x), pyramid(x)
+    assert [level.after for level in pyramid.levels] == ["layer1", "layer2", "layer3", "layer4"]
+    for i, mine in enumerate(ours):
+        torch.testing.assert_close(mine, theirs[str(i + 1)], rtol=0, atol=0)
+
+
+def test_a_model_at_one_stride_gets_levels_at_evenly_spaced_depths():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=8).eval()
+    pyramid = create_pyramid(model)
+    assert [(level.after, level.stride, level.prefix_tokens) for level in pyramid.levels] == [
+        ("blocks.1", 16, 1), ("blocks.3", 16, 1), ("blocks.5", 16, 1), ("norm", 16, 1)]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        maps = pyramid(x)
+        theirs = model.forward_intermediates(x, indices=[1, 3, 5], norm=False, intermediates_only=True)
+        features = model.forward_features(x)
+    for mine, their in zip(maps, theirs):
+        torch.testing.assert_close(mine, their, rtol=0, atol=0)
+    torch.testing.assert_close(maps[-1], features[:, 1:].transpose(1, 2).reshape(2, 192, 14, 14), rtol=0, atol=0)
+    assert [level.after for level in discover_pyramid(model, depth_levels=2)] == ["blocks.3", "norm"]
+
+
+def test_a_simple_pyramid_resamples_one_stride_to_4_8_16_32():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=4).eval()
+    plain, simple = create_pyramid(model), create_pyramid(model, simple_pyramid=True)
+    assert [level.stride for level in simple.levels] == [4, 8, 16, 32]
+    assert [level.feature_shape for level in simple.levels] == [(192, 56, 56), (192, 28, 28), (192, 14, 14), (192, 7, 7)]
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        maps, native = simple(x), plain(x)
+    torch.testing.assert_close(maps[0], F.interpolate(native[0], size=(56, 56), mode="bilinear"), rtol=0, atol=0)
+    torch.testing.assert_close(maps[2], native[2], rtol=0, atol=0)
+    torch.testing.assert_close(maps[3], F.max_pool2d(native[3], 2), rtol=0, atol=0)
+    with pytest.raises(CutError, match="one stride"):
+        create_pyramid("resnet18", simple_pyramid=True)
+
+
+def test_levels_are_found_at_the_own_size_where_a_small_input_shrinks_the_deep_maps_to_1x1():
+    levels = discover_pyramid("resnet18", input_size=32)
+    assert [(level.after, level.feature_shape) for level in levels] == [
+        ("act1", (64, 16, 16)), ("layer1", (64, 8, 8)), ("layer2", (128, 4, 4)), ("layer3", (256, 2, 2)),
+        ("layer4", (512, 1, 1))]
+
+
+def test_chosen_strides_and_where_the_pyramid_stops():
+    pyramid = create_pyramid("resnet18", strides=[8, 16])
+    assert [level.stride for level in pyramid.levels] == [8, 16]
+    kept = {name.split(".")[0] for name, _ in pyramid.body.named_parameters()}
+    assert kept == {"conv1", "bn1", "layer1", "layer2", "layer3"}  # nothing after the deepest chosen
+    with pytest.raises(CutError, match=r"no level at stride 64: its levels are at strides 2, 4, 8, 16, 32"):
+        create_pyramid("resnet18", strides=[8, 64])
+    with pytest.raises(CutError, match="strides must be a list"):
+        create_pyramid("resnet18", strides=8)
+    with pytest.raises(CutError, match="depth_levels"):
+        discover_pyramid("resnet18", depth_levels=1)
+
+
+def test_n_in_rebuilds_the_input_layer_as_create_body_does():
+    pyramid = create_pyramid("resnet18", strides=[16, 32], n_in=1, input_size=(3, 64, 64))
+    assert pyramid.body.conv1.in_channels == 1
+    assert all(level.input_size == (1, 64, 64) for level in pyramid.levels)
+    assert [tuple(m.shape) for m in pyramid(torch.randn(2, 1, 64, 64))] == [(2, 256, 4, 4), (2, 512, 2, 2)]
+
+
+class _PoolsInForward(nn.Module):
+    """Strides made by the model's own forward (no module changes them) and a first conv kept at stride 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.a(x)), 2)
+        x = F.max_pool2d(torch.relu(self.b(x)), 2)
+        return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+
+
+def test_strides_changed_by_the_forward_itself_end_at_the_last_map_before():
+    levels = discover_pyramid(_PoolsInForward(), input_size=(3, 32, 32))
+    assert [(level.where, level.nf, level.stride) for level in levels] == [("relu", 8, 1), ("relu_1", 16, 2), ("relu_2", 32, 4)]
+
+
+def test_a_model_whose_branches_only_meet_after_pooling_has_no_pyramid():
+    with pytest.raises(CutError, match="branches only meet after pooling"):
+        discover_pyramid("crossvit_tiny_240")
+
+
+def test_resample_factors():
+    assert Resample(4)(torch.zeros(1, 2, 7, 7)).shape == (1, 2, 28, 28)
+    assert Resample(1)(x := torch.randn(1, 2, 3, 3)) is x
+    with pytest.raises(CutError, match="factor"):
+        Resample(0)
+
+
+def test_hand_written_models_levels_are_their_own_values():
+    from handmade import FunctionalPoolNet, NHWCBlockNet
+
+    torch.manual_seed(0)
+    model = FunctionalPoolNet().eval()
+    pyramid = create_pyramid(model, input_size=(3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stem, last = pyramid(x)
+        torch.testing.assert_close(stem, model.stem(x), rtol=0, atol=0)
+        torch.testing.assert_close(last, model.features(x), rtol=0, atol=0)
+    assert [(level.after, level.stride) for level in pyramid.levels] == [("stem", 2), ("", 4)]
+    nhwc = NHWCBlockNet().eval()
+    [level] = create_pyramid(nhwc, input_size=(3, 32, 32)).levels  # one stride, no repeated block: the cut alone
+    assert (level.layout, level.stride) == ("NHWC", 4)
+
+
+def test_a_model_fx_cannot_trace_is_refused_with_why():
+    from handmade import DataDependentNet
+
+    with pytest.raises(CutError, match="was cut by hooks .* a pyramid is read off the fx graph"):
+        discover_pyramid(DataDependentNet(), input_size=(3, 32, 32))
+
+
+def test_train_and_eval_switch_the_pyramids_graphs():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", drop_rate=0.0).train()
+    pyramid = create_pyramid(model, strides=[8], input_size=(3, 32, 32))
+    assert pyramid.training and model.layer2[0].bn1.training
+    x = torch.randn(4, 3, 32, 32)
+    train_out = pyramid(x)[0]
+    pyramid.eval()
+    with torch.no_grad():
+        eval_out = pyramid(x)[0]
+        stem = model.eval().maxpool(model.act1(model.bn1(model.conv1(x))))
+        torch.testing.assert_close(eval_out, model.layer2(model.layer1(stem)), rtol=0, atol=0)
+    assert not torch.allclose(train_out, eval_out)  # batch statistics in training
