@@ -50,13 +50,19 @@ def test_the_concat_pool_benchmark_runs_end_to_end(tmp_path):
     assert "ResNet-50" in report and "UNMEASURED" in report
 
 
-@pytest.mark.slow
-def test_the_adapt_benchmark_measures_each_way_that_applies(tmp_path):
+def _benchmark(name):
+    """A script of benchmarks/ as a module (they are run as scripts, not imported as a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("adapt_benchmark", ROOT / "benchmarks" / "adapt.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_the_adapt_benchmark_measures_each_way_that_applies(tmp_path):
+    bench = _benchmark("adapt")
     out = tmp_path / "adapt.md"
     assert bench.main(["--models", "resnet10t", "torchvision:resnet18", "--repeat", "1", "--out", str(out)]) == 0
     def cells(line):
@@ -74,11 +80,7 @@ def test_the_adapt_benchmark_measures_each_way_that_applies(tmp_path):
 
 @pytest.mark.slow
 def test_the_pyramid_benchmark_compares_levels_with_feature_info(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("pyramid_benchmark", ROOT / "benchmarks" / "pyramid.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("pyramid")
     out = tmp_path / "pyramid.md"
     assert bench.main(["--models", "resnet10t", "xception41p", "--repeat", "1", "--out", str(out)]) == 0
     rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
