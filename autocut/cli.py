@@ -15,6 +15,7 @@ DEFAULT_ARCH = "resnet34"
 
 def _inspect(args: argparse.Namespace) -> int:
     from autocut import CutError, discover
+    from autocut.cut import format_stride
     from autocut.layout import Layout
 
     try:
@@ -67,8 +68,7 @@ def _inspect(args: argparse.Namespace) -> int:
         for col in ("stride", "level at", "end of module", "channels", "map", "layout"):
             pt.add_column(col, justify="right" if col in ("stride", "channels") else "left")
         for level in levels:
-            stride = "x".join(f"{s:g}" for s in level.stride) if isinstance(level.stride, tuple) else f"{level.stride:g}"
-            pt.add_row(stride, level.where, level.after or "-", str(level.nf),
+            pt.add_row(format_stride(level.stride), level.where, level.after or "-", str(level.nf),
                        f"{level.feature_shape[1]} x {level.feature_shape[2]}", str(level.layout))
         console.print(pt)
     return 0

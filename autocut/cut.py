@@ -13,7 +13,7 @@ from torch import nn
 
 from autocut.layout import Layout
 
-__all__ = ["Cut", "METHODS", "HEAD_LIKE_MODULES", "stride_of", "dropped_modules"]
+__all__ = ["Cut", "METHODS", "HEAD_LIKE_MODULES", "stride_of", "format_stride", "dropped_modules"]
 
 # how a cut can be found: on the fx graph, on torch.export's graph (made with hooks), with module
 # hooks, or where the user said
@@ -78,7 +78,7 @@ class Cut:
         return self.feature_shape[1], self.feature_shape[2]
 
     def __str__(self) -> str:
-        stride = "x".join(_fmt(s) for s in self.stride) if isinstance(self.stride, tuple) else _fmt(self.stride)
+        stride = format_stride(self.stride)
         lines = [
             f"Cut of {self.arch} at {self.where!r}" + (f", the end of {self.after!r}" if self.after and self.after != self.where
                                                        else "") + f" (found by {self.method})",
@@ -100,6 +100,11 @@ class Cut:
 
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:.3g}"
+
+
+def format_stride(stride: float | tuple[float, float]) -> str:
+    """A stride as people read it: ``"32"``, ``"37.4"``, ``"16x22.9"`` for ``(sh, sw)``."""
+    return "x".join(_fmt(s) for s in stride) if isinstance(stride, tuple) else _fmt(stride)
 
 
 def stride_of(input_size: tuple[int, int, int], grid: tuple[int, int]) -> float | tuple[float, float]:

@@ -33,7 +33,7 @@ from autocut.layout import LAYOUT_OPS, Feature, Layout, feature_of, per_channel
 from autocut.trace import Traced, op_name
 
 __all__ = ["find_cut", "cut_at_node", "resolve_node", "ancestors", "layout_hint", "node_op", "carries_tensor", "scopes_of",
-           "nodes_in"]
+           "nodes_in", "modules_ending"]
 
 
 def carries_tensor(shape: Any) -> bool:
@@ -357,21 +357,19 @@ def _cut_at(traced: Traced, node: fx.Node, feat: Feature, arch: str, method: str
 def _module_ending_at(traced: Traced, node: fx.Node) -> str:
     """The outermost module whose every node comes at or before ``node`` in the graph, among the
     modules ``node`` was made in; ``""`` when ``node`` belongs to the model's own forward."""
-    last: dict[str, int] = {}
-    at = -1
-    for i, n in enumerate(traced.graph.nodes):
-        if n is node:
-            at = i
-        scope = traced.scope.get(n, "")
-        parts = scope.split(".") if scope else []
-        for k in range(1, len(parts) + 1):
-            last[".".join(parts[:k])] = i
-    scope = traced.scope.get(node, "")
-    parts = scope.split(".") if scope else []
-    for k in range(1, len(parts) + 1):
-        if last.get(".".join(parts[:k])) == at:
-            return ".".join(parts[:k])
-    return ""
+    return (modules_ending(traced).get(node) or [""])[0]
+
+
+def modules_ending(traced: Traced) -> dict[fx.Node, list[str]]:
+    """For each node, the modules whose last node it is, outermost first."""
+    last: dict[str, fx.Node] = {}
+    for node in traced.graph.nodes:
+        for scope in scopes_of(traced, node):
+            last[scope] = node
+    out: dict[fx.Node, list[str]] = {}
+    for scope, node in last.items():  # an enclosing module is first seen no later than the modules inside it
+        out.setdefault(node, []).append(scope)
+    return out
 
 
 def cut_at_node(traced: Traced, name: str, arch: str, method: str = "user") -> Cut:

@@ -15,6 +15,7 @@ import dataclasses
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from torch import nn
 
@@ -28,7 +29,8 @@ from autocut.errors import CutError, first_line
 from autocut.probe import model_device, modes_kept, probe_forward
 from autocut.trace import Traced, trace, trace_exported
 
-__all__ = ["discover", "discover_module", "discover_with_trace", "check_input_size", "unwrap", "LARGER_SIDES"]
+__all__ = ["discover", "discover_module", "discover_with_trace", "discovery_target", "Target", "check_input_size", "unwrap",
+           "LARGER_SIDES"]
 
 # where a model states no input size and does not run at the 224 px guess (a fixed
 # F.avg_pool2d(x, 8), a positional table for 256 px), the sides tried next, in order
@@ -90,18 +92,37 @@ def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = N
         >>> cut.nf, cut.feature_shape, cut.stride
         (512, (512, 7, 7), 32)
     """
+    target = discovery_target(model, input_size)
+    cut = discover_module(target.module, target.input_size, arch=target.arch, rebuild=target.rebuild,
+                          try_larger=target.try_larger)
+    return _stride_read(target.module, cut, target.own_size)
+
+
+class Target(NamedTuple):
+    """What :func:`discover` probes: the module (a named model built on the meta device), the name
+    its cut is reported under, the size to probe, the model's own size, how to build a real copy
+    (named models), and whether the size is only the 224 px guess (larger ones may be tried)."""
+
+    module: nn.Module
+    arch: str
+    input_size: tuple[int, int, int]
+    own_size: tuple[int, int, int]
+    rebuild: Callable[[], nn.Module] | None
+    try_larger: bool
+
+
+def discovery_target(model: str | nn.Module, input_size: tuple[int, int, int] | None) -> Target:
+    """The :class:`Target` of a name (built on the meta device) or a module (unwrapped: :func:`unwrap`)."""
     if isinstance(model, nn.Module):
         model = unwrap(model)
         own = zoo.default_input_size(model)
         larger = input_size is None and zoo.stated_input_size(model) is None
-        return _stride_read(model, discover_module(model, check_input_size(input_size, own), try_larger=larger), own)
+        return Target(model, type(model).__name__, check_input_size(input_size, own), own, None, larger)
     spec = zoo.resolve(model)
     meta = zoo.build(spec, device="meta")
     own = zoo.default_input_size(spec, meta)
-    size = check_input_size(input_size, own)
     larger = input_size is None and zoo.stated_input_size(spec, meta) is None
-    cut = discover_module(meta, size, arch=str(spec), rebuild=lambda: zoo.build(spec, device="cpu"), try_larger=larger)
-    return _stride_read(meta, cut, own)
+    return Target(meta, str(spec), check_input_size(input_size, own), own, lambda: zoo.build(spec, device="cpu"), larger)
 
 
 def _stride_read(model: nn.Module, cut: Cut, own_size: tuple[int, int, int]) -> Cut:

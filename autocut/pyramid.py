@@ -32,9 +32,9 @@ from autocut import _validate, zoo
 from autocut.adapt import _check_n_in, _resolve
 from autocut.body import _fx_body
 from autocut.channels import set_input_channels
-from autocut.cut import Cut, stride_of
-from autocut.cut_graph import _dominator_chain, _features_on_chain, cut_at_node, scopes_of
-from autocut.discover import check_input_size, discover_with_trace, unwrap
+from autocut.cut import Cut, format_stride, stride_of
+from autocut.cut_graph import _dominator_chain, _features_on_chain, cut_at_node, modules_ending, nodes_in, scopes_of
+from autocut.discover import discover_with_trace, discovery_target
 from autocut.errors import CutError
 from autocut.layers import Resample
 from autocut.layout import Feature
@@ -91,10 +91,11 @@ def _level_before(traced: Traced, chain: list[fx.Node], group: dict[fx.Node, int
     position = {n: i for i, n in enumerate(chain)}
     to = group[coarser]
     for scope in scopes_of(traced, coarser):
-        inside = [n for n in chain if (s := traced.scope.get(n, "")) == scope or s.startswith(scope + ".")]
-        if not inside or position[inside[0]] == 0:
+        inside = nodes_in(traced, scope, chain)
+        first = min(position[n] for n in inside)
+        if first == 0:
             continue
-        before = chain[position[inside[0]] - 1]
+        before = chain[first - 1]
         strides = {group[n] for n in inside if n in group}
         if before in group and group[before] == to - 1 and strides <= {to - 1, to}:
             return before
@@ -105,7 +106,7 @@ def _evenly_spaced(traced: Traced, maps: list[fx.Node], cut_node: fx.Node, n: in
     """``n`` levels of a model at one stride: the outputs of its most repeated blocks (the children
     of one module that end on the path: ``blocks.0`` .. ``blocks.11``) at evenly spaced depths, the
     last the cut; the cut alone where the model repeats no block."""
-    ends = _modules_ending(traced)
+    ends = modules_ending(traced)
     block_end: dict[str, dict[str, fx.Node]] = {}  # parent path -> child path -> the map the child ends at
     for node in maps:
         for path in ends.get(node, ()):
@@ -119,18 +120,6 @@ def _evenly_spaced(traced: Traced, maps: list[fx.Node], cut_node: fx.Node, n: in
     picked = [nodes[round((k + 1) * len(nodes) / n) - 1] for k in range(n)]
     picked[-1] = cut_node
     return list(dict.fromkeys(picked))
-
-
-def _modules_ending(traced: Traced) -> dict[fx.Node, list[str]]:
-    """For each node, the modules whose last node it is (outermost first)."""
-    last: dict[str, fx.Node] = {}
-    for node in traced.graph.nodes:
-        for scope in scopes_of(traced, node):
-            last[scope] = node
-    out: dict[fx.Node, list[str]] = {}
-    for scope, node in last.items():
-        out.setdefault(node, []).append(scope)
-    return out
 
 
 # --- the public API ---------------------------------------------------------------------------
@@ -201,17 +190,9 @@ def discover_pyramid(model: str | nn.Module, input_size: tuple[int, int, int] | 
         [('act1', 64, 2), ('layer1.1.act2', 64, 4), ('layer2.1.act2', 128, 8)]
     """
     depth_levels = _depth_levels(depth_levels)
-    _validate.input_size(input_size, None)
-    if isinstance(model, nn.Module):
-        module = unwrap(model)
-        guessed = input_size is None and zoo.stated_input_size(module) is None
-        size = check_input_size(input_size, zoo.default_input_size(module))
-        return _traced_levels(module, size, type(module).__name__, None, guessed, depth_levels)[0]
-    spec = zoo.resolve(model)
-    meta = zoo.build(spec, device="meta")
-    guessed = input_size is None and zoo.stated_input_size(spec, meta) is None
-    size = check_input_size(input_size, zoo.default_input_size(spec, meta))
-    return _traced_levels(meta, size, str(spec), lambda: zoo.build(spec, device="cpu"), guessed, depth_levels)[0]
+    target = discovery_target(model, input_size)
+    return _traced_levels(target.module, target.input_size, target.arch, target.rebuild, target.try_larger,
+                          depth_levels)[0]
 
 
 class Pyramid(nn.Module):
@@ -254,11 +235,7 @@ def _stride_matches(stride: float | tuple[float, float], wanted: float) -> bool:
 
 
 def _shown_strides(levels: list[Cut]) -> str:
-    return ", ".join(dict.fromkeys(str(_shown_stride(level.stride)) for level in levels))
-
-
-def _shown_stride(stride: float | tuple[float, float]) -> str:
-    return "x".join(f"{s:g}" for s in stride) if isinstance(stride, tuple) else f"{stride:g}"
+    return ", ".join(dict.fromkeys(format_stride(level.stride) for level in levels))
 
 
 def _chosen(levels: list[Cut], strides, arch: str) -> list[Cut]:
