@@ -27,7 +27,7 @@ from autocut.layout import Feature, Layout, ToNCHW, feature_of
 from autocut.probe import PROBE_BATCH, first_input, leaf_at, probe_forward, shape_of, shapes_inside, tensor_leaves
 from autocut.trace import forward_of
 
-__all__ = ["ModuleCall", "probe_modules", "find_cut_by_hooks", "move_cut", "dropped_by", "EarlyExitBody"]
+__all__ = ["ModuleCall", "probe_modules", "find_cut_by_hooks", "move_cut", "dropped_by", "EarlyExitBody", "levels_by_hooks"]
 
 
 @dataclass
@@ -212,6 +212,49 @@ def _features(shapes: Any, in_hw: tuple[int, int], grids: list[tuple[int, int]])
     return [(key, feat) for key, shape in items if (feat := feature_of(shape, in_hw, grids)) is not None]
 
 
+def levels_by_hooks(model: nn.Module, calls: list[ModuleCall], cut: Cut, n: int) -> list[Cut]:
+    """A pyramid's levels from module calls, for a model only hooks can cut (no graph to read
+    strides off): where every map before the cut is on the cut's grid (a ViT), ``n`` levels at
+    evenly spaced depths over the outputs of its most repeated blocks (the children of one module
+    called once each: ``blocks.0`` .. ``blocks.11``), the last the cut; the cut alone where it
+    repeats no block.
+
+    Raises:
+        CutError: a map before the cut is on another grid: several strides, which only a graph
+            tells apart from branches.
+    """
+    in_hw = tuple(cut.input_size[1:])
+    counts: dict[str, int] = {}
+    for call in calls:
+        counts[call.path] = counts.get(call.path, 0) + 1
+    grids: list[tuple[int, int]] = []  # the grids of the maps so far, nearest first: tokens are laid on them
+    end = next((i for i, call in enumerate(calls) if call.path == cut.where.partition(":")[0]), len(calls))
+    families: dict[str, list[tuple[str, Feature]]] = {}
+    for call in calls[:end]:
+        found = _features(call.out_shape, in_hw, grids)
+        grids[:0] = [feat.grid for _, feat in found[:1] if feat.layout != Layout.NLC]
+        for key, feat in found:
+            if feat.grid != cut.grid:
+                raise CutError(f"{cut.arch} was cut by hooks ({cut.where!r}): fx and torch.export could not capture its "
+                               f"graph, and {call.path or 'its forward'!r} returns a map on a {feat.grid[0]}x{feat.grid[1]} "
+                               f"grid before its {cut.grid[0]}x{cut.grid[1]} cut: several strides, which only a graph "
+                               "tells from branches. Make its forward traceable, or use create_body for the last map")
+            parent, _, child = call.path.rpartition(".")
+            if call.path and counts[call.path] == 1 and child.isdigit():
+                families.setdefault(parent, []).append((f"{call.path}:{key}" if key else call.path, feat))
+                break
+    blocks = max(families.values(), key=len, default=[])
+    if len(blocks) < 2:
+        return [cut]
+    n = min(n, len(blocks))
+    picked = [blocks[round((k + 1) * len(blocks) / n) - 1] for k in range(n - 1)]
+    levels = [dataclasses.replace(cut, where=where, after="" if ":" in where else where, nf=feat.nf, layout=feat.layout,
+                                  feature_shape=(feat.nf, *feat.grid), prefix_tokens=feat.prefix_tokens,
+                                  stride=stride_of(tuple(cut.input_size), feat.grid), dropped=dropped_by(model, calls, where))
+              for where, feat in dict(picked).items()]
+    return [*levels, cut]
+
+
 def dropped_by(model: nn.Module, calls: list[ModuleCall], where: str) -> tuple[str, ...]:
     """What a body cut at ``where`` leaves out: what runs after the cut, but never a module around
     the cut, whose forward the body runs up to it (``head`` for ``"head.pool:input"``: its ``fc``)."""
@@ -254,19 +297,25 @@ class _Exit(BaseException):
         self.value = value
 
 
-def _raise_output(module, args, output):
-    raise _Exit(output)
+def _exit_of(cut: Cut) -> tuple[str, bool, str]:
+    """Where a hooks or export cut stops: the module path, whether at its input, and the key of
+    the tensor in its structured output (``""``: the output itself)."""
+    path, _, at = cut.where.partition(":")
+    return path, at == "input", "" if at == "input" else at
 
 
-def _raise_output_leaf(key: str):
-    def hook(module, args, output):
-        raise _Exit(leaf_at(output, key))
+def _keep(values: dict[int, Any], i: int, at_input: bool, key: str, stop: bool):
+    """A hook that keeps the value at exit ``i`` (its first call) in ``values``; at the deepest
+    (``stop``) it ends the forward there."""
 
-    return hook
+    def seen(value: Any) -> None:
+        if stop:
+            raise _Exit(value)
+        values.setdefault(i, value)
 
-
-def _raise_input(module, args, kwargs):
-    raise _Exit(first_input(args, kwargs))
+    if at_input:
+        return lambda module, args, kwargs: seen(first_input(args, kwargs))
+    return lambda module, args, output: seen(leaf_at(output, key) if key else output)
 
 
 _MISSING = object()
@@ -280,13 +329,16 @@ class EarlyExitBody(nn.Module):
 
     Args:
         model: the model (its children become the body's, shared).
-        cut: a ``"hooks"`` cut of ``model``.
+        cut: a ``"hooks"`` or ``"export"`` cut of ``model``; or a list of them, shallow to deep (a
+            pyramid's levels): ``forward`` then returns a map per cut, each kept as the model's
+            forward passes it, and stops at the deepest.
     """
 
-    def __init__(self, model: nn.Module, cut: Cut):
+    def __init__(self, model: nn.Module, cut: Cut | list[Cut]):
         super().__init__()
-        path, _, at = cut.where.partition(":")
-        dropped = set(cut.dropped)
+        cuts = list(cut) if isinstance(cut, (list, tuple)) else [cut]
+        deepest = cuts[-1]
+        dropped = set(deepest.dropped)
         # the model's children become ours, so parameter names stay the model's own
         object.__setattr__(self, "_model_cls", type(model))
         # what model(x) runs: the class's forward, or one set on the instance (which the class's may not match)
@@ -303,9 +355,15 @@ class EarlyExitBody(nn.Module):
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b)
         # "layer4:input", the output of "layer4", or the tensor "last_hidden_state" in "encoder"'s output
-        self.cut_path, self.cut_input = path, at == "input"
-        self.cut_key = "" if at == "input" else at
-        self.to_nchw = ToNCHW(cut.layout, cut.prefix_tokens, cut.grid)
+        self._exits = [_exit_of(c) for c in cuts]
+        for level, (path, _, _) in zip(cuts[:-1], self._exits):
+            if not path:
+                raise CutError(f"the level at {level.where!r} is in the model's own output: only the deepest can be")
+        self.cut_path, self.cut_input, self.cut_key = self._exits[-1]
+        self.to_nchw = ToNCHW(deepest.layout, deepest.prefix_tokens, deepest.grid)
+        self._as_list = isinstance(cut, (list, tuple))
+        if self._as_list:  # a pyramid: a map per cut, shallow to deep
+            self.level_to_nchw = nn.ModuleList([ToNCHW(c.layout, c.prefix_tokens, c.grid) for c in cuts[:-1]])
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -324,18 +382,30 @@ class EarlyExitBody(nn.Module):
             # the model's own methods (forward_features, ...) and properties, bound to us; constants as they are
             return attr.__get__(self, cls) if hasattr(attr, "__get__") else attr
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.cut_path:  # a map in the model's own (structured) output: a backbone's
-            return self.to_nchw(leaf_at(self._model_forward(self, x), self.cut_key))
-        module = self.get_submodule(self.cut_path)
-        if self.cut_input:
-            handle = module.register_forward_pre_hook(_raise_input, with_kwargs=True)
-        else:
-            handle = module.register_forward_hook(_raise_output_leaf(self.cut_key) if self.cut_key else _raise_output)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        values: dict[int, Any] = {}
+        last = len(self._exits) - 1
+        handles = []
+        for i, (path, at_input, key) in enumerate(self._exits):
+            if not path:  # a map in the model's own (structured) output: a backbone's
+                continue
+            module = self.get_submodule(path)
+            hook = _keep(values, i, at_input, key, stop=i == last)
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True) if at_input
+                           else module.register_forward_hook(hook))
         try:
-            self._model_forward(self, x)
+            out = self._model_forward(self, x)
+            if self.cut_path:
+                raise CutError(f"the forward never reached the cut at {self.cut_path!r} for this input")
+            values[last] = leaf_at(out, self.cut_key)
         except _Exit as exit_:
-            return self.to_nchw(exit_.value)
+            values[last] = exit_.value
         finally:
-            handle.remove()
-        raise CutError(f"the forward never reached the cut at {self.cut_path!r} for this input")
+            for handle in handles:
+                handle.remove()
+        if not self._as_list:
+            return self.to_nchw(values[last])
+        missing = [self._exits[i][0] for i in range(last) if i not in values]
+        if missing:
+            raise CutError(f"the forward never reached the level(s) at {', '.join(map(repr, missing))} for this input")
+        return [*(to_nchw(values[i]) for i, to_nchw in enumerate(self.level_to_nchw)), self.to_nchw(values[last])]

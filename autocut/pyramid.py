@@ -9,21 +9,33 @@ its stride; on the eval graph the cut was found on (:mod:`autocut.cut_graph`) it
 2. Where the stride changes (the first map at a coarser stride), the outermost module that makes
    that change and no other (a stage, a downsampling block, a pooling layer) is where the finer
    stride ends: the map that module takes is the level (a ResNet's ``layer1`` output, an
-   EfficientNet's ``blocks.0`` output rather than the expansion inside ``blocks.1.0``). Where no
-   module makes the change alone (the model's own forward pools), the last map before it.
-3. The deepest level is the cut. Strides strictly increase: a map at a finer stride than a later
+   EfficientNet's ``blocks.0`` output rather than the expansion inside ``blocks.1.0``); where that
+   module runs whole blocks before the part that changes the stride (Hugging Face's Swin stage:
+   its blocks, then its downsampling), the map that part takes. Where no module makes the change
+   alone (the model's own forward pools), the last map before it.
+3. Where the path skips strides that parallel branches hold (HRNet runs a branch per stride and
+   joins them in its head; a NASNet cell reads the two cells before it, so no map between its stem
+   and its last cell is on every path), each such stride's level is where its branches meet: of
+   the adds and concats of maps at that stride, the one most of the stride's maps flow into.
+   Branches that only meet after pooling (crossvit) leave no cut, and no pyramid.
+4. The deepest level is the cut. Strides strictly increase: a map at a finer stride than a later
    level (an upsampling branch) is no level.
-4. A model at one stride throughout (ViT, DeiT, EVA, MLP-Mixer) gets levels at evenly spaced
+5. A model at one stride throughout (ViT, DeiT, EVA, MLP-Mixer) gets levels at evenly spaced
    depths: the outputs of its repeated blocks, as timm's ``forward_intermediates`` indices pick
    them, the last one the cut.
 
 :func:`discover_pyramid` returns the levels; :func:`create_pyramid` builds a module returning each
-as an NCHW map.
+as an NCHW map. A model fx cannot trace (Hugging Face's) has its levels found on its
+``torch.export`` graph, each named by the module that returns or takes it, and kept by module
+hooks as its own forward runs (:class:`~autocut.cut_hooks.EarlyExitBody`); one only hooks can cut
+(its forward reads values) gets rule 5 from its module calls where it runs at one stride
+(:func:`~autocut.cut_hooks.levels_by_hooks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import fx, nn
@@ -33,13 +45,24 @@ from autocut.adapt import _check_n_in, _resolve
 from autocut.body import _fx_body
 from autocut.channels import set_input_channels
 from autocut.cut import Cut, format_stride, stride_of
-from autocut.cut_graph import _dominator_chain, _features_on_chain, cut_at_node, modules_ending, nodes_in, scopes_of
+from autocut.cut_export import module_cut
+from autocut.cut_graph import (
+    _dominator_chain,
+    _features_on_chain,
+    cut_at_node,
+    find_cut,
+    layout_hint,
+    modules_ending,
+    nodes_in,
+    scopes_of,
+)
+from autocut.cut_hooks import EarlyExitBody, levels_by_hooks, probe_modules
 from autocut.discover import discover_with_trace, discovery_target
 from autocut.errors import CutError
 from autocut.layers import Resample
-from autocut.layout import Feature
+from autocut.layout import Feature, Layout, feature_of
 from autocut.probe import modes_kept
-from autocut.trace import Traced, trace
+from autocut.trace import Traced, trace, trace_exported
 
 __all__ = ["discover_pyramid", "create_pyramid", "pyramid_nodes", "Pyramid", "SIMPLE_PYRAMID_STRIDES"]
 
@@ -54,7 +77,7 @@ def pyramid_nodes(traced: Traced, cut_node: fx.Node, depth_levels: int = 4) -> l
         cut_node: the cut's node in it.
         depth_levels: how many levels a model at one stride gets.
     """
-    chain, _ = _dominator_chain(traced)
+    chain, live = _dominator_chain(traced)
     features = _features_on_chain(traced, chain)
     order = list(features)
     if cut_node not in features:
@@ -62,8 +85,11 @@ def pyramid_nodes(traced: Traced, cut_node: fx.Node, depth_levels: int = 4) -> l
     stride_group = _stride_groups([features[n] for n in order[: order.index(cut_node) + 1]])
     group = {n: g for n, g in zip(order, stride_group) if g is not None}
     maps = list(group)
-    ends = [_level_before(traced, chain, group, node) or prev
-            for prev, node in zip(maps, maps[1:]) if group[node] != group[prev]]
+    ends: list[fx.Node] = []
+    for prev, node in zip(maps, maps[1:]):
+        if group[node] != group[prev]:
+            ends.append(_level_before(traced, chain, group, node) or prev)
+            ends.extend(_branch_levels(traced, live, features, prev, node))
     levels = list(dict.fromkeys([*ends, cut_node]))
     if len(levels) == 1:
         return _evenly_spaced(traced, maps, cut_node, depth_levels)
@@ -90,7 +116,8 @@ def _level_before(traced: Traced, chain: list[fx.Node], group: dict[fx.Node, int
     it only once; ``None`` where no module does (or it takes the image)."""
     position = {n: i for i, n in enumerate(chain)}
     to = group[coarser]
-    for scope in scopes_of(traced, coarser):
+    scopes = scopes_of(traced, coarser)
+    for depth, scope in enumerate(scopes):
         inside = nodes_in(traced, scope, chain)
         first = min(position[n] for n in inside)
         if first == 0:
@@ -98,8 +125,79 @@ def _level_before(traced: Traced, chain: list[fx.Node], group: dict[fx.Node, int
         before = chain[first - 1]
         strides = {group[n] for n in inside if n in group}
         if before in group and group[before] == to - 1 and strides <= {to - 1, to}:
-            return before
+            return _blocks_first(traced, chain, position, group, scopes[depth + 1: depth + 2], first) or before
     return None
+
+
+def _blocks_first(traced: Traced, chain: list[fx.Node], position: dict[fx.Node, int], group: dict[fx.Node, int],
+                  child: list[str], first: int) -> fx.Node | None:
+    """Where the module that changes the stride runs whole blocks at the finer stride before the
+    child that changes it (Hugging Face's Swin stage: its blocks, then its downsampling; two convs
+    and a pool), the map that child takes; ``None`` where what runs before it is one layer (a
+    DenseNet transition's conv before its pool, an inverted residual's expansion before its
+    strided depthwise conv) or nothing (a ResNet stage's first block)."""
+    if not child:
+        return None
+    starts = min(position[n] for n in nodes_in(traced, child[0], chain))
+    parent = child[0].rpartition(".")[0]
+    earlier = {scopes[len(parent.split(".")) if parent else 0] for n in chain[first:starts]
+               if len(scopes := scopes_of(traced, n)) > (len(parent.split(".")) if parent else 0)}
+    model = traced.model
+    if sum(_weight_layers(model.get_submodule(path)) for path in earlier) < 2:
+        return None
+    taken = chain[starts - 1]
+    return taken if group.get(taken) == group.get(chain[first - 1]) else None
+
+
+def _weight_layers(module: nn.Module) -> int:
+    """The layers with weights of their own in ``module``, norms aside: what runs before a block's
+    strided conv (an expansion conv and its norm: one) is not whole blocks (a Swin stage: many)."""
+    return sum(1 for m in module.modules() if next(m.parameters(recurse=False), None) is not None
+               and "Norm" not in type(m).__name__)
+
+
+def _branch_levels(traced: Traced, live: set[fx.Node], features: dict[fx.Node, Feature], prev: fx.Node,
+                   coarser: fx.Node) -> list[fx.Node]:
+    """The levels at the strides the path skips from ``prev`` to ``coarser`` that parallel
+    branches between them hold (HRNet keeps a branch per stride and joins them in its head; a
+    NASNet cell reads the two cells before it): for each such stride, shallow to deep, the map
+    where that stride's branches meet: of the adds and concats of maps at that stride, the one
+    most of the stride's maps flow into (the last of equals); with none, the last map there."""
+    in_hw = traced.input_shape[2:]
+    nodes = list(traced.graph.nodes)
+    start, stop = nodes.index(prev), nodes.index(coarser)
+    low, high = _octave(in_hw, features[prev].grid), _octave(in_hw, features[coarser].grid)
+    if low is None or high is None or high - low < 2:
+        return []
+    known = [f.grid for n, f in features.items() if f.layout != Layout.NLC and nodes.index(n) <= start][::-1]
+    octave_of: dict[fx.Node, int] = {}  # the maps at a stride strictly between prev's and coarser's
+    flows_in: dict[fx.Node, int] = {}  # a bit per such map that a node is computed from
+    for node in nodes[start + 1:stop]:
+        if node not in live or node in features:
+            continue
+        feat = feature_of(traced.shapes.get(node), in_hw, known, hint=layout_hint(traced, node))
+        octave = _octave(in_hw, feat.grid) if feat is not None else None
+        bits = 0
+        for a in node.all_input_nodes:
+            bits |= flows_in.get(a, 0)
+        if octave is not None and low < octave < high:
+            octave_of[node] = octave
+            bits |= 1 << len(octave_of)
+        flows_in[node] = bits
+    levels = []
+    for octave in sorted(set(octave_of.values())):
+        there = [n for n, o in octave_of.items() if o == octave]
+        mask = sum(1 << (i + 1) for i, o in enumerate(octave_of.values()) if o == octave)
+        merges = [n for n in there if sum(octave_of.get(a) == octave for a in set(n.all_input_nodes)) >= 2]
+        candidates = merges or there
+        levels.append(max(reversed(candidates), key=lambda n: (flows_in[n] & mask).bit_count()))
+    return levels
+
+
+def _octave(in_hw: tuple[int, int], grid: tuple[int, int]) -> int | None:
+    """``log2`` of a map's stride, rounded, where both axes round to the same; else ``None``."""
+    sh, sw = (round(math.log2(size / max(cells, 1))) for size, cells in zip(in_hw, grid))
+    return sh if sh == sw else None
 
 
 def _evenly_spaced(traced: Traced, maps: list[fx.Node], cut_node: fx.Node, n: int) -> list[fx.Node]:
@@ -130,32 +228,75 @@ def _traced_levels(
 ) -> tuple[list[Cut], Traced]:
     """The levels of ``module`` and the eval graph they are nodes of."""
     cut, traced = discover_with_trace(module, size, arch=arch, rebuild=rebuild, try_larger=try_larger)
+    if cut.method == "export":
+        return _exported_levels(module, cut, rebuild, depth_levels), None
+    if cut.method == "hooks":
+        return _hooked_levels(module, cut, rebuild, depth_levels), None
     if traced is None:
-        if cut.method != "fx":
-            raise CutError(
-                f"{arch} was cut by {cut.method} ({cut.where!r}): fx could not trace it, and a pyramid is read off the "
-                "fx graph. Make its forward traceable (or wrap the part that is), or use create_body for the last map"
-            )
         traced = trace(rebuild(), cut.input_size)  # the cut came from a real copy: its graph
-    names = _level_names(traced, cut, depth_levels)
-    levels = [cut_at_node(traced, name, arch, method=cut.method) for name in names[:-1]]
-    return [*levels, cut], traced
+    return _level_cuts(traced, cut, depth_levels), traced
 
 
-def _level_names(traced: Traced, cut: Cut, depth_levels: int) -> list[str]:
-    """The levels' node names, found at the model's own size where ``traced`` is smaller: a small
-    input shrinks the deep maps to 1x1 (resnet18 at 32 px), which are then no maps, as for the cut
-    (:func:`autocut.discover._find_cut_at_own_size`)."""
-    own = zoo.default_input_size(traced.model)
-    if min(traced.input_shape[2:]) < min(own[1:]):
+def _hooked_levels(module: nn.Module, cut: Cut, rebuild, depth_levels: int) -> list[Cut]:
+    """The levels of a model only module hooks can cut (no graph: a forward that reads values),
+    from its module calls: :func:`autocut.cut_hooks.levels_by_hooks` (a model at one stride)."""
+    try:
+        calls = probe_modules(module, cut.input_size)
+    except Exception:  # the meta model's forward reads values: the real copy's calls
+        if rebuild is None:
+            raise
+        calls = probe_modules(rebuild(), cut.input_size)
+    return levels_by_hooks(module, calls, cut, depth_levels)
+
+
+def _exported_levels(module: nn.Module, cut: Cut, rebuild, depth_levels: int) -> list[Cut]:
+    """The levels of a model cut on its ``torch.export`` graph (one fx cannot trace: Hugging Face's
+    forwards): the rule on that graph, each level named, as the cut is, by the module that returns
+    it or takes it (:func:`autocut.cut_export.module_cut`), which the body's hooks keep."""
+    errors = []
+    for candidate in (module, rebuild) if rebuild is not None else (module,):
         try:
-            at_own = trace(traced.model, (traced.input_shape[1], *own[1:]))
-            node = at_own.node_named(cut.where)
-            if node is not None:
-                return [at_own.qualname[n] for n in pyramid_nodes(at_own, node, depth_levels)]
-        except Exception:  # any failure at the own size (it runs at the size given only): the levels are read there
-            pass
-    return [traced.qualname[n] for n in pyramid_nodes(traced, traced.node_named(cut.where), depth_levels)]
+            model = candidate if isinstance(candidate, nn.Module) else candidate()
+            exported = trace_exported(model, cut.input_size)
+            calls = probe_modules(model, cut.input_size)
+        except Exception as err:  # the meta model does not export or run: the real copy, next
+            errors.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}")
+            continue
+        found = find_cut(exported, cut.arch)
+        nodes = pyramid_nodes(exported, exported.node_named(found.where), depth_levels)
+        levels = []
+        for node in nodes[:-1]:
+            level = cut_at_node(exported, exported.qualname[node], cut.arch, method="export")
+            try:
+                levels.append(module_cut(model, exported, level, calls))
+            except CutError as err:
+                raise CutError(f"{cut.arch}'s level at stride {format_stride(level.stride)} ({level.where!r} in its "
+                               f"exported graph) cannot be kept by a module hook: {err}") from None
+        return [*levels, cut]
+    raise CutError(f"{cut.arch} was cut on its exported graph, which could not be made again: {'; '.join(errors)}")
+
+
+def _level_cuts(traced: Traced, cut: Cut, depth_levels: int) -> list[Cut]:
+    """The levels, the last ``cut``. Where ``traced``'s input is smaller than the model's own size
+    on a side, the levels are found at the larger size and each one's stride is read there
+    (``stride_size``), as :func:`autocut.discover` reads the cut's: a small input shrinks the deep
+    maps to 1x1 (resnet18 at 16 px: ``layer3`` and ``layer4`` both 1x1), which are then no maps
+    and say nothing of their stride."""
+    own = zoo.default_input_size(traced.model)
+    hw = tuple(max(o, s) for o, s in zip(own[1:], traced.input_shape[2:]))
+    if hw != tuple(traced.input_shape[2:]):
+        try:
+            big = trace(traced.model, (traced.input_shape[1], *hw))
+            node = big.node_named(cut.where)
+        except Exception:  # any failure at the larger size (it runs at the size given only): read there
+            node = None
+        if node is not None:
+            nodes = pyramid_nodes(big, node, depth_levels)
+            levels = [cut_at_node(traced, big.qualname[n], cut.arch, method=cut.method) for n in nodes[:-1]] + [cut]
+            return [dataclasses.replace(level, stride=cut_at_node(big, level.where, cut.arch).stride, stride_size=hw)
+                    for level in levels]
+    nodes = pyramid_nodes(traced, traced.node_named(cut.where), depth_levels)
+    return [cut_at_node(traced, traced.qualname[n], cut.arch, method=cut.method) for n in nodes[:-1]] + [cut]
 
 
 def _depth_levels(value) -> int:
@@ -182,8 +323,10 @@ def discover_pyramid(model: str | nn.Module, input_size: tuple[int, int, int] | 
         ``prefix_tokens``; strides strictly increase, except for a model at one stride.
 
     Raises:
-        CutError: the model has no cut (its branches only meet after pooling: crossvit), or fx
-            cannot trace it (a pyramid is read off the graph).
+        CutError: the model has no cut (its branches only meet after pooling: crossvit), or
+            only module hooks can cut it and it has several strides (only a graph tells them from
+            branches), or a level of its exported graph is made between module calls, where no
+            hook can keep it.
 
     Example:
         >>> [(level.where, level.nf, level.stride) for level in discover_pyramid("resnet18")][:3]
@@ -317,7 +460,10 @@ def create_pyramid(
         levels, traced = _traced_levels(resolved.module, resolved.input_size, resolved.arch, None, resolved.guessed,
                                         depth_levels)
         levels = _chosen(levels, strides, resolved.arch)
-        body = _fx_body(resolved.module, levels, traced if traced.model is resolved.module else None)
+        if levels[-1].method in ("export", "hooks"):  # the model's own forward, each level kept by a hook
+            body = EarlyExitBody(resolved.module, levels)
+        else:
+            body = _fx_body(resolved.module, levels, traced if traced.model is resolved.module else None)
         body.train(resolved.module.training)
     resample = None
     if simple_pyramid:

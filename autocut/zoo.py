@@ -12,7 +12,7 @@ import json
 import math
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ __all__ = [
     "ModelSpec",
     "resolve",
     "build",
+    "on_meta",
     "default_input_size",
     "stated_input_size",
     "input_size_source",
@@ -275,15 +276,22 @@ def build(spec: ModelSpec, device: str | torch.device = "meta", pretrained: bool
             ) from err
         return model.to(device).eval()
     if device.type == "meta":
-        try:
-            with torch.device("meta"), _SkipInitOnMeta():
-                return builder(spec.name, False).eval()
-        except RuntimeError:  # no meta kernel (regnets' aten::_unique2) or a value read (gemma4's .item())
-            with _registered_on_meta(), _SkipInitOnMeta():
-                model = builder(spec.name, False)
-            return model.to("meta").eval()  # anything not registered the usual way
+        return on_meta(lambda: builder(spec.name, False))
     with torch.device(device):
         return builder(spec.name, False).eval()
+
+
+def on_meta(make: Callable[[], nn.Module]) -> nn.Module:
+    """``make()``'s module on the meta device, in eval mode, no weight memory used and no weights
+    initialised; a constructor that cannot run on meta (regnets' ``aten::_unique2``, gemma4's
+    ``.item()``) runs on the CPU with each parameter moved to meta as it is made."""
+    try:
+        with torch.device("meta"), _SkipInitOnMeta():
+            return make().eval()
+    except RuntimeError:
+        with _registered_on_meta(), _SkipInitOnMeta():
+            model = make()
+        return model.to("meta").eval()  # anything not registered the usual way
 
 
 def default_input_size(model: nn.Module | ModelSpec, built: nn.Module | None = None) -> tuple[int, int, int]:

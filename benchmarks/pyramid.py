@@ -7,10 +7,11 @@ For each model (default: one per timm family, ``tests/timm_subset.py``):
   or why timm has no ``features_only`` for it;
 - ``discover s``: ``autocut.discover_pyramid(name)`` (the meta device: no weights);
 - ``create s``: ``autocut.create_pyramid(name)`` (real weights, the graph body returning every level);
-- agreement: every level timm's ``feature_info`` lists but the deepest, against autocut's level
-  at that stride (nominal: within 15%, as valid padding makes inception's 2.03 a 2), channels
-  compared; the deepest against autocut's deepest, which is the model's cut by design (after
-  efficientnet's ``conv_head``, swin's final norm), compared on stride only.
+- agreement: the scan's (:func:`autocut.scan.pyramids.pyramid_differences`): each map timm's
+  feature module returns (the last per stride) against autocut's level at that stride, channels
+  compared, but where both are the deepest (autocut's is the model's cut by design: after
+  efficientnet's ``conv_head``, swin's final norm), compared on stride only; each difference
+  with its reason (:data:`autocut.scan.pyramids.PYRAMID_DIFFERENCES`).
 
     python benchmarks/pyramid.py --out benchmarks/reports/pyramid.md
     python benchmarks/pyramid.py --models resnet18 efficientnet_b0 --repeat 1    # a quick look
@@ -41,26 +42,18 @@ def _best(fn, repeat: int) -> tuple[float, object]:
     return best, out
 
 
-def _nominal(stride, reduction: float) -> bool:
-    axes = stride if isinstance(stride, tuple) else (stride,)
-    return all(abs(s - reduction) <= 0.15 * reduction for s in axes)
+def agreement(name: str, levels) -> list[str]:
+    """Where autocut's levels and the maps timm's ``features_only`` module returns differ (empty
+    where they agree): the scan's oracle and comparison (:mod:`autocut.scan.pyramids`)."""
+    import torch
 
+    from autocut import zoo
+    from autocut.scan.pyramids import level_record, pyramid_differences, pyramid_expected
 
-def agreement(levels, info: list[dict]) -> list[str]:
-    """Where autocut's levels and timm's ``feature_info`` differ (empty where they agree)."""
-    out = []
-    for entry in info[:-1]:
-        at = [level for level in levels if _nominal(level.stride, entry["reduction"])]
-        if not at:
-            out.append(f"timm {entry['module']} at stride {entry['reduction']}: no autocut level there")
-        elif at[-1].nf != entry["num_chs"]:
-            out.append(f"stride {entry['reduction']}: timm {entry['module']} {entry['num_chs']} ch, autocut "
-                       f"{at[-1].where} {at[-1].nf} ch")
-    last = info[-1]
-    if not _nominal(levels[-1].stride, last["reduction"]):
-        out.append(f"deepest: timm {last['module']} at stride {last['reduction']}, autocut's cut {levels[-1].where} "
-                   f"at {levels[-1].stride}")
-    return out
+    spec = zoo.resolve(name)
+    x = torch.empty(1, *zoo.default_input_size(spec), device="meta")
+    _, stated = pyramid_expected(spec, None, x)
+    return pyramid_differences([level_record(level) for level in levels], stated)
 
 
 def _stride(stride) -> str:
@@ -101,16 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
         row = {"name": name, "params": params}
         try:
-            row["timm"], model = _best(lambda n=name: timm.create_model(n, features_only=True, pretrained=False), args.repeat)
-            info = model.feature_info.get_dicts()
-            del model
+            row["timm"], _ = _best(lambda n=name: timm.create_model(n, features_only=True, pretrained=False), args.repeat)
         except Exception as err:  # timm states no levels for it: the row says why
-            row["timm_error"], info = str(err).splitlines()[0][:70], None
+            row["timm_error"] = str(err).splitlines()[0][:70]
         try:
             row["discover"], levels = _best(lambda n=name: autocut.discover_pyramid(n), args.repeat)
             row["create"], _ = _best(lambda n=name: autocut.create_pyramid(n), args.repeat)
             row["levels"] = levels
-            row["diff"] = agreement(levels, info) if info else None
+            row["diff"] = agreement(name, levels) if "timm" in row else None
         except Exception as err:  # autocut finds no pyramid: the row says why
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:90]}"
         rows.append(row)
@@ -128,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Summary",
         "",
-        f"- with `features_only` in timm and a pyramid from autocut: {len(timed)}; levels agree (strides and channels, "
-        f"deepest on stride): {len(agree)}; differ: {len(timed) - len(agree)} (listed below)",
+        f"- with `features_only` in timm and a pyramid from autocut: {len(timed)}; levels agree with the maps its module "
+        f"returns (strides and channels; the deepest on stride): {len(agree)}; differ: {len(timed) - len(agree)} "
+        "(explained below)",
         f"- no `features_only` in timm, a pyramid from autocut: {sum('timm_error' in r and 'discover' in r for r in rows)}",
         f"- no pyramid from autocut: {sum('error' in r for r in rows)}",
     ]
@@ -137,9 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         discover = statistics.median(r["discover"] / r["timm"] for r in timed)
         create = statistics.median(r["create"] / r["timm"] for r in timed)
         lines.append(f"- median time over `features_only`'s: `discover_pyramid` {discover:.2f}x, `create_pyramid` {create:.2f}x")
+    from autocut.scan.pyramids import pyramid_explained
+
+    differing = [r for r in timed if r["diff"]]
+    if differing:
+        lines += ["", "## Differences, explained", ""]
+        reasons: dict[str, list[str]] = {}
+        for r in differing:
+            reasons.setdefault(pyramid_explained(r["name"]) or "not explained", []).append(r["name"])
+        lines += [f"- **{', '.join(names)}**: {why}" for why, names in reasons.items()]
     lines += ["", "## Per model", "",
               "| model | params | autocut strides (channels) | timm s | discover s | create s | discover / timm | create / timm |"
-              " differences from feature_info |",
+              " differences from timm's maps |",
               "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         levels = r.get("levels")

@@ -86,4 +86,5 @@ def test_the_pyramid_benchmark_compares_levels_with_feature_info(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
     assert rows["resnet10t"].rstrip().endswith("| agree |")
     assert "2 (64), 4 (64), 8 (128), 16 (256), 29.333 (512)" in rows["resnet10t"]
-    assert "stride 2: timm blocks.0.stack.conv2 128 ch, autocut stem.1 64 ch" in rows["xception41p"]
+    assert "stride 1.993: blocks.0.stack.conv2 128 ch, autocut stem.1 64 ch" in rows["xception41p"]
+    assert "- **xception41p**: timm taps each block's residual branch" in out.read_text()  # its reason

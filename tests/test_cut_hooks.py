@@ -534,3 +534,42 @@ def test_a_model_wrapped_whole_is_not_its_own_head():
     # `net` takes the image and returns no map, yet it is no head: the image is not a map it was given
     cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Wrapper")
     assert (cut.where, cut.feature_shape, cut.dropped) == ("net.stages", (8, 8, 8), ("net.fc",))
+
+
+class _TwoStages(nn.Module):
+    """Two stages; the second skipped at a small input (data-dependent: fx cannot trace it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1), nn.ReLU())
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.stage1(x)
+        if x.shape[-1] > 4:
+            x = self.stage2(x)
+        else:
+            x = torch.cat([x, x], 1)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_a_body_of_several_cuts_keeps_each_map_as_the_forward_passes_it_and_stops_at_the_deepest():
+    torch.manual_seed(0)
+    model = _TwoStages().eval()
+    deepest = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "TwoStages")
+    level = dataclasses.replace(deepest, where="stage1", nf=4, feature_shape=(4, 8, 8), stride=2, dropped=())
+    skipped = dataclasses.replace(deepest, where="stage2", dropped=())
+    body = EarlyExitBody(model, [level, skipped, deepest])
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        first, second, last = body(x)
+        torch.testing.assert_close(first, model.stage1(x), rtol=0, atol=0)
+        torch.testing.assert_close(second, model.stage2(model.stage1(x)), rtol=0, atol=0)
+        torch.testing.assert_close(last, second, rtol=0, atol=0)
+    assert isinstance(body.fc, nn.Identity) and body.stage1 is model.stage1
+    assert not model.stage1._forward_hooks and not model.pool._forward_pre_hooks  # every hook removed
+    with pytest.raises(CutError, match="never reached the level.s. at 'stage2'"):  # skipped at 8 px
+        body(torch.randn(1, 3, 8, 8))
+    with pytest.raises(CutError, match="only the deepest can be"):  # a level in the model's own output
+        EarlyExitBody(model, [dataclasses.replace(level, where=":logits"), deepest])

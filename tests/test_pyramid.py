@@ -105,6 +105,58 @@ def test_the_resnet_levels_are_torchvisions_detection_backbone():
         torch.testing.assert_close(mine, theirs[str(i + 1)], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_the_mobilenet_levels_end_where_torchvisions_detection_backbone_starts_its_stages(name):
+    # torchvision's mobilenet_backbone splits model.features at its stage indices (0, each block
+    # that changes the stride, the last); a stride's last map is what the next stage's block takes
+    from torchvision.models import get_model
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+
+    torch.manual_seed(0)
+    model = get_model(name).eval()
+    n_stages = 2 + sum(getattr(block, "_is_cn", False) for block in model.features)  # returned_layers index them
+    fpn = mobilenet_backbone(backbone_name=name, weights=None, fpn=True, trainable_layers=0,
+                             returned_layers=list(range(n_stages)))
+    stages = sorted(int(i) for i in fpn.body.return_layers)  # where each stage starts in model.features
+    pyramid = create_pyramid(model, input_size=(3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = pyramid(x)
+        theirs = [model.features[:start](x) for start in stages[1:-1]] + [model.features(x)]
+    assert len(maps) == len(theirs)
+    for mine, their in zip(maps, theirs):
+        torch.testing.assert_close(mine, their, rtol=0, atol=0)
+    assert [level.stride for level in pyramid.levels] == [2, 4, 8, 16, 32]
+
+
+def _fastai_size_changes(children, x):
+    """fastai's DynamicUnet rule on a Sequential body (``unet._get_sz_change_idxs``): the children
+    whose output grid differs from the next child's, and the last child."""
+    sizes = []
+    with torch.no_grad():
+        for child in children:
+            x = child(x)
+            sizes.append(x.shape[-1])
+    return [i for i in range(len(sizes) - 1) if sizes[i] != sizes[i + 1]] + [len(sizes) - 1]
+
+
+@pytest.mark.parametrize("name, body", [("resnet34", ""), ("densenet121", "features"), ("vgg16_bn", "features"),
+                                        ("mobilenet_v2", "features")])
+def test_levels_end_at_the_children_where_fastais_dynamic_unet_finds_a_size_change(name, body):
+    from torchvision.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model(name).eval()
+    if body:
+        named = [(f"{body}.{n}", child) for n, child in model.get_submodule(body).named_children()]
+    else:  # fastai's create_body: every child but the last two (avgpool, fc)
+        named = list(model.named_children())[:-2]
+    changes = _fastai_size_changes([child for _, child in named], torch.randn(1, 3, 64, 64))
+    levels = discover_pyramid(model, input_size=(3, 64, 64))
+    assert [level.after for level in levels][:-1] == [named[i][0] for i in changes][:-1]
+    assert levels[-1] == autocut.discover(model, input_size=(3, 64, 64))
+
+
 def test_a_model_at_one_stride_gets_levels_at_evenly_spaced_depths():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", depth=8).eval()
@@ -143,6 +195,12 @@ def test_levels_are_found_at_the_own_size_where_a_small_input_shrinks_the_deep_m
     assert [(level.after, level.feature_shape) for level in levels] == [
         ("act1", (64, 16, 16)), ("layer1", (64, 8, 8)), ("layer2", (128, 4, 4)), ("layer3", (256, 2, 2)),
         ("layer4", (512, 1, 1))]
+    tiny = discover_pyramid("resnet18", input_size=16)  # layer3 and layer4 both 1x1: strides read at 224 px
+    assert [(level.after, level.feature_shape[1:], level.stride, level.stride_size) for level in tiny] == [
+        ("act1", (8, 8), 2, (224, 224)), ("layer1", (4, 4), 4, (224, 224)), ("layer2", (2, 2), 8, (224, 224)),
+        ("layer3", (1, 1), 16, (224, 224)), ("layer4", (1, 1), 32, (224, 224))]
+    assert tiny[-1] == autocut.discover("resnet18", input_size=16)
+    assert [level.after for level in create_pyramid("resnet18", strides=[16, 32], input_size=16).levels] == ["layer3", "layer4"]
 
 
 def test_chosen_strides_and_where_the_pyramid_stops():
@@ -184,6 +242,36 @@ def test_strides_changed_by_the_forward_itself_end_at_the_last_map_before():
     assert [(level.where, level.nf, level.stride) for level in levels] == [("relu", 8, 1), ("relu_1", 16, 2), ("relu_2", 32, 4)]
 
 
+@pytest.mark.parametrize("name", ["hrnet_w18_small", "nasnetalarge"])
+def test_strides_the_shared_path_skips_are_taken_where_the_branches_meet(name):
+    # HRNet's path runs from layer1 (stride 4) to its head's stride 32: strides 8 and 16 live on
+    # parallel branches, joined in the head; NASNet's cells each read the two before them, so no
+    # map between the stem and the last cell is on every path: timm's channels, level by level
+    levels = _agrees(name)
+    assert [round(level.stride) for level in levels] == [2, 4, 8, 16, 30 if name == "nasnetalarge" else 32]
+
+
+def test_hrnets_branch_levels_are_the_sums_its_head_makes():
+    torch.manual_seed(0)
+    model = timm.create_model("hrnet_w18_small").eval()
+    pyramid = create_pyramid(model, strides=[4, 8, 16], input_size=(3, 64, 64))
+    assert [(level.where, level.nf) for level in pyramid.levels] == [("layer1.0.act3", 128), ("add", 256), ("add_1", 512)]
+    outputs = {}
+    # timm calls each downsampling Sequential's forward itself (no hook fires): its last module's output
+    modules = {"layer1": model.layer1, "down0": model.downsamp_modules[0][-1], "down1": model.downsamp_modules[1][-1],
+               "incre1": model.incre_modules[1], "incre2": model.incre_modules[2]}
+    hooks = [m.register_forward_hook(lambda m, a, out, key=key: outputs.__setitem__(key, out)) for key, m in modules.items()]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        maps = pyramid(x)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(maps[0], outputs["layer1"], rtol=0, atol=0)
+    torch.testing.assert_close(maps[1], outputs["incre1"] + outputs["down0"], rtol=0, atol=0)
+    torch.testing.assert_close(maps[2], outputs["incre2"] + outputs["down1"], rtol=0, atol=0)
+
+
 def test_a_model_whose_branches_only_meet_after_pooling_has_no_pyramid():
     with pytest.raises(CutError, match="branches only meet after pooling"):
         discover_pyramid("crossvit_tiny_240")
@@ -216,8 +304,48 @@ def test_hand_written_models_levels_are_their_own_values():
 def test_a_model_fx_cannot_trace_is_refused_with_why():
     from handmade import DataDependentNet
 
-    with pytest.raises(CutError, match="was cut by hooks .* a pyramid is read off the fx graph"):
+    with pytest.raises(CutError, match=r"was cut by hooks .*returns a map on a 32x32 grid before its 16x16 cut: several "
+                                       r"strides, which only a graph tells from branches"):
         discover_pyramid(DataDependentNet(), input_size=(3, 32, 32))
+
+
+class _TokensReadValues(nn.Module):
+    """A token model at one stride whose forward reads values (fx and torch.export cannot capture
+    it): only module hooks can cut it."""
+
+    def __init__(self, depth=8):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 8, stride=8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16)) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = x + block(x)
+            if float(x.abs().max()) > 1e6:  # a value read
+                x = x / 2
+        return self.head(self.norm(x).mean(1))
+
+
+def test_a_model_only_hooks_can_cut_gets_levels_at_evenly_spaced_blocks_where_it_runs_at_one_stride():
+    torch.manual_seed(0)
+    model = _TokensReadValues().eval()
+    pyramid = create_pyramid(model, input_size=(3, 32, 32))
+    assert [(level.where, level.method, level.stride, level.layout) for level in pyramid.levels] == [
+        ("blocks.1", "hooks", 8, "NLC"), ("blocks.3", "hooks", 8, "NLC"), ("blocks.5", "hooks", 8, "NLC"),
+        ("norm", "hooks", 8, "NLC")]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = pyramid(x)
+        tokens = [model.patch(x).flatten(2).transpose(1, 2)]
+        for block in model.blocks:
+            tokens.append(tokens[-1] + block(tokens[-1]))
+    # a block's output is its own (the residual add is the forward's): the level is what the block returns
+    for mine, i in zip(maps[:3], (1, 3, 5)):
+        theirs = model.blocks[i](tokens[i])
+        torch.testing.assert_close(mine, theirs.transpose(1, 2).reshape(2, 16, 4, 4), rtol=0, atol=0)
+    torch.testing.assert_close(maps[3], model.norm(tokens[-1]).transpose(1, 2).reshape(2, 16, 4, 4), rtol=0, atol=0)
 
 
 def test_train_and_eval_switch_the_pyramids_graphs():
@@ -233,3 +361,117 @@ def test_train_and_eval_switch_the_pyramids_graphs():
         stem = model.eval().maxpool(model.act1(model.bn1(model.conv1(x))))
         torch.testing.assert_close(eval_out, model.layer2(model.layer1(stem)), rtol=0, atol=0)
     assert not torch.allclose(train_out, eval_out)  # batch statistics in training
+
+
+class _StagesEndInADownsample(nn.Module):
+    """Stages written as their blocks, then a downsampling layer (Hugging Face's Swin, many
+    hand-written encoders): a stride's last map is its blocks' output, inside the stage."""
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return x + torch.relu(self.norm(self.conv(x)))
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stages = nn.ModuleList(
+            nn.Sequential(self.Block(c), self.Block(c), nn.Conv2d(c, 2 * c, 2, stride=2)) for c in (8, 16))
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_stage_that_ends_in_its_downsampling_ends_its_stride_at_its_blocks_output():
+    torch.manual_seed(0)
+    model = _StagesEndInADownsample().eval()
+    pyramid = create_pyramid(model, input_size=(3, 32, 32))
+    assert [(level.after, level.stride) for level in pyramid.levels] == [
+        ("stages.0.1", 2), ("stages.1.1", 4), ("stages", 8)]  # each stage's second block; the cut
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = pyramid(x)
+        s2 = model.stages[0][:2](model.stem(x))
+        s4 = model.stages[1][:2](model.stages[0][2](s2))
+    torch.testing.assert_close(maps[0], s2, rtol=0, atol=0)
+    torch.testing.assert_close(maps[1], s4, rtol=0, atol=0)
+    # a DenseNet transition (norm, conv, pool: single layers) still ends its stride at what it takes
+    assert discover_pyramid("densenet121")[1].after == "features.denseblock1"
+
+
+def _hf(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "resnet":
+        config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                           layer_type="basic")
+        return transformers.ResNetForImageClassification(config).eval()
+    if kind == "swin":
+        config = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1],
+                                         num_heads=[1, 1, 2, 2], window_size=2)
+        return transformers.SwinForImageClassification(config).eval()
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=8, num_attention_heads=2, intermediate_size=32,
+                                    image_size=64, patch_size=8)
+    return transformers.ViTForImageClassification(config).eval()
+
+
+def test_a_model_cut_on_its_exported_graph_gets_its_levels_kept_by_module_hooks():
+    # Hugging Face's forwards are not fx-traceable: levels found on torch.export's graph, named by
+    # module; the oracle, the model's own hidden states of each stage
+    model = _hf("resnet")
+    pyramid = create_pyramid(model, input_size=(3, 64, 64))
+    assert [(level.where, level.method, level.stride) for level in pyramid.levels] == [
+        ("resnet.embedder.embedder", "export", 2), ("resnet.encoder.stages.0", "export", 4),
+        ("resnet.encoder.stages.1", "export", 8), ("resnet.encoder.stages.2", "export", 16),
+        ("resnet.encoder:last_hidden_state", "export", 32)]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = pyramid(x)
+        hidden = model.resnet(x, output_hidden_states=True).hidden_states
+        stem = model.resnet.embedder.embedder(x)
+    torch.testing.assert_close(maps[0], stem, rtol=0, atol=0)
+    for mine, theirs in zip(maps[1:], hidden[1:]):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    deeper = create_pyramid(model, strides=[8], input_size=(3, 64, 64))  # stops there: the cut's modules are dropped
+    assert [level.where for level in deeper.levels] == ["resnet.encoder.stages.1"]
+    with torch.no_grad():
+        torch.testing.assert_close(deeper(x)[0], hidden[2], rtol=0, atol=0)
+
+
+def test_a_hugging_face_swin_ends_each_stride_before_its_stage_downsamples():
+    model = _hf("swin")
+    pyramid = create_pyramid(model, input_size=(3, 64, 64))
+    assert [(level.where, level.stride) for level in pyramid.levels] == [  # a block returns a tuple: its first
+        ("swin.encoder.layers.0.blocks.0:0", 4), ("swin.encoder.layers.1.blocks.0:0", 8),
+        ("swin.encoder.layers.2.blocks.0:0", 16), ("swin.layernorm", 32)]
+    # the oracle: what Hugging Face's SwinBackbone reads, each stage's output before its downsampling
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = pyramid(x)
+        embedded, dims = model.swin.embeddings(x)
+        theirs = model.swin.encoder(embedded, dims, output_hidden_states=True, return_dict=True,
+                                    output_hidden_states_before_downsampling=True).reshaped_hidden_states[1:]
+        last = model.swin(x).last_hidden_state  # after its final layernorm, the cut
+    for mine, their in zip(maps[:3], theirs):
+        torch.testing.assert_close(mine, their, rtol=0, atol=0)
+    torch.testing.assert_close(maps[3], last.transpose(1, 2).reshape(2, 64, 2, 2), rtol=0, atol=0)
+
+
+def test_a_hugging_face_vit_gets_its_hidden_states_at_evenly_spaced_depths():
+    model = _hf("vit")
+    pyramid = create_pyramid(model, input_size=(3, 64, 64))
+    assert [level.stride for level in pyramid.levels] == [8, 8, 8, 8]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = pyramid(x)
+        hidden = model.vit(x, output_hidden_states=True).hidden_states  # the embeddings, then each layer's output
+    for mine, depth in zip(maps[:3], (2, 4, 6)):
+        theirs = hidden[depth][:, 1:].transpose(1, 2).reshape(2, 16, 8, 8)
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)

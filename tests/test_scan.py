@@ -246,8 +246,9 @@ def test_a_recheck_that_dies_keeps_the_record_it_rechecked(tmp_path):
                   recheck=lambda rec: rec["status"] == "ok" and "values" not in rec)
     assert counts == {"ok": 1}  # crash_b has values already: not checked again
     rec = load_results(tmp_path)["hog_a"]
-    assert (rec["status"], rec["where"], rec["values"]) == ("ok", "layer4", "failed")
-    assert rec["values_error"].startswith("oom: ")
+    assert (rec["status"], rec["where"]) == ("ok", "layer4")
+    assert rec["recheck_failed"].startswith("oom: ")
+    assert "values" not in rec
 
 
 def test_a_damaged_results_line_is_skipped_with_a_warning_and_its_model_checked_again(tmp_path):

@@ -29,6 +29,7 @@ from autocut.scan.oracles import (
     transformers_expected,
     transformers_reduced,
 )
+from autocut.scan.pyramids import check_pyramid, refused_pyramid
 from autocut.scan.worker import error_record
 
 __all__ = ["check_model", "check_model_values", "compare_shapes", "compare_values", "STATUSES"]
@@ -112,7 +113,9 @@ def check_model(name: str, values: bool = False) -> dict[str, Any]:
     Steps, timed: build on the meta device; the oracle on meta tensors; the cut and body
     (``autocut.adapt(meta_model, n_out=2, input_size=size)``, falling back to :func:`autocut.discover`'s
     real-copy probe where the meta model cannot be probed); the body's output against the oracle
-    (on meta tensors, else real CPU tensors of batch 1); the layer groups of the adapted model.
+    (on meta tensors, else real CPU tensors of batch 1); the layer groups of the adapted model;
+    the feature pyramid, run and checked against the zoo's stated levels
+    (:func:`autocut.scan.pyramids.check_pyramid`).
     A model that only a real forward can probe, and whose real forward at its own input size
     runs out of memory, is checked again at a smaller size (:func:`_reduced`; ``reduced_from`` and
     ``reduced_because`` in the record say so).
@@ -206,6 +209,8 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
         except Exception as err:  # recorded: the cut phase failed
             lap("cut")
             rec["times"]["total"] = round(time.perf_counter() - started, 4)
+            if isinstance(err, CutError):
+                rec.update(refused_pyramid(spec, meta, size, err, META_BATCH))
             if isinstance(expected, Differs) and isinstance(err, CutError) and REFUSALS.get(expected.reason, "\0") in str(err):
                 return {**rec, "status": "differs", "reason": expected.reason, "error_class": type(err).__name__,
                         "error": str(err)[:1500]}
@@ -272,6 +277,9 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
     else:
         rec["groups_error"] = "; ".join(errors)
     lap("groups")
+
+    rec.update(check_pyramid(spec, meta, size, rebuild, real_needed=bool(real), batches=(META_BATCH, REAL_BATCH)))
+    lap("pyramid")
     rec["times"]["total"] = round(time.perf_counter() - started, 4)
     return rec
 

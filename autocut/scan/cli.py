@@ -32,7 +32,7 @@ def _scan_and_report(args: argparse.Namespace) -> int:
             counts = scan(names, args.out, jobs=args.jobs, timeout=args.timeout, memory_limit_gb=args.memory_limit_gb or None,
                           retry=args.retry, progress=not args.quiet, argv=_command(args),
                           check="autocut.scan.check:check_model_values" if args.values else None,
-                          recheck=_without_values if args.values else None)
+                          recheck=_without_values if args.values else _without_pyramid)
         except KeyboardInterrupt:
             write_report(args.out)  # what is recorded so far
             print(f"autocut scan: interrupted; run the same command again to resume ({args.out}/results.jsonl)", file=sys.stderr)
@@ -46,8 +46,13 @@ def _scan_and_report(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _without_pyramid(rec: dict) -> bool:
+    """Recorded by an autocut without pyramids: the model's cut was verified, its pyramid never checked."""
+    return rec.get("status") in ("ok", "differs") and "pyramid_check" not in rec and "recheck_failed" not in rec
+
+
 def _without_values(rec: dict) -> bool:
-    return rec.get("status") == "ok" and "values" not in rec
+    return (rec.get("status") == "ok" and "values" not in rec and "recheck_failed" not in rec) or _without_pyramid(rec)
 
 
 def _command(args: argparse.Namespace) -> list[str]:

@@ -27,13 +27,17 @@ REPORT = "report.md"
 TIME_PLOT = "time_vs_params.png"
 MEMORY_PLOT = "memory_vs_params.png"
 _STATUS_ORDER = ("ok", "differs", "mismatch", "failed", "timeout", "crashed", "oom")
+_PYRAMID_VERIFIED = ("agree", "differ", "no oracle")  # ran, and every map is the shape its level says
+_PYRAMID_ORDER = ("agree", "differ", "no oracle", "refused", "mismatch", "failed", "not checked")
 
 
 def model_meta(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """name -> where, after (the outermost module the body ends with, fastai's way of naming the
     cut; in records of scans that have it), nf, layout, stride, prefix tokens, input size, method
     and layer-group boundaries (``[first, last]`` module of each group, the head last), for every
-    model whose cut was verified (``ok``) or differs from its oracle on purpose."""
+    model whose cut was verified (``ok``) or differs from its oracle on purpose; ``levels``, its
+    feature pyramid (where, after, nf and stride of each level), where the pyramid ran and returned
+    what its levels say."""
     meta = {}
     for name in sorted(records):
         rec = records[name]
@@ -50,6 +54,8 @@ def model_meta(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "method": rec["method"],
             "groups": [g[:2] for g in rec.get("groups", [])] or None,
         }
+        if rec.get("pyramid") and rec.get("pyramid_check") in _PYRAMID_VERIFIED:
+            meta[name]["levels"] = [{k: level[k] for k in ("where", "after", "nf", "stride")} for level in rec["pyramid"]]
         if rec["status"] == "differs":
             meta[name]["differs"] = rec.get("reason")
     return meta
@@ -57,10 +63,14 @@ def model_meta(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def cause_of(rec: dict[str, Any]) -> str:
     """A failure's cause, with names and numbers blanked so alike failures group together."""
-    first = (rec.get("error") or "").strip().splitlines()[0] if rec.get("error") else ""
+    return f"{rec.get('error_class', '?')} in {rec.get('phase', '?')}: {_blanked(rec.get('error') or '')}"
+
+
+def _blanked(text: str) -> str:
+    """The first line of ``text``, quoted names and numbers blanked, at most 200 characters."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
     first = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", first)
-    first = re.sub(r"\d+", "N", first)
-    return f"{rec.get('error_class', '?')} in {rec.get('phase', '?')}: {first[:200]}"
+    return re.sub(r"\d+", "N", first)[:200]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -158,17 +168,23 @@ def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
     md.append(_methods_section(recs, zoos))
     md.append(_values_section(recs, zoos))
     md.append(_phase_cost_section(recs, zoos))
+    md.append(_pyramid_section(recs, zoos))
 
     md.append("## Coverage by family\n")
     fam: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    pyr: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for r in recs:
         fam[(r.get("zoo", "?"), r.get("family", "?"))][r["status"]] += 1
+        pyr[(r.get("zoo", "?"), r.get("family", "?"))][_pyramid_of(r)] += 1
     rows = []
     for (zoo, family), c in sorted(fam.items()):
-        total = sum(c.values())
+        total, p = sum(c.values()), pyr[(zoo, family)]
+        stated = p["agree"] + p["differ"]
         rows.append([zoo, family, total, c["ok"], c["differs"], c["mismatch"],
-                     sum(c[s] for s in FAILED_STATUSES), "✓" if c["ok"] + c["differs"] == total else ""])
-    header = ["zoo", "family", "models", "ok", "differs", "mismatch", "failed/timeout/crashed/oom", "all verified"]
+                     sum(c[s] for s in FAILED_STATUSES), "✓" if c["ok"] + c["differs"] == total else "",
+                     sum(p[s] for s in _PYRAMID_VERIFIED), f"{p['agree']} of {stated}" if stated else "-"])
+    header = ["zoo", "family", "models", "ok", "differs", "mismatch", "failed/timeout/crashed/oom", "all verified",
+              "pyramids", "agree with stated levels"]
     md.append(_table(header, rows))
 
     differs = [r for r in recs if r["status"] == "differs"]
@@ -224,12 +240,13 @@ def render_report(records: dict[str, dict[str, Any]], runs: list[dict[str, Any]]
     md.append("\n## Time\n\nSeconds per model, in the model's own process (fork included in `process`), "
               "one CPU thread each:\n\n")
     md.append("| phase | models | median | p90 | p95 | max | total |\n|---|---|---|---|---|---|---|\n")
-    for phase in ("build", "oracle", "cut", "verify", "groups", "total"):
+    for phase in ("build", "oracle", "cut", "verify", "groups", "pyramid", "total"):
         md.append(_distribution_rows(phase, [r["times"][phase] for r in timed if phase in r["times"]]))
     md.append(_distribution_rows("process", [s for r in recs if (s := _seconds(r)) is not None and r["status"] != "timeout"]))
     md.append("\n`build`: the model on the meta device; `oracle`: the oracle's forward; `cut`: "
               "`autocut.adapt(meta_model, n_out=2)` (discovery: trace, shapes, cut, body); `verify`: the body's "
-              "forward; `groups`: `autocut.group_summary` on the adapted model.\n")
+              "forward; `groups`: `autocut.group_summary` on the adapted model; `pyramid`: what the zoo states for its "
+              "levels, and `autocut.create_pyramid` built and run.\n")
     slow = sorted(timed, key=lambda r: -r["times"]["total"])[:10]
     md.append("\nSlowest:\n\n" + _table(["model", "params", "total (s)", "cut (s)"],
                                         [[r["name"], _fmt_params(r.get("params")), f"{r['times']['total']:.2f}",
@@ -359,7 +376,7 @@ def _values_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
     rows = []
     for zoo in zoos:
         sel = [r for r in ok if r.get("zoo") == zoo]
-        c = Counter(r.get("values", "not compared") for r in sel)
+        c = Counter(_values_of(r) for r in sel)
         rows.append([zoo, len(sel), c["equal"], c["differ"], c["failed"], c["not compared"]])
     text = [f"\n## Values\n\nThe body's output against the oracle's on the same random input, real CPU weights (the "
             f"model's own seeded random init), batch 2 at the size checked; equal means `torch.allclose(rtol={VALUES_RTOL:g}, "
@@ -373,13 +390,80 @@ def _values_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
                     + ", ".join(f"{zoo} {n}" for zoo, n in sorted(carried.items())) + ".\n")
     from autocut.scan.oracles import VALUE_DIFFERENCES
 
-    bad = [r for r in ok if r.get("values") in ("differ", "failed")]
+    bad = [r for r in ok if _values_of(r) in ("differ", "failed")]
     if bad:
         text.append("\n" + _table(["model", "values", "largest difference", "oracle's largest value", "why"],
-                                   [[r["name"], r["values"], f"{r.get('values_max_diff') or 0:.3g}",
+                                   [[r["name"], _values_of(r), f"{r.get('values_max_diff') or 0:.3g}",
                                      f"{r.get('values_scale') or 0:.3g}",
-                                     VALUE_DIFFERENCES.get(r["name"], r.get("values_error", "")[:200] or "not explained")]
+                                     VALUE_DIFFERENCES.get(r["name"], _values_error(r)[:200] or "not explained")]
                                     for r in bad]))
+    return "".join(text)
+
+
+def _values_of(rec: dict[str, Any]) -> str:
+    """``equal``, ``differ``, ``failed`` (a re-check that died counts) or ``not compared``."""
+    return rec.get("values", "failed" if rec.get("recheck_failed") else "not compared")
+
+
+def _values_error(rec: dict[str, Any]) -> str:
+    return rec.get("values_error") or rec.get("recheck_failed") or ""
+
+
+def _pyramid_of(rec: dict[str, Any]) -> str:
+    """The record's ``pyramid_check`` (see :func:`autocut.scan.pyramids.check_pyramid`); ``failed``
+    where a re-check for it died; ``not checked`` in records of an autocut without pyramids."""
+    return rec.get("pyramid_check", "failed" if rec.get("recheck_failed") else "not checked")
+
+
+def _pyramid_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
+    """Feature pyramids per zoo (``autocut.create_pyramid``, run on the model; see
+    :mod:`autocut.scan.pyramids`): how many agree with the levels the zoo states, every
+    difference with its explanation, every refusal with its reason."""
+    from autocut.scan.pyramids import pyramid_explained
+
+    rows = []
+    for zoo in zoos:
+        sel = [r for r in recs if r.get("zoo") == zoo]
+        c = Counter(_pyramid_of(r) for r in sel)
+        nchw = sum(1 for r in sel if r.get("pyramid_check") in _PYRAMID_VERIFIED)
+        rows.append([zoo, len(sel), nchw, *[c[s] for s in _PYRAMID_ORDER]])
+    text = ["\n## Feature pyramids\n\nEach model's `autocut.create_pyramid` built and run (meta tensors, else a real "
+            "CPU copy): `pyramid` counts those whose every map is NCHW and the shape its level says. Checked against "
+            "what the zoo's own code states (`autocut/scan/pyramids.py`): the maps timm's `features_only` module "
+            "returns (strides and channels of each level, the last per stride, and where both are the deepest, "
+            "autocut's being the cut by design, the stride only),"
+            "torchvision's detection and segmentation backbones (ResNets' `layer1..layer4`, "
+            "MobileNets' `mobilenet_backbone` stages, SSD's VGG stages). `no oracle`: the zoo states no levels for it "
+            "(timm raises for `features_only`, torchvision builds no detection backbone from it); `refused`: a "
+            "`CutError` with its reason.\n\n",
+            _table(["zoo", "models", "pyramid", *_PYRAMID_ORDER], rows)]
+    noted = [r for r in recs if r.get("pyramid_oracle_note")]
+    if noted:
+        text.append(f"\ntimm's `feature_info` states channels or reductions its own `features_only` module does not "
+                    f"return ({len(noted)}; checked against what the module returns, on meta tensors): "
+                    + "; ".join(f"{r['name']} ({r['pyramid_oracle_note'].removeprefix('feature_info states ')})"
+                                for r in noted) + ".\n")
+    differ = [r for r in recs if r.get("pyramid_check") == "differ"]
+    if differ:
+        text.append(f"\n### Differences from the stated levels ({len(differ)})\n\n")
+        by_why: dict[str, list[dict]] = defaultdict(list)
+        for r in differ:
+            by_why[pyramid_explained(r["name"]) or "not explained"].append(r)
+        for why, rs in sorted(by_why.items(), key=lambda kv: (kv[0] == "not explained", -len(kv[1]))):
+            text.append(f"- **{why}** ({len(rs)})\n")
+            for r in rs:
+                text.append(f"  - {r['name']}: {'; '.join(r.get('pyramid_diff', []))}\n")
+    refused = [r for r in recs if _pyramid_of(r) in ("refused", "mismatch", "failed")]
+    if refused:
+        text.append(f"\n### No pyramid ({len(refused)})\n\n")
+        causes: dict[str, list[str]] = defaultdict(list)
+        for r in refused:
+            why = r.get("pyramid_error") or "; ".join(r.get("pyramid_diff", [])) or r.get("recheck_failed", "")
+            why = re.sub(rf"(?<![\w.:-]){re.escape(r['name'])}(?![\w.:-])", "…", why)  # the model's own name
+            why = re.sub(r"^(no cut: )?\w+(?= was cut by )", r"\1…", why)  # or its class's
+            causes[f"[{_pyramid_of(r)}] {_blanked(why)}"].append(r["name"])
+        for cause, names in sorted(causes.items(), key=lambda kv: -len(kv[1])):
+            text.append(f"- **{len(names)}** × {cause}\n  - {', '.join(names)}\n")
     return "".join(text)
 
 

@@ -38,7 +38,7 @@ from autocut._validate import POSITIVE, POSITIVE_INT
 
 ZOOS = ("timm", "torchvision", "transformers", "all")
 
-__all__ = ["scan", "zoo_names", "cpu_model", "ZOOS", "family_of", "load_results", "read_jsonl", "output_folder",
+__all__ = ["scan", "zoo_names", "cpu_model", "ZOOS", "family_of", "load_results", "read_jsonl", "output_folder", "carry_values",
            "RESULTS", "RUNS", "FAILED_STATUSES"]
 
 RESULTS = "results.jsonl"
@@ -320,6 +320,20 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+# what a record's cut is: a later record with all of these equal has the same body
+_SAME_CUT = ("status", "where", "nf", "layout", "feature_shape", "stride", "prefix_tokens", "input_size", "groups")
+
+
+def carry_values(before: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
+    """``rec``, with the values ``before`` compared (``--values``) where ``rec`` compared none and
+    its cut is the same (:data:`_SAME_CUT`): a later scan without ``--values`` keeps what was
+    verified; ``values_from`` says when it was compared."""
+    if "values" in rec or "values" not in before or any(rec.get(k) != before.get(k) for k in _SAME_CUT):
+        return rec
+    carried = {k: v for k, v in before.items() if k.startswith("values")}
+    return {**rec, **carried, "values_from": before.get("values_from") or before.get("at")}
+
+
 def scan(
     names: Iterable[str],
     out: str | os.PathLike,
@@ -349,7 +363,8 @@ def scan(
         progress: show a progress bar (stderr).
         argv: the command line, recorded in ``out/scan_runs.jsonl``.
         recheck: records for which this says yes are checked again (a ``--values`` scan over
-            records that have no values yet).
+            records that have no values yet, records of an autocut without pyramids); where the
+            check then dies, the record is kept, with ``recheck_failed`` saying how it died.
 
     Returns:
         Counts of this run's records by status.
@@ -396,7 +411,9 @@ def scan(
         before = done.get(name)
         if recheck is not None and before is not None and recheck(before) and rec.get("status") in FAILED_STATUSES:
             # a re-check that died (memory, time) keeps what the record verified before, and says so
-            rec = {**before, "values": "failed", "values_error": f"{rec.get('status')}: {rec.get('error', '')[:300]}"}
+            rec = {**before, "recheck_failed": f"{rec.get('status')}: {rec.get('error', '')[:300]}"}
+        elif before is not None:
+            rec = carry_values(before, rec)
         zoo, family = family_of(name)
         rec = {"name": name, "zoo": zoo, "family": family, **{k: v for k, v in rec.items() if k != "name"},
                "at": datetime.datetime.now().isoformat(timespec="seconds")}
