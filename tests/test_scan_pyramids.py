@@ -194,5 +194,11 @@ def test_a_hugging_face_model_cut_on_its_exported_graph_gets_its_pyramid_run():
     assert [(level["where"], level["stride"]) for level in record["pyramid"]] == [
         ("resnet.embedder.embedder", 2), ("resnet.encoder.stages.0", 4), ("resnet.encoder.stages.1", 8),
         ("resnet.encoder.stages.2", 16), ("resnet.encoder:last_hidden_state", 32)]
-    assert (record["pyramid_check"], record["pyramid_on"]) == ("no oracle", "meta")
-    assert record["pyramid_no_oracle"] == "transformers states no levels to compare with"
+    # the oracle: Hugging Face's own ResNetBackbone for the same config, every stage
+    assert (record["pyramid_oracle"], record["pyramid_check"], record["pyramid_on"]) == (
+        "transformers AutoBackbone", "agree", "meta")
+    assert record["pyramid_expected"] == [["stem", 4, 64], ["stage1", 4, 256], ["stage2", 8, 512], ["stage3", 16, 1024],
+                                          ["stage4", 32, 2048]]
+    vit = check.check_model("transformers:vit")  # no backbone class: its pyramid runs, unchecked
+    assert (vit["pyramid_check"], vit["pyramid_no_oracle"]) == (
+        "no oracle", "transformers has no backbone for it (its config names no stages)")

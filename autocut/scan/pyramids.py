@@ -13,6 +13,8 @@ The oracles, never autocut's:
   which change the stride), each stride ending with the block before the next such index; for
   VGG the max pools SSD's ``_vgg_extractor`` splits at, each stride ending with the layer before
   one. Channels and reductions come from the model's own forward (hooks on those modules).
+- transformers: the maps Hugging Face's own backbone for the model's config returns
+  (``AutoBackbone``, every stage the config names), where the model type has one.
 
 They are compared as :func:`pyramid_differences` says; :func:`check_pyramid` is the scan's step.
 """
@@ -124,6 +126,26 @@ def _measured(model: nn.Module, modules: list[str], x: torch.Tensor) -> list[dic
             for path in modules]
 
 
+def _transformers_levels(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
+    """The maps Hugging Face's own backbone of the model's config (``AutoBackbone``, every stage
+    its config names) returns: their channels and strides, on meta tensors."""
+    import transformers
+
+    config = getattr(model, "config", None)
+    names = list(getattr(config, "stage_names", None) or [])
+    if not names:
+        raise OracleError("transformers has no backbone for it (its config names no stages)")
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("out_features", "out_indices")}
+    try:
+        backbone = zoo.on_meta(lambda: transformers.AutoBackbone.from_config(type(config)(**settings, out_features=names)))
+    except Exception as err:  # no backbone class for this model type, or its config will not rebuild
+        raise OracleError(f"transformers has no backbone for it: {type(err).__name__}: {_first_line(err)}") from err
+    with torch.no_grad():
+        maps = backbone(x).feature_maps
+    return [{"module": name, "num_chs": int(m.shape[1]), "reduction": stride_of(tuple(x.shape[1:]), tuple(m.shape[2:]))}
+            for name, m in zip(names, maps) if m.shape[1:] != x.shape[1:]]  # not the image itself (DINOv3 ConvNeXt's stem)
+
+
 def pyramid_expected(spec: zoo.ModelSpec, model: nn.Module, x: torch.Tensor) -> tuple[str, list[dict[str, Any]]]:
     """What ``spec``'s zoo states for its levels: the oracle's name and its levels, shallow to
     deep, each ``{"module", "reduction", "num_chs"}``.
@@ -141,6 +163,8 @@ def pyramid_expected(spec: zoo.ModelSpec, model: nn.Module, x: torch.Tensor) -> 
     if spec.source == zoo.TORCHVISION:
         source, modules = _torchvision_modules(spec.name, model)
         return source, _measured(model, modules, x)
+    if spec.source == zoo.TRANSFORMERS:
+        return "transformers AutoBackbone", _transformers_levels(model, x)
     raise OracleError(f"{spec.source} states no levels to compare with")
 
 

@@ -433,8 +433,10 @@ def _pyramid_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
             "returns (strides and channels of each level, the last per stride, and where both are the deepest, "
             "autocut's being the cut by design, the stride only),"
             "torchvision's detection and segmentation backbones (ResNets' `layer1..layer4`, "
-            "MobileNets' `mobilenet_backbone` stages, SSD's VGG stages). `no oracle`: the zoo states no levels for it "
-            "(timm raises for `features_only`, torchvision builds no detection backbone from it); `refused`: a "
+            "MobileNets' `mobilenet_backbone` stages, SSD's VGG stages), Hugging Face's `AutoBackbone` for the "
+            "model's config (every stage it names). `no oracle`: the zoo states no levels for it "
+            "(timm raises for `features_only`, torchvision builds no detection backbone from it, transformers has "
+            "no backbone for the model type); `refused`: a "
             "`CutError` with its reason.\n\n",
             _table(["zoo", "models", "pyramid", *_PYRAMID_ORDER], rows)]
     noted = [r for r in recs if r.get("pyramid_oracle_note")]
