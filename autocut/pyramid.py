@@ -58,7 +58,7 @@ from autocut.cut_graph import (
 )
 from autocut.cut_hooks import EarlyExitBody, levels_by_hooks, probe_modules
 from autocut.discover import discover_with_trace, discovery_target
-from autocut.errors import CutError
+from autocut.errors import CutError, first_line
 from autocut.layers import Resample
 from autocut.layout import Feature, Layout, feature_of
 from autocut.probe import modes_kept
@@ -139,9 +139,8 @@ def _blocks_first(traced: Traced, chain: list[fx.Node], position: dict[fx.Node, 
     if not child:
         return None
     starts = min(position[n] for n in nodes_in(traced, child[0], chain))
-    parent = child[0].rpartition(".")[0]
-    earlier = {scopes[len(parent.split(".")) if parent else 0] for n in chain[first:starts]
-               if len(scopes := scopes_of(traced, n)) > (len(parent.split(".")) if parent else 0)}
+    depth = child[0].count(".")  # the children of the module that changes the stride are this deep
+    earlier = {scopes[depth] for n in chain[first:starts] if len(scopes := scopes_of(traced, n)) > depth}
     model = traced.model
     if sum(_weight_layers(model.get_submodule(path)) for path in earlier) < 2:
         return None
@@ -260,7 +259,7 @@ def _exported_levels(module: nn.Module, cut: Cut, rebuild, depth_levels: int) ->
             exported = trace_exported(model, cut.input_size)
             calls = probe_modules(model, cut.input_size)
         except Exception as err:  # the meta model does not export or run: the real copy, next
-            errors.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}")
+            errors.append(f"{type(err).__name__}: {first_line(err)[:200]}")
             continue
         found = find_cut(exported, cut.arch)
         nodes = pyramid_nodes(exported, exported.node_named(found.where), depth_levels)

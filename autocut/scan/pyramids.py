@@ -30,7 +30,7 @@ from torch import nn
 
 from autocut import zoo
 from autocut.cut import stride_of
-from autocut.errors import CutError
+from autocut.errors import CutError, first_line
 from autocut.pyramid import _stride_matches, create_pyramid
 from autocut.scan.oracles import OracleError
 
@@ -62,11 +62,6 @@ def pyramid_explained(name: str) -> str | None:
     return next((why for pattern, why in PYRAMID_DIFFERENCES.items() if fnmatch.fnmatchcase(bare, pattern)), None)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
-
-
 def _timm_levels(name: str, x: torch.Tensor) -> list[dict[str, Any]]:
     """The maps timm's ``features_only`` module returns, read off its own forward (its
     ``feature_info`` states channels and reductions by hand, and for a few models they are not
@@ -76,7 +71,7 @@ def _timm_levels(name: str, x: torch.Tensor) -> list[dict[str, Any]]:
     try:
         model = zoo.on_meta(lambda: timm.create_model(name, features_only=True, pretrained=False))
     except Exception as err:  # timm states no levels for it (coat, convit, ...): the reason is recorded
-        raise OracleError(f"timm has no features_only for it: {type(err).__name__}: {_first_line(err)}") from err
+        raise OracleError(f"timm has no features_only for it: {type(err).__name__}: {first_line(err)[:300]}") from err
     stated = [{"module": d["module"], "reduction": float(d["reduction"]), "num_chs": int(d["num_chs"])}
               for d in model.feature_info.get_dicts()]
     try:
@@ -139,7 +134,7 @@ def _transformers_levels(model: nn.Module, x: torch.Tensor) -> list[dict[str, An
     try:
         backbone = zoo.on_meta(lambda: transformers.AutoBackbone.from_config(type(config)(**settings, out_features=names)))
     except Exception as err:  # no backbone class for this model type, or its config will not rebuild
-        raise OracleError(f"transformers has no backbone for it: {type(err).__name__}: {_first_line(err)}") from err
+        raise OracleError(f"transformers has no backbone for it: {type(err).__name__}: {first_line(err)[:300]}") from err
     with torch.no_grad():
         maps = backbone(x).feature_maps
     return [{"module": name, "num_chs": int(m.shape[1]), "reduction": stride_of(tuple(x.shape[1:]), tuple(m.shape[2:]))}
@@ -246,9 +241,10 @@ def _stated(spec: zoo.ModelSpec, meta: nn.Module, size: tuple[int, int, int], ba
     try:
         source, expected = pyramid_expected(spec, meta, torch.empty(batch, *size, device="meta"))
     except OracleError as err:  # no levels stated
-        return {"pyramid_oracle": None, "pyramid_no_oracle": _first_line(err)}, None
+        return {"pyramid_oracle": None, "pyramid_no_oracle": first_line(err)[:300]}, None
     except Exception as err:  # the oracle cannot run on meta: recorded, not guessed
-        return {"pyramid_oracle": None, "pyramid_no_oracle": f"the oracle failed: {type(err).__name__}: {_first_line(err)}"}, None
+        failed = f"the oracle failed: {type(err).__name__}: {first_line(err)[:300]}"
+        return {"pyramid_oracle": None, "pyramid_no_oracle": failed}, None
     stated = [[e["module"], _rounded(e["reduction"]), e["num_chs"]] for e in expected]
     rec = {"pyramid_oracle": source, "pyramid_expected": stated}
     if any("stated" in e for e in expected):  # timm's feature_info is not what its module returns
