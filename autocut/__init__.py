@@ -4,6 +4,7 @@
 >>> cut = autocut.discover("resnet34")          # where, nf, layout, stride, how it was found
 >>> model = autocut.adapt("resnet34", n_out=37)  # nn.Sequential(body, head)
 >>> pyramid = autocut.create_pyramid("resnet34")  # a map per stride: 2, 4, 8, 16, 32
+>>> seg = autocut.unet("resnet34", n_out=5)        # fastai's dynamic U-Net on the pyramid
 """
 
 from autocut.adapt import AdaptedModel, adapt, apply_init, create_body
@@ -14,6 +15,7 @@ from autocut.groups import group_summary, layer_groups, splitter
 from autocut.layers import AdaptiveConcatPool2d, SigmoidRange, create_head, fuse_bn_dropout
 from autocut.optim import param_groups
 from autocut.pyramid import Pyramid, create_pyramid, discover_pyramid
+from autocut.unet import Unet, unet
 
 __all__ = [
     "AdaptedModel",
@@ -35,6 +37,8 @@ __all__ = [
     "layer_groups",
     "param_groups",
     "splitter",
+    "unet",
+    "Unet",
 ]
 
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from autocut import _validate, zoo
 from autocut.body import build_body
@@ -22,7 +23,7 @@ from autocut.channels import set_input_channels
 from autocut.cut import Cut
 from autocut.discover import discover_with_trace, unwrap
 from autocut.errors import CutError, first_line
-from autocut.freeze import NORM_TYPES, freeze_to, norm_parameter_names
+from autocut.freeze import NORM_TYPES, Freezable, norm_parameter_names
 from autocut.groups import group_summary, read_stride
 from autocut.layers import create_head
 from autocut.probe import model_device, model_dtype, modes_kept
@@ -140,13 +141,14 @@ def create_body(
 
 
 def apply_init(module: nn.Module, init: Callable[[torch.Tensor], Any] | None = nn.init.kaiming_normal_) -> None:
-    """fastai's ``apply_init``: ``init`` on every weight except norm layers', biases zeroed."""
+    """fastai's ``apply_init``: ``init`` on every weight except norm layers', biases zeroed (a
+    spectral- or weight-normed layer's own weight, the one its parametrization reads)."""
     if init is None:
         return
     for m in module.modules():
         if isinstance(m, NORM_TYPES):
             continue
-        weight = getattr(m, "weight", None)
+        weight = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else getattr(m, "weight", None)
         if isinstance(weight, nn.Parameter) and weight.dim() >= 2:
             init(weight)
         bias = getattr(m, "bias", None)
@@ -155,9 +157,10 @@ def apply_init(module: nn.Module, init: Callable[[torch.Tensor], Any] | None = n
                 bias.zero_()
 
 
-class AdaptedModel(nn.Sequential):
+class AdaptedModel(Freezable, nn.Sequential):
     """``nn.Sequential(body, head)``: ``model[0]`` is the body, ``model[1]`` the head, and
-    ``model.cut`` says where the backbone was cut."""
+    ``model.cut`` says where the backbone was cut. ``freeze_to``, ``freeze`` and ``unfreeze``
+    work on its layer groups (:class:`~autocut.freeze.Freezable`)."""
 
     def __init__(self, body: nn.Module, head: nn.Module, cut: Cut):
         super().__init__(body, head)
@@ -171,22 +174,14 @@ class AdaptedModel(nn.Sequential):
     def head(self) -> nn.Module:
         return self[1]
 
-    def freeze_to(self, n: int, train_bn: bool = True) -> AdaptedModel:
-        """Freeze the first ``n`` layer groups (see :func:`autocut.layer_groups`); with
-        ``train_bn`` norm layers stay trainable, as in fastai."""
-        freeze_to(self, n, train_bn=train_bn)
-        return self
 
-    def freeze(self, train_bn: bool = True) -> AdaptedModel:
-        """Freeze all but the last group (the head)."""
-        return self.freeze_to(-1, train_bn=train_bn)
+def load_weights(body: nn.Module, path: str | os.PathLike, arch: str) -> None:
+    """Load a checkpoint of the original model ``arch`` into ``body`` (a body or a pyramid's):
+    every key of the body must be there with its shape; the rest (the old head) is ignored.
 
-    def unfreeze(self) -> AdaptedModel:
-        """Make every parameter trainable."""
-        return self.freeze_to(0)
-
-
-def _load_weights(body: nn.Module, path: str | os.PathLike, arch: str) -> None:
+    Raises:
+        CutError: keys missing or of another shape (counted, with examples).
+    """
     state = zoo.load_checkpoint(path)
     own = body.state_dict()
     missing = [k for k in own if k not in state]
@@ -273,7 +268,7 @@ def adapt(
     resolved = _resolve(model, input_size, pretrained=pretrained)
     body = _body(resolved, cut)
     if weights is not None:
-        _load_weights(body, weights, resolved.arch)
+        load_weights(body, weights, resolved.arch)
     _set_n_in(body, n_in, n_in_init)
     head = custom_head if custom_head is not None else create_head(body.cut.nf, n_out, **head_options)
     apply_init(head, init)

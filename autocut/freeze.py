@@ -13,7 +13,7 @@ from autocut._validate import integer
 from autocut.errors import CutError
 from autocut.groups import layer_groups
 
-__all__ = ["NORM_TYPES", "norm_parameter_names", "norm_parameter_ids", "freeze_to"]
+__all__ = ["NORM_TYPES", "norm_parameter_names", "norm_parameter_ids", "freeze_to", "Freezable"]
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -68,3 +68,22 @@ def freeze_to(model: nn.Module, n: int, train_bn: bool = True, groups: int | Non
     for i, g in enumerate(gs):
         for p in g:
             p.requires_grad_(i >= stop or id(p) in norms)
+
+
+class Freezable:
+    """``freeze_to``, ``freeze`` and ``unfreeze`` as methods, for the models autocut makes (a body
+    and a head with ``.cut``: :class:`~autocut.AdaptedModel`, :class:`~autocut.Unet`)."""
+
+    def freeze_to(self, n: int, train_bn: bool = True):
+        """Freeze the first ``n`` layer groups (see :func:`autocut.layer_groups`); with
+        ``train_bn`` norm layers stay trainable, as in fastai."""
+        freeze_to(self, n, train_bn=train_bn)
+        return self
+
+    def freeze(self, train_bn: bool = True):
+        """Freeze all but the last group (the head)."""
+        return self.freeze_to(-1, train_bn=train_bn)
+
+    def unfreeze(self):
+        """Make every parameter trainable."""
+        return self.freeze_to(0)

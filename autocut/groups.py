@@ -238,10 +238,16 @@ def _early_late(units: list[Unit], body: nn.Module) -> tuple[list[Unit], list[Un
 
 
 def _adapted_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, Any]:
+    """``(body, head, cut)`` of a model autocut made: ``adapt``'s ``nn.Sequential(body, head)``
+    or ``unet``'s pyramid and decoder (``.body``, ``.head``), each with ``.cut``."""
     if isinstance(model, nn.Sequential) and len(model) == 2 and hasattr(model, "cut"):
         return model[0], model[1], model.cut
+    parts = getattr(model, "body", None), getattr(model, "head", None), getattr(model, "cut", None)
+    if all(isinstance(p, nn.Module) for p in parts[:2]) and isinstance(parts[2], Cut):
+        return parts
     raise CutError(
-        f"layer groups need a model made by autocut.adapt (nn.Sequential(body, head) with .cut), got {type(model).__name__}"
+        f"layer groups need a model made by autocut.adapt or autocut.unet (a body and a head, with .cut), got "
+        f"{type(model).__name__}"
     )
 
 
@@ -249,7 +255,8 @@ def layer_groups(model: nn.Module, n: int | None = 3) -> list[list[nn.Parameter]
     """Parameter groups of an adapted model, in execution order, partitioning its parameters.
 
     Args:
-        model: a model made by :func:`autocut.adapt`.
+        model: a model made by :func:`autocut.adapt` or :func:`autocut.unet` (whose head is
+            the decoder).
         n: ``3`` (default): early body, late body (from stride 16 on), head. ``None``: one group
             per stage (stride change) plus the head. Any other ``n >= 2``: the stages merged
             evenly into ``n - 1`` body groups, plus the head.

@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 from torch import fx, nn
 
 from autocut import _validate, zoo
-from autocut.adapt import _check_n_in, _resolve
+from autocut.adapt import _check_n_in, _resolve, load_weights
 from autocut.body import _fx_body
 from autocut.channels import set_input_channels
 from autocut.cut import Cut, format_stride, stride_of
@@ -59,6 +60,7 @@ from autocut.cut_graph import (
 from autocut.cut_hooks import EarlyExitBody, levels_by_hooks, probe_modules
 from autocut.discover import discover_with_trace, discovery_target
 from autocut.errors import CutError, first_line
+from autocut.freeze import norm_parameter_names
 from autocut.layers import Resample
 from autocut.layout import Feature, Layout, feature_of
 from autocut.probe import modes_kept
@@ -421,6 +423,7 @@ def create_pyramid(
     n_in: int | None = None,
     n_in_init: str | None = None,
     pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
     simple_pyramid: bool = False,
     depth_levels: int = 4,
 ) -> Pyramid:
@@ -432,6 +435,9 @@ def create_pyramid(
         strides: the strides to return (``[8, 16, 32]``); default every level. The pyramid stops
             computing after the deepest one chosen.
         input_size, n_in, n_in_init: as in :func:`autocut.create_body`.
+        pretrained, weights: the zoo's pretrained weights, or a local checkpoint of the original
+            model loaded into the pyramid's body, as in :func:`autocut.adapt` (before ``n_in``
+            rebuilds the input layer, so RGB checkpoints fit).
         simple_pyramid: for a model at one stride (a ViT): resample its levels to strides
             4, 8, 16 and 32 (ViTDet's simple feature pyramid, parameter-free here: upsampling is
             bilinear, downsampling max pooling).
@@ -443,7 +449,8 @@ def create_pyramid(
         :class:`Cut`\\ s. In the model's mode (a named model is built in eval mode).
 
     Raises:
-        CutError: a stride the model has no level at (the message lists the ones there);
+        CutError: a stride the model has no level at (the message lists the ones there); a
+            checkpoint that does not fit the body, or ``weights`` with ``pretrained``;
             ``simple_pyramid`` on a model with several strides; what :func:`discover_pyramid` raises.
 
     Example:
@@ -454,6 +461,8 @@ def create_pyramid(
     depth_levels = _depth_levels(depth_levels)
     n_in = _check_n_in(n_in, n_in_init)
     _validate.input_size(input_size, None)
+    if pretrained and weights is not None:
+        raise CutError("pass pretrained=True or weights=PATH, not both")
     resolved = _resolve(model, input_size, pretrained=pretrained)
     with modes_kept(resolved.module):
         levels, traced = _traced_levels(resolved.module, resolved.input_size, resolved.arch, None, resolved.guessed,
@@ -464,6 +473,10 @@ def create_pyramid(
         else:
             body = _fx_body(resolved.module, levels, traced if traced.model is resolved.module else None)
         body.train(resolved.module.training)
+    names = {n for n, _ in body.named_parameters()}
+    body.norm_parameter_names = frozenset(norm_parameter_names(resolved.module) & names)  # graph bodies lose the types
+    if weights is not None:
+        load_weights(body, weights, resolved.arch)
     resample = None
     if simple_pyramid:
         levels, resample = _simple(levels, resolved.arch)

@@ -361,8 +361,18 @@ def input_size_source(model: nn.Module | ModelSpec, built: nn.Module | None = No
                  _from_held_config, _from_position_embedding):
         found = read(model)
         if found is not None:
-            return found
+            return _as_built(model, found) if read is _from_pretrained_cfg else found
     return None
+
+
+def _as_built(model: nn.Module, found: tuple[tuple[int, int, int], str]) -> tuple[tuple[int, int, int], str]:
+    """The size the module was built for where it differs from its ``pretrained_cfg``'s: timm's
+    ``create_model(name, img_size=64)`` keeps the weights' 224 in the cfg, and its patch
+    embedding only takes 64."""
+    built = _from_attributes(model)
+    if built is not None and built[0][1:] != found[0][1:]:
+        return (found[0][0], *built[0][1:]), f"{built[1]} (built for it; {found[1]} states {found[0][1]}x{found[0][2]})"
+    return found
 
 
 def _size(channels: Any, side: Any) -> tuple[int, int, int] | None:

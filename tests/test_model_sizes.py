@@ -249,3 +249,17 @@ def test_a_model_that_fails_the_same_way_at_a_larger_size_is_not_tried_at_more()
     assert str(err.value).split("; nor at the larger sizes tried: ", 1)[1] == (
         "256 px (the same error: not a size failure, no larger size tried). Check the input size (input_size=(C, H, W)) "
         "or pass cut= explicitly")
+
+
+def test_a_timm_model_built_for_another_size_is_probed_at_the_size_it_was_built_for():
+    """timm's ``create_model(name, img_size=64)`` keeps the weights' 224 in ``pretrained_cfg``;
+    its patch embedding only takes 64, so 64 is the size it states."""
+    import timm
+
+    from autocut import zoo
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64)
+    size, source = zoo.input_size_source(model)
+    assert size == (3, 64, 64) and source.startswith("patch_embed.img_size") and "224x224" in source
+    assert autocut.discover(model).feature_shape == (192, 4, 4)
+    assert zoo.input_size_source(timm.create_model("vit_tiny_patch16_224")) == ((3, 224, 224), "pretrained_cfg")
