@@ -54,7 +54,7 @@ FORMAT = "autocut.finetune/1"
 # what the model's JSON must hold to rebuild the model
 _MODEL_KEYS = ("arch", "cut", "n_in", "head_options", "classes", "input_size", "normalization")
 # what a JSON that does not describe the weights beside it differs in
-_IDENTITY = ("arch", "classes", "cut", "n_in", "input_size", "head_options")
+_IDENTITY = ("arch", "classes", "cut", "n_in", "input_size", "head_options", "task")
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -215,13 +215,17 @@ def cut_from_dict(record: dict[str, Any]):
 
 
 def build_model(meta: dict[str, Any]) -> nn.Module:
-    """The model a checkpoint's JSON describes, with random weights (no pretrained download)."""
+    """The model a checkpoint's JSON describes, with random weights (no pretrained download): a
+    U-Net for a segmentation (``"task": "segment"``), else an adapted classifier."""
     import dataclasses
 
-    from autocut import adapt, zoo
+    from autocut import adapt, unet, zoo
 
     # the backbone is cut at its own channel count; adapt(n_in=) then rebuilds the input layer
     own = (zoo.default_input_size(zoo.resolve(meta["arch"]))[0], *meta["input_size"][1:])
+    if meta.get("task") == "segment":
+        return unet(meta["arch"], n_out=len(meta["classes"]), input_size=own, n_in=meta["n_in"], init=None,
+                    **meta["head_options"])
     cut = dataclasses.replace(cut_from_dict(meta["cut"]), input_size=own)
     return adapt(meta["arch"], n_out=len(meta["classes"]), cut=cut, input_size=own, n_in=meta["n_in"], init=None,
                  **meta["head_options"])

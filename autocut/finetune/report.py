@@ -8,7 +8,12 @@ from typing import Any
 
 __all__ = ["Report", "COLUMNS"]
 
-COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "error_rate", "time")
+COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "error_rate", "time")  # a classification's
+
+
+def columns(metrics: tuple[str, ...]) -> tuple[str, ...]:
+    """The table's columns for a task's metrics."""
+    return ("epoch", "train_loss", "valid_loss", *metrics, "time")
 
 
 def _mmss(seconds: float) -> str:
@@ -24,22 +29,19 @@ class Report:
 
         self.console = Console(quiet=not show, highlight=False)
         self.bars = show and bars and self.console.is_terminal  # bars only where they redraw
+        self.columns = COLUMNS
 
     def line(self, text: str) -> None:
         self.console.print(text, markup=False, soft_wrap=True)
 
-    def header(self) -> None:
-        self.line("  ".join(f"{c:<10}" for c in COLUMNS).rstrip())
+    def header(self, metrics: tuple[str, ...] = COLUMNS[3:5]) -> None:
+        """The table's header: epoch, the losses, ``metrics``, time; later rows show the same."""
+        self.columns = columns(metrics)
+        self.line("  ".join(f"{c:<10}" for c in self.columns).rstrip())
 
     def row(self, record: dict[str, Any]) -> None:
-        cells = [
-            str(record["epoch"]),
-            f"{record['train_loss']:.6f}",
-            f"{record['valid_loss']:.6f}",
-            f"{record['accuracy']:.6f}",
-            f"{record['error_rate']:.6f}",
-            _mmss(record["time"]),
-        ]
+        cells = [str(record[c]) if c == "epoch" else _mmss(record[c]) if c == "time" else f"{record[c]:.6f}"
+                 for c in self.columns]
         self.line("  ".join(f"{c:<10}" for c in cells).rstrip())
 
     @contextmanager

@@ -6,6 +6,10 @@ schedule (``OneCycleLR``, per-group ``max_lr``) with AdamW. On CUDA by default (
 request): bf16 autocast and channels_last. Under ``torchrun``: ``DistributedDataParallel``, the same global batch as one
 process (``bs / world_size`` each) and batch norm over all of it.
 
+Two tasks: ``"classify"`` (:func:`autocut.adapt`'s concat-pool head; accuracy) and
+``"segment"`` (:func:`autocut.unet`'s decoder, a class per pixel; pixel accuracy and mean IoU),
+each with its embedded default data (digits, shapes) and the same loop, checkpoints and resume.
+
 Reproducible by construction: the model is built from ``seed``, and every epoch reseeds torch,
 numpy, ``random``, the sampler and the augmentations from ``(seed, epoch, rank)``, so resuming
 at an epoch boundary (weights, optimiser, scheduler restored) repeats an uninterrupted run.
@@ -30,19 +34,42 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from autocut import adapt, param_groups, zoo
+from autocut import adapt, param_groups, unet, zoo
 from autocut._validate import AT_LEAST_ONE, COUNT, DROPOUT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT
+from autocut.cut import format_stride
 from autocut.finetune import checkpoint
 from autocut.finetune.data import Data, Tensors, channel_stats, load_data, sample_seed
 from autocut.finetune.distributed import Processes, all_sum, setup, synced_batch_norm, teardown
+from autocut.finetune.masks import IGNORE, SHAPES, SHAPES_SIZE, load_masks
+from autocut.finetune.metrics import METRICS, TASKS, confusion_matrix, segment_scores
 from autocut.finetune.report import Report
 
-__all__ = ["finetune", "Options", "DEFAULT_ARCH", "DEFAULT_EPOCHS", "DEFAULT_LR", "DIGITS_SIZE", "PRECISIONS"]
+__all__ = ["finetune", "Options", "DEFAULT_ARCH", "DEFAULT_EPOCHS", "DEFAULT_LR", "DIGITS_SIZE", "PRECISIONS", "TASKS",
+           "DEFAULTS"]
 
-DEFAULT_ARCH = "resnet10t"
-DEFAULT_EPOCHS = 4
-DEFAULT_LR = 3e-3
 DIGITS_SIZE = 32
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    """What a task runs with where the caller says nothing: its embedded data and a model and
+    schedule that reach its bar there on 2 CPU cores (README)."""
+
+    arch: str
+    data: str
+    size: int
+    epochs: int
+    lr: float
+    bs: int
+
+
+DEFAULTS = {
+    "classify": TaskDefaults(arch="resnet10t", data="digits", size=DIGITS_SIZE, epochs=4, lr=3e-3, bs=64),
+    "segment": TaskDefaults(arch="mobilenetv3_small_100", data=SHAPES, size=SHAPES_SIZE, epochs=16, lr=3e-3, bs=32),
+}
+DEFAULT_ARCH = DEFAULTS["classify"].arch
+DEFAULT_EPOCHS = DEFAULTS["classify"].epochs
+DEFAULT_LR = DEFAULTS["classify"].lr
 PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 autocast on CUDA, fp32 elsewhere
 
 
@@ -67,6 +94,7 @@ class Options:
     valid_pct: float
     augment: bool
     precision: str
+    task: str = "classify"  # last: a run saved before tasks existed was a classification
 
 
 def _seed_everything(seed: int) -> None:
@@ -104,6 +132,12 @@ class _Compute:
         return ", ".join([self.device.type] + ["bf16 autocast"] * self.bf16 + ["channels_last"] * self.channels_last)
 
 
+def _loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of a class per image, or per pixel (masks' :data:`~autocut.finetune.masks.IGNORE`
+    pixels left out)."""
+    return F.cross_entropy(out, y, reduction=reduction, ignore_index=IGNORE if y.dim() > 1 else -100)
+
+
 def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, procs: Processes, compute: _Compute,
                  advance: Callable) -> float:
     """One pass over the training data; the mean loss over every process's samples."""
@@ -112,7 +146,7 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, procs
     for x, y in loader:
         x, y = compute.to_device(x), y.to(procs.device, non_blocking=True)
         with compute.autocast():
-            loss = F.cross_entropy(net(x), y)
+            loss = _loss(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -125,18 +159,27 @@ def _train_epoch(net: nn.Module, loader: DataLoader, optimizer, scheduler, procs
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, loader: DataLoader, procs: Processes, compute: _Compute) -> tuple[float, float]:
-    """``(loss, accuracy)`` over the whole validation set (each process scores its share)."""
+def _validate(model: nn.Module, loader: DataLoader, procs: Processes, compute: _Compute, task: str,
+              n_classes: int) -> tuple[float, dict[str, float]]:
+    """``(loss, metrics)`` over the whole validation set (each process scores its share): the mean
+    loss per image (per scored pixel for a segmentation) and the task's :data:`METRICS`."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, scored items (images or pixels), correct images
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.float64)
     for x, y in loader:
         x, y = compute.to_device(x), y.to(procs.device, non_blocking=True)
         with compute.autocast():
             out = model(x).float()
-        batch = [F.cross_entropy(out, y, reduction="sum").item(), (out.argmax(1) == y).sum().item(), len(y)]
-        sums += torch.tensor(batch, dtype=torch.float64)
-    loss, correct, count = all_sum(sums, procs).tolist()
-    return loss / count, correct / count
+        pred = out.argmax(1)
+        scored = (y != IGNORE).sum().item() if task == "segment" else len(y)
+        sums += torch.tensor([_loss(out, y, "sum").item(), scored, (pred == y).sum().item()], dtype=torch.float64)
+        if task == "segment":
+            confusion += confusion_matrix(pred, y, n_classes, IGNORE).cpu().double()
+    loss, count, correct = all_sum(sums, procs).tolist()
+    if task == "segment":
+        scores = segment_scores(all_sum(confusion, procs))
+        return loss / max(count, 1), {"pixel_accuracy": scores["pixel_accuracy"], "miou": scores["miou"]}
+    return loss / count, {"accuracy": correct / count, "error_rate": 1 - correct / count}
 
 
 def _loaders(data: Data, bs: int, seed: int, workers: int | None, procs: Processes) -> tuple[DataLoader, DataLoader]:
@@ -165,15 +208,10 @@ def _build_model(options: Options, n_out: int, procs: Processes, compute: _Compu
     if options.pretrained and not procs.main:
         procs.barrier()  # rank 0 downloads the weights first; the others read its cache
     _seed_everything(options.seed)
-    model = adapt(
-        options.arch,
-        n_out=n_out,
-        pretrained=options.pretrained,
-        weights=options.weights,
-        input_size=(zoo.default_input_size(zoo.resolve(options.arch))[0], options.size, options.size),
-        n_in=options.n_in,
-        ps=options.ps,
-    )
+    input_size = (zoo.default_input_size(zoo.resolve(options.arch))[0], options.size, options.size)
+    common = dict(n_out=n_out, pretrained=options.pretrained, weights=options.weights, input_size=input_size,
+                  n_in=options.n_in)
+    model = unet(options.arch, **common) if options.task == "segment" else adapt(options.arch, ps=options.ps, **common)
     if options.pretrained and procs.main:
         procs.barrier()
     model = model.to(procs.device)
@@ -188,7 +226,8 @@ def _model_meta(model: nn.Module, options: Options, data: Data, history: list[di
         "arch": model.cut.arch,
         "cut": asdict(model.cut),
         "n_in": options.n_in,
-        "head_options": {"ps": options.ps},
+        "task": options.task,
+        "head_options": {} if options.task == "segment" else {"ps": options.ps},
         "classes": data.classes,
         "input_size": [options.n_in, options.size, options.size],
         "normalization": {"mean": channel_stats(mean, options.n_in), "std": channel_stats(std, options.n_in)},
@@ -220,15 +259,16 @@ def _check_arguments(**values: Any) -> None:
 
 
 def finetune(
-    arch: str = DEFAULT_ARCH,
-    data: str | os.PathLike | Data = "digits",
+    arch: str | None = None,
+    data: str | os.PathLike | Data | None = None,
     *,
+    task: str = "classify",
     size: int | None = None,
-    epochs: int = DEFAULT_EPOCHS,
+    epochs: int | None = None,
     freeze_epochs: int | None = None,
-    lr: float = DEFAULT_LR,
+    lr: float | None = None,
     lr_mult: float | None = None,
-    bs: int = 64,
+    bs: int | None = None,
     pretrained: bool = False,
     weights: str | os.PathLike | None = None,
     n_in: int = 3,
@@ -249,16 +289,22 @@ def finetune(
     """Fine-tune ``arch`` on ``data``, end to end; returns ``(model, history)``.
 
     Args:
-        arch: a timm name or ``"torchvision:NAME"``.
-        data: ``"digits"`` (scikit-learn's 8x8 digits, embedded), a folder of class sub-folders
-            (with ``train/`` and ``valid/`` inside, or split by ``valid_pct``), or a :class:`Data`.
-        size: image side in pixels; default 32 for digits, else the model's own input size.
+        arch: a timm name or ``"torchvision:NAME"``; default the task's (:data:`DEFAULTS`).
+        data: for ``"classify"``, ``"digits"`` (scikit-learn's 8x8 digits, embedded, the
+            default) or a folder of class sub-folders (with ``train/`` and ``valid/`` inside, or
+            split by ``valid_pct``); for ``"segment"``, ``"shapes"`` (embedded, the default) or a
+            folder of ``images/`` and ``masks/`` (:mod:`autocut.finetune.masks`); or a :class:`Data`.
+        task: ``"classify"`` (a class per image: :func:`autocut.adapt`) or ``"segment"`` (a
+            class per pixel: :func:`autocut.unet`).
+        size: image side in pixels; default 32 for digits, 64 for shapes, else the model's own
+            input size.
         epochs: epochs with the whole model training, after ``freeze_epochs`` with the body
             frozen (norms trainable) and the head training; ``freeze_epochs`` defaults to 1
             with pretrained weights, else 0.
         lr: the head's peak learning rate; the layer groups get ``slice(lr / lr_mult, lr)``
             spread geometrically; ``lr_mult`` defaults to 100 with pretrained weights, else 1.
         bs: global batch size (``bs / world_size`` per process under ``torchrun``).
+        epochs, lr, bs: default the task's (:data:`DEFAULTS`).
         pretrained, weights: the zoo's pretrained weights (needs the network) or a local
             checkpoint of the original model.
         n_in: input channels (1 for grey images).
@@ -269,9 +315,10 @@ def finetune(
             starts afresh when ``out`` holds none. A finished run trains nothing more, and
             its ``model.safetensors`` and ``model.json`` are rewritten from its state.
         seed: seeds the split, the model's initialisation and every epoch's randomness.
-        ps: dropout of the head; with dropout, runs on different numbers of processes agree in
-            distribution, not bit for bit.
-        augment: random crops and flips for folders (digits are never augmented).
+        ps: dropout of the classification head (a segmentation has none); with dropout, runs
+            on different numbers of processes agree in distribution, not bit for bit.
+        augment: random crops and flips for folders, the same for an image and its mask (the
+            embedded sets are never augmented).
         workers: data-loading processes; default 0 for in-memory data, else up to 8.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default ``cuda:LOCAL_RANK`` when there
             is a GPU, else the CPU.
@@ -283,7 +330,8 @@ def finetune(
 
     Returns:
         The trained model (eval mode) and one record per epoch: ``epoch``, ``phase``,
-        ``train_loss``, ``valid_loss``, ``accuracy``, ``error_rate``, ``time`` (seconds).
+        ``train_loss``, ``valid_loss``, the task's metrics (``accuracy`` and ``error_rate``;
+        ``pixel_accuracy`` and ``miou``, mean IoU over the classes present), ``time`` (seconds).
 
     Raises:
         ValueError: an argument out of range (it is named), nothing to train (``epochs`` and
@@ -296,18 +344,29 @@ def finetune(
         >>> model, history = finetune("resnet18", "digits", epochs=3, out="runs/digits")
         >>> history[-1]["accuracy"] > 0.95
         True
+        >>> model, history = finetune(task="segment", out="runs/shapes")  # a U-Net on the shapes
+        >>> history[-1]["miou"] > 0.8
+        True
     """
     procs = setup(device)
     try:
         compute = _Compute.choose(procs.device, precision, channels_last)
-        return _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights,
-                         n_in, out, resume, seed, ps, weight_decay, valid_pct, augment, workers, progress, on_epoch_end)
+        return _finetune(procs, compute, task, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained,
+                         weights, n_in, out, resume, seed, ps, weight_decay, valid_pct, augment, workers, progress,
+                         on_epoch_end)
     finally:
         teardown(procs)
 
 
-def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights, n_in,
+def _finetune(procs, compute, task, arch, data, size, epochs, freeze_epochs, lr, lr_mult, bs, pretrained, weights, n_in,
               out, resume, seed, ps, weight_decay, valid_pct, augment, workers, progress, on_epoch_end):
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    defaults = DEFAULTS[task]
+    arch = defaults.arch if arch is None else arch
+    data = defaults.data if data is None else data
+    epochs, lr, bs = (defaults.epochs if epochs is None else epochs, defaults.lr if lr is None else lr,
+                      defaults.bs if bs is None else bs)
     _check_arguments(size=size, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, lr_mult=lr_mult, bs=bs, n_in=n_in,
                      seed=seed, ps=ps, weight_decay=weight_decay, valid_pct=valid_pct, workers=workers)
     tuned = pretrained or weights is not None
@@ -326,13 +385,20 @@ def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mu
             report.line(f"removed {stale}, left by a save that was killed")
     spec = zoo.resolve(arch)
     if size is None:
-        size = DIGITS_SIZE if str(data) == "digits" else zoo.default_input_size(spec)[-1]
+        embedded = {DEFAULTS[t].data: DEFAULTS[t].size for t in TASKS}
+        size = embedded.get(str(data), zoo.default_input_size(spec)[-1])
     if not isinstance(data, Data):
         mean, std = zoo.normalization(spec)
         with warnings.catch_warnings():
             if not procs.main:  # one warning about skipped files, not one per process
                 warnings.simplefilter("ignore")
-            data = load_data(data, size, n_in, mean, std, valid_pct, seed, augment)
+            load = load_masks if task == "segment" else load_data
+            data = load(data, size, n_in, mean, std, valid_pct, seed, augment)
+    for note in data.notes:
+        report.line(note)
+    if task == "segment" and len(data.classes) < 2:
+        raise ValueError(f"{data.source} has {len(data.classes)} class: a segmentation needs at least 2 (list them in "
+                         "classes.txt, index 0 first)")
     if len(data.classes) < 2:
         raise ValueError(f"{data.source} has {len(data.classes)} class ({', '.join(data.classes) or 'none'}): fine-tuning "
                          "a classifier needs at least 2 classes: add a sub-folder of images for each other class")
@@ -342,6 +408,7 @@ def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mu
         lr=lr, lr_mult=(100.0 if tuned else 1.0) if lr_mult is None else float(lr_mult), bs=bs,
         pretrained=pretrained, weights=None if weights is None else str(weights), n_in=n_in, seed=seed, ps=ps,
         weight_decay=weight_decay, valid_pct=valid_pct, augment=augment, precision="bf16" if compute.bf16 else "fp32",
+        task=task,
     )
     state = checkpoint.load_state(out) if resume else None
     if state is not None:
@@ -358,9 +425,12 @@ def _finetune(procs, compute, arch, data, size, epochs, freeze_epochs, lr, lr_mu
     resumed_after = len(history)
     train_loader, valid_loader = _loaders(data, bs, seed, workers, procs)
     cut = model.cut
+    what = (f"a U-Net over {len(model.levels)} levels (strides {', '.join(format_stride(s) for s in model.body.strides)})"
+            if task == "segment" else "")
     report.line(
         f"{cut.arch} cut at {cut.where!r} ({cut.nf} channels, {cut.feature_shape[1]}x{cut.feature_shape[2]}) -> "
-        f"{len(data.classes)} classes | {data.source}: {len(data.train)} train, {len(data.valid)} valid, {size}px | "
+        f"{what + ' -> ' if what else ''}{len(data.classes)} classes{' per pixel' if what else ''} | "
+        f"{data.source}: {len(data.train)} train, {len(data.valid)} valid, {size}px | "
         f"{compute.describe()}, {procs.world_size} process{'es' if procs.world_size > 1 else ''}, bs {bs}"
     )
 
@@ -416,7 +486,7 @@ def _fit_phase(model, phase, first, last, options, data, train_loader, valid_loa
         scheduler.load_state_dict(resumed["scheduler"])
     what = "body frozen (norms train), head training" if frozen else f"whole model, lr {_fmt_lr(lrs)}"
     report.line(f"epochs {max(first, len(history))}-{last - 1}: {what}, one-cycle AdamW")
-    report.header()
+    report.header(METRICS[options.task])
     with synced_batch_norm(model, procs):
         net = model
         if procs.world_size > 1:
@@ -431,9 +501,9 @@ def _fit_phase(model, phase, first, last, options, data, train_loader, valid_loa
             start = time.perf_counter()
             with report.bar(len(train_loader), f"epoch {epoch}") as advance:
                 train_loss = _train_epoch(net, train_loader, optimizer, scheduler, procs, compute, advance)
-            valid_loss, accuracy = _validate(model, valid_loader, procs, compute)
-            record = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "valid_loss": valid_loss,
-                      "accuracy": accuracy, "error_rate": 1 - accuracy, "time": time.perf_counter() - start}
+            valid_loss, metrics = _validate(model, valid_loader, procs, compute, options.task, len(data.classes))
+            record = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "valid_loss": valid_loss, **metrics,
+                      "time": time.perf_counter() - start}
             history.append(record)
             report.row(record)
             if out is not None and procs.main:
