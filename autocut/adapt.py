@@ -274,17 +274,25 @@ def adapt(
     apply_init(head, init)
     head.to(device=model_device(body), dtype=model_dtype(body))  # a meta, GPU or bfloat16 body's head is too
 
-    adapted = AdaptedModel(body, head, body.cut)
-    if resolved.users:
-        with modes_kept(resolved.module):  # its modules, shared with the body, keep their flags
-            adapted.train(resolved.module.training)
+    return with_groups(AdaptedModel(body, head, body.cut), body.cut, resolved.arch,
+                       resolved.module if resolved.users else None)
+
+
+def with_groups(model: nn.Module, cut: Cut, arch: str, users: nn.Module | None) -> nn.Module:
+    """``model`` (a body and a head autocut made) in its mode, with ``.cut`` holding its layer
+    groups: in the mode of the user's module ``users`` (its modules, shared with the body, keep
+    their own flags), else in train mode; the groups empty, with a warning, where they cannot be
+    found (the model still works without them)."""
+    if users is not None:
+        with modes_kept(users):
+            model.train(users.training)
     else:
-        adapted.train()
+        model.train()
     try:
-        groups = tuple((g["first"], g["last"], g["params"]) for g in group_summary(adapted))
-    except Exception as err:  # any failure of the groups' forward: warned; the model still adapts without them
-        warnings.warn(f"the layer groups of {resolved.arch} could not be found ({type(err).__name__}: {first_line(err)}); "
-                      "model.cut.groups is empty and layer_groups(model) raises", stacklevel=2)
+        groups = tuple((g["first"], g["last"], g["params"]) for g in group_summary(model))
+    except Exception as err:  # any failure of the groups' forward: warned, not raised
+        warnings.warn(f"the layer groups of {arch} could not be found ({type(err).__name__}: {first_line(err)}); "
+                      "model.cut.groups is empty and layer_groups(model) raises", stacklevel=3)
         groups = ()
-    adapted.cut = dataclasses.replace(body.cut, groups=groups)
-    return adapted
+    model.cut = dataclasses.replace(cut, groups=groups)
+    return model

@@ -33,10 +33,8 @@ parameter names).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,13 +44,12 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from autocut import _validate
-from autocut.adapt import apply_init
+from autocut.adapt import apply_init, with_groups
 from autocut.cut import Cut
-from autocut.errors import CutError, first_line
+from autocut.errors import CutError
 from autocut.freeze import Freezable
-from autocut.groups import group_summary
 from autocut.layers import SigmoidRange
-from autocut.probe import model_device, model_dtype, modes_kept
+from autocut.probe import model_device, model_dtype
 from autocut.pyramid import Pyramid, _simple, create_pyramid
 
 __all__ = ["unet", "Unet", "UnetDecoder", "UnetBlock", "PixelShuffleICNR", "ResBlock", "SelfAttention", "ConvLayer",
@@ -370,18 +367,5 @@ def unet(
                           blur_final=blur_final, self_attention=self_attention, y_range=y_range, last_cross=last_cross,
                           bottle=bottle, act_cls=act_cls, init=init, norm_type=norm_type)
     decoder.to(device=model_device(pyramid), dtype=model_dtype(pyramid))
-    net = Unet(pyramid, decoder, levels[-1])
-    users = isinstance(model, nn.Module)
-    if users:
-        with modes_kept(pyramid.body):
-            net.train(model.training)
-    else:
-        net.train()
-    try:
-        groups = tuple((g["first"], g["last"], g["params"]) for g in group_summary(net))
-    except Exception as err:  # any failure of the groups' forward: warned; the model still works without them
-        warnings.warn(f"the layer groups of {levels[-1].arch} could not be found ({type(err).__name__}: {first_line(err)}); "
-                      "model.cut.groups is empty and layer_groups(model) raises", stacklevel=2)
-        groups = ()
-    net.cut = dataclasses.replace(levels[-1], groups=groups)
-    return net
+    return with_groups(Unet(pyramid, decoder, levels[-1]), levels[-1], levels[-1].arch,
+                       model if isinstance(model, nn.Module) else None)

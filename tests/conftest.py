@@ -1,6 +1,9 @@
 """Hypothesis profiles: "ci" (default) is bounded and derandomised; run
-``python -m pytest --hypothesis-profile=thorough`` for a longer sweep over more models."""
+``python -m pytest --hypothesis-profile=thorough`` for a longer sweep over more models. The
+``one_thread`` fixture, for modules that train."""
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -18,3 +21,13 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("ci")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """pytest-xdist already runs a process per core: more threads per process only contend
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module that trains)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,13 +23,7 @@ SIZE = 16  # small enough for a CPU test run
 ARCH = DEFAULT_ARCH
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """pytest-xdist already runs a process per core: more threads per process only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +177,7 @@ def test_resume_accepts_a_run_saved_before_an_option_existed(tmp_path):
     from autocut.finetune.train import Options, _check_resumable
 
     values = {f.name: i for i, f in enumerate(dataclasses.fields(Options))}
-    older = {k: v for k, v in values.items() if k != "precision"}  # saved before --precision existed
+    older = {k: v for k, v in values.items() if k not in ("precision", "task")}  # saved before they existed
     _check_resumable(older, Options(**values), tmp_path)
     with pytest.raises(ValueError, match=r"cannot resume.*seed="):
         _check_resumable({**older, "seed": -1}, Options(**values), tmp_path)

@@ -25,13 +25,7 @@ ARCH = DEFAULTS["segment"].arch
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """pytest-xdist already runs a process per core: more threads per process only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +274,18 @@ def test_segment_needs_two_classes(tmp_path):
         finetune(ARCH, one, task="segment", size=16, epochs=1, bs=4, progress=False)
     with pytest.raises(ValueError, match="task must be one of classify, segment"):
         finetune(ARCH, one, task="detect", size=16, epochs=1, bs=4, progress=False)
+
+
+def test_an_interrupted_segmentation_resumes_to_the_uninterrupted_run(tmp_path, small_shapes):
+    options = dict(task="segment", size=SIZE, epochs=2, bs=16, progress=False)
+    straight, straight_history = finetune(ARCH, small_shapes, out=tmp_path / "a", **options)
+
+    def ctrl_c(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(ARCH, small_shapes, out=tmp_path / "b", on_epoch_end=ctrl_c, **options)
+    resumed, resumed_history = finetune(ARCH, small_shapes, out=tmp_path / "b", resume=True, **options)
+    assert [(r["train_loss"], r["miou"]) for r in straight_history] == [(r["train_loss"], r["miou"]) for r in resumed_history]
+    mine, theirs = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -172,12 +172,20 @@ class _Handmade(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def _hf_swin():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                                     window_size=2)
+    return transformers.SwinForImageClassification(config)
+
+
 BACKBONES = {
     "timm:resnet18": lambda: "resnet18",
     "timm:vit (one stride)": lambda: timm.create_model("vit_tiny_patch16_224", img_size=64),
     "timm:convnext (first level at 4)": lambda: "convnext_atto",
     "torchvision:mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(),
     "handmade": _Handmade,
+    "transformers:swin (levels kept by hooks)": _hf_swin,
 }
 
 
@@ -189,7 +197,7 @@ def test_unet_on_any_backbone_outputs_the_input_size_and_learns(name):
     x = torch.randn(2, 3, size, size)
     y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
     assert model(x).shape == (2, 4, size, size)
-    if "vit" not in name:  # another size the backbone takes (a ViT's token grid is fixed)
+    if "vit" not in name and "swin" not in name:  # another size the backbone takes (a ViT's token grid is fixed)
         assert model(torch.randn(1, 3, size + 16, size - 16)).shape == (1, 4, size + 16, size - 16)
     losses = _step_lowers_loss(model, x, y)
     assert losses[-1] < losses[0], losses

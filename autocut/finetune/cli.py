@@ -38,7 +38,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from autocut.finetune.checkpoint import load_model
-    from autocut.finetune.predict import predict, read_image
+    from autocut.finetune.predict import predict
 
     try:
         model, meta = load_model(args.checkpoint)
@@ -50,14 +50,9 @@ def _predict(args: argparse.Namespace) -> int:
     if args.overlay:
         print("autocut predict: --overlay draws a segmentation's masks; this checkpoint is a classifier", file=sys.stderr)
         return 2
-    failed, records = 0, []
-    for path in args.images:
-        try:
-            image = read_image(path, meta["input_size"][0])
-        except ValueError as err:
-            print(f"autocut predict: {err}", file=sys.stderr)
-            failed += 1
-            continue
+    failed: list[str] = []
+    records = []
+    for path, image in _images(args.images, meta["input_size"][0], failed):
         (top,) = predict((model, meta), [image], top_k=args.top_k)
         records.append({"image": path, "top": [{"class": c, "probability": p} for c, p in top]})
         if not args.json:
@@ -67,20 +62,28 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _images(paths: list[str], n_in: int, failed: list[str]):
+    """``(path, image)`` for each file that reads; each that does not is said on stderr and added
+    to ``failed``."""
+    from autocut.finetune.predict import read_image
+
+    for path in paths:
+        try:
+            yield path, read_image(path, n_in)
+        except ValueError as err:
+            print(f"autocut predict: {err}", file=sys.stderr)
+            failed.append(path)
+
+
 def _predict_masks(args: argparse.Namespace, model, meta) -> int:
     from pathlib import Path
 
     from autocut.finetune.predict import class_shares, predict_masks, read_image, save_mask, save_overlay
 
     out = Path(args.out_dir)
-    failed, records = 0, []
-    for path in args.images:
-        try:
-            image = read_image(path, meta["input_size"][0])
-        except ValueError as err:
-            print(f"autocut predict: {err}", file=sys.stderr)
-            failed += 1
-            continue
+    failed: list[str] = []
+    records = []
+    for path, image in _images(args.images, meta["input_size"][0], failed):
         (mask,) = predict_masks((model, meta), [image])
         stem = Path(path).stem
         written = [save_mask(mask, out / f"{stem}.png", len(meta["classes"]))]

@@ -65,7 +65,7 @@ class TaskDefaults:
 
 DEFAULTS = {
     "classify": TaskDefaults(arch="resnet10t", data="digits", size=DIGITS_SIZE, epochs=4, lr=3e-3, bs=64),
-    "segment": TaskDefaults(arch="mobilenetv3_small_100", data=SHAPES, size=SHAPES_SIZE, epochs=16, lr=3e-3, bs=32),
+    "segment": TaskDefaults(arch="mobilenetv3_small_100", data=SHAPES, size=SHAPES_SIZE, epochs=14, lr=5e-3, bs=16),
 }
 DEFAULT_ARCH = DEFAULTS["classify"].arch
 DEFAULT_EPOCHS = DEFAULTS["classify"].epochs
