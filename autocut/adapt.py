@@ -23,7 +23,7 @@ from autocut.channels import set_input_channels
 from autocut.cut import Cut
 from autocut.discover import discover_with_trace, unwrap
 from autocut.errors import CutError, first_line
-from autocut.freeze import NORM_TYPES, Freezable, norm_parameter_names
+from autocut.freeze import NORM_TYPES, Freezable, record_norms
 from autocut.groups import group_summary, read_stride
 from autocut.layers import create_head
 from autocut.probe import model_device, model_dtype, modes_kept
@@ -74,8 +74,7 @@ def _body(model: _Resolved, cut: CutSpec) -> nn.Module:
         found = read_stride(body, found, model.own_size)  # where the map is big enough to say
         body.train(model.module.training)  # the body's own flag (a GraphBody's graph), not the model's modules'
     body.cut = found
-    names = {n for n, _ in body.named_parameters()}
-    body.norm_parameter_names = frozenset(norm_parameter_names(model.module) & names)  # graph bodies lose the types
+    record_norms(body, model.module)
     return body
 
 

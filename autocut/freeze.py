@@ -13,7 +13,7 @@ from autocut._validate import integer
 from autocut.errors import CutError
 from autocut.groups import layer_groups
 
-__all__ = ["NORM_TYPES", "norm_parameter_names", "norm_parameter_ids", "freeze_to", "Freezable"]
+__all__ = ["NORM_TYPES", "norm_parameter_names", "norm_parameter_ids", "record_norms", "freeze_to", "Freezable"]
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -30,6 +30,13 @@ def norm_parameter_names(model: nn.Module) -> set[str]:
         elif isinstance(m, NORM_TYPES) or "norm" in type(m).__name__.lower():
             names.update(f"{path}.{n}" if path else n for n, _ in m.named_parameters(recurse=False))
     return names
+
+
+def record_norms(body: nn.Module, model: nn.Module) -> None:
+    """Set ``body.norm_parameter_names``: the names of ``model``'s norm parameters that ``body``
+    (a body cut from it, sharing its names) holds; graph bodies lose the modules' types."""
+    names = {n for n, _ in body.named_parameters()}
+    body.norm_parameter_names = frozenset(norm_parameter_names(model) & names)
 
 
 def norm_parameter_ids(model: nn.Module) -> set[int]:

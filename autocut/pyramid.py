@@ -60,7 +60,7 @@ from autocut.cut_graph import (
 from autocut.cut_hooks import EarlyExitBody, levels_by_hooks, probe_modules
 from autocut.discover import discover_with_trace, discovery_target
 from autocut.errors import CutError, first_line
-from autocut.freeze import norm_parameter_names
+from autocut.freeze import record_norms
 from autocut.layers import Resample
 from autocut.layout import Feature, Layout, feature_of
 from autocut.probe import modes_kept
@@ -473,8 +473,7 @@ def create_pyramid(
         else:
             body = _fx_body(resolved.module, levels, traced if traced.model is resolved.module else None)
         body.train(resolved.module.training)
-    names = {n for n, _ in body.named_parameters()}
-    body.norm_parameter_names = frozenset(norm_parameter_names(resolved.module) & names)  # graph bodies lose the types
+    record_norms(body, resolved.module)
     if weights is not None:
         load_weights(body, weights, resolved.arch)
     resample = None

@@ -171,13 +171,17 @@ class ImageFiles(Dataset):
                 warnings.warn(f"skipping unreadable image {path} ({type(why).__name__}: {why})", stacklevel=2)
         raise RuntimeError("no image of the dataset can be read")
 
-    def __getitem__(self, i: int):
-        img, label = self._open(i)
+    def _seeded(self, i: int, make: Callable):
+        """``make()``, under sample ``i``'s seed of this epoch where the transforms are random."""
         if not self.random:
-            return self.transform(img), label
+            return make()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, i))
-            return self.transform(img), label
+            return make()
+
+    def __getitem__(self, i: int):
+        img, label = self._open(i)
+        return self._seeded(i, lambda: (self.transform(img), label))
 
 
 def _split(n: int, valid_pct: float, seed: int) -> tuple[list[int], list[int]]:

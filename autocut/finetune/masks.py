@@ -30,17 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from autocut.finetune.data import (
     IMAGE_EXTENSIONS,
     Data,
+    ImageFiles,
+    Tensors,
     _split,
     channel_stats,
     convert_image,
     image_mode,
     open_image,
-    sample_seed,
 )
 
 __all__ = ["IGNORE", "SHAPES", "MaskTensors", "MaskFiles", "read_mask", "mask_transform", "shapes_data", "mask_folder",
@@ -93,47 +93,29 @@ def _apply(tfm: Callable, image, mask: np.ndarray) -> tuple[torch.Tensor, torch.
     return x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor).long()
 
 
-class MaskTensors(Dataset):
+class MaskTensors(Tensors):
     """Images and masks already turned into tensors: ``(x[i], y[i])``, ``y`` of class indices."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
 
     def __getitem__(self, i: int):
         return self.x[i], self.y[i]
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to do: no augmentation."""
 
-
-class MaskFiles(Dataset):
-    """Image files and their masks, read and transformed together; random transforms are seeded
-    by ``(seed, epoch, index)``."""
+class MaskFiles(ImageFiles):
+    """Image files and their masks (``pairs``), read and transformed together; random transforms
+    are seeded by ``(seed, epoch, index)``, as :class:`~autocut.finetune.data.ImageFiles`' are."""
 
     def __init__(self, pairs: Sequence[tuple[Path, Path]], transform: Callable, mode: str, seed: int = 0,
                  random: bool = False):
-        self.pairs = list(pairs)
-        self.transform, self.mode, self.seed, self.random = transform, mode, seed, random
-        self.epoch = 0
+        super().__init__(pairs, transform, mode, seed=seed, random=random)
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw this epoch's augmentations (call before iterating; workers copy the dataset)."""
-        self.epoch = epoch
+    @property
+    def pairs(self) -> list[tuple[Path, Path]]:
+        return self.samples
 
     def __getitem__(self, i: int):
         image_path, mask_path = self.pairs[i]
         image, mask = open_image(image_path, self.mode), read_mask(mask_path)
-        if not self.random:
-            return _apply(self.transform, image, mask)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
-            return _apply(self.transform, image, mask)
+        return self._seeded(i, lambda: _apply(self.transform, image, mask))
 
 
 def shapes_data(size: int = SHAPES_SIZE, n_in: int = 3, mean: Sequence[float] = (0.485, 0.456, 0.406),
