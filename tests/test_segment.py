@@ -13,8 +13,17 @@ from sklearn.metrics import jaccard_score
 
 from autocut import cli
 from autocut.finetune import checkpoint, finetune, load_model, predict, predict_masks
-from autocut.finetune.data import Data
-from autocut.finetune.masks import IGNORE, MaskTensors, load_masks, mask_folder, mask_transform, read_mask, shapes_data
+from autocut.finetune.data import Data, sample_seed
+from autocut.finetune.masks import (
+    IGNORE,
+    MaskTensors,
+    ShapeDraws,
+    load_masks,
+    mask_folder,
+    mask_transform,
+    read_mask,
+    shapes_data,
+)
 from autocut.finetune.metrics import confusion_matrix, segment_scores
 from autocut.finetune.predict import class_shares, palette, save_mask
 from autocut.finetune.shapes import CLASSES
@@ -190,6 +199,54 @@ def test_the_embedded_shapes_are_the_generators():
     assert sorted(map(bytes, got.numpy().astype(np.int64))) == sorted(map(bytes, masks))
 
 
+@pytest.mark.parametrize("n_in", [3, 1])
+def test_the_embedded_tensors_are_what_the_same_images_as_png_files_give(tmp_path, n_in):
+    from autocut.finetune.shapes import shapes
+
+    images, masks = shapes(10, size=SIZE, seed=4)
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        Image.fromarray(image, "RGB").save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(mask.astype(np.uint8), "L").save(tmp_path / "masks" / f"{i}.png")
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)
+    files = mask_folder(tmp_path, SIZE, n_in, mean, std, valid_pct=0.2, seed=4, augment=False)
+    embedded = shapes_data(SIZE, n_in, mean, std, valid_pct=0.2, seed=4, n=10)
+    order = sorted(range(10), key=str)  # the folder lists 0.png, 1.png, ... in name order
+    for mine, theirs in ((embedded.train, files.train), (embedded.valid, files.valid)):
+        assert len(mine) == len(theirs)
+        for i in range(len(mine)):
+            (x, y), (fx, fy) = mine[i], theirs[i]
+            torch.testing.assert_close(x, fx, rtol=0, atol=1e-6)
+            assert torch.equal(y, fy)
+    assert order == list(range(10))
+
+
+def test_redrawn_shapes_are_new_each_epoch_and_the_same_for_the_same_epoch():
+    fixed = shapes_data(size=SIZE, n=10, seed=4, valid_pct=0.2)
+    drawn = shapes_data(size=SIZE, n=10, seed=4, valid_pct=0.2, redraw=True)
+    assert isinstance(drawn.train, ShapeDraws) and len(drawn.train) == len(fixed.train) == 8
+    assert torch.equal(drawn.valid.x, fixed.valid.x) and torch.equal(drawn.valid.y, fixed.valid.y)
+    from autocut.finetune.shapes import shapes
+
+    by_epoch = {}
+    for epoch in (0, 1, 0):
+        drawn.train.set_epoch(epoch)
+        _, masks = shapes(8, size=SIZE, seed=sample_seed(4, epoch, 0, stream=2))
+        assert torch.equal(drawn.train.y, torch.from_numpy(masks)), epoch
+        x, y = drawn.train[3]
+        assert torch.equal(y, drawn.train.y[3]) and x.shape == (3, SIZE, SIZE)
+        by_epoch.setdefault(epoch, drawn.train.x.clone())
+    assert torch.equal(drawn.train.x, by_epoch[0]) and not torch.equal(by_epoch[0], by_epoch[1])
+    # no training image is a validation image, nor one of the fixed split's
+    assert not any(torch.equal(a, b) for a in by_epoch[0] for b in torch.cat([fixed.train.x, fixed.valid.x]))
+
+
+def test_the_embedded_set_is_redrawn_with_augmentation_only():
+    assert isinstance(load_masks("shapes", SIZE, augment=True).train, ShapeDraws)
+    assert type(load_masks("shapes", SIZE, augment=False).train) is MaskTensors
+
+
 # --- finetune, checkpoints, predict ---------------------------------------------------------------
 
 
@@ -276,16 +333,21 @@ def test_segment_needs_two_classes(tmp_path):
         finetune(ARCH, one, task="detect", size=16, epochs=1, bs=4, progress=False)
 
 
-def test_an_interrupted_segmentation_resumes_to_the_uninterrupted_run(tmp_path, small_shapes):
+def test_an_interrupted_segmentation_resumes_to_the_uninterrupted_run(tmp_path):
+    # each run gets its own set, as a new process would: the resumed one must draw epoch 1's images
     options = dict(task="segment", size=SIZE, epochs=2, bs=16, progress=False)
-    straight, straight_history = finetune(ARCH, small_shapes, out=tmp_path / "a", **options)
+
+    def drawn():
+        return shapes_data(size=SIZE, n=48, seed=3, redraw=True)
+
+    straight, straight_history = finetune(ARCH, drawn(), out=tmp_path / "a", **options)
 
     def ctrl_c(record):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(ARCH, small_shapes, out=tmp_path / "b", on_epoch_end=ctrl_c, **options)
-    resumed, resumed_history = finetune(ARCH, small_shapes, out=tmp_path / "b", resume=True, **options)
+        finetune(ARCH, drawn(), out=tmp_path / "b", on_epoch_end=ctrl_c, **options)
+    resumed, resumed_history = finetune(ARCH, drawn(), out=tmp_path / "b", resume=True, **options)
     assert [(r["train_loss"], r["miou"]) for r in straight_history] == [(r["train_loss"], r["miou"]) for r in resumed_history]
     mine, theirs = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -145,7 +145,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--wd", type=NON_NEGATIVE, default=0.01, help="AdamW weight decay (default 0.01)")
     ft.add_argument("--valid-pct", type=FRACTION, default=0.2,
                     help="validation share when there is no valid/ folder (default 0.2)")
-    ft.add_argument("--no-augment", action="store_true", help="no random crops and flips for folders")
+    ft.add_argument("--no-augment", action="store_true", help="no random crops and flips for folders, no fresh shapes each epoch")
     ft.add_argument("--workers", type=COUNT, help="data-loading processes (default 0 for digits, else up to 8)")
     ft.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cuda:LOCAL_RANK when there is a GPU)")
     ft.add_argument("--precision", choices=PRECISIONS, default="auto",

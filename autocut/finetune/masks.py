@@ -3,7 +3,8 @@
 Two sources:
 
 - ``"shapes"``: the embedded set (:func:`autocut.finetune.shapes.shapes`), made on the spot, no
-  download;
+  download; with ``augment`` its training images are drawn afresh for each epoch (the
+  augmentation a generated set allows: no image is seen twice), the validation images stay;
 - a folder holding ``images/`` and ``masks/`` (or ``train/`` and ``valid/``, each holding both):
   each image's mask is the file of the same stem in ``masks/`` (``cat.jpg`` and ``cat.png``), a
   single-channel PNG (mode ``L``, ``P`` or 16-bit grey) whose pixels are class indices; the
@@ -41,14 +42,15 @@ from autocut.finetune.data import (
     convert_image,
     image_mode,
     open_image,
+    sample_seed,
 )
 
-__all__ = ["IGNORE", "SHAPES", "MaskTensors", "MaskFiles", "read_mask", "mask_transform", "shapes_data", "mask_folder",
-           "load_masks"]
+__all__ = ["IGNORE", "SHAPES", "MaskTensors", "ShapeDraws", "MaskFiles", "read_mask", "mask_transform", "shapes_data",
+           "mask_folder", "load_masks"]
 
 IGNORE = 255  # a mask value no class has: left out of the loss and the metrics
 SHAPES = "shapes"
-SHAPES_SIZE = 64
+SHAPES_SIZE = 48  # the default run learns the shapes fastest per second at this size (README)
 SHAPES_COUNT = 800
 _MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
@@ -86,10 +88,16 @@ def mask_transform(size: int, mean: Sequence[float], std: Sequence[float], augme
 
 
 def _apply(tfm: Callable, image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchvision import tv_tensors
     from torchvision.transforms.v2 import functional as TF
 
-    x, y = tfm(tv_tensors.Image(TF.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(mask)))
+    return _apply_batch(tfm, TF.pil_to_tensor(image), torch.from_numpy(mask))
+
+
+def _apply_batch(tfm: Callable, pixels: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tfm`` on uint8 images ``([N,] C, H, W)`` and their masks ``([N,] H, W)`` together."""
+    from torchvision import tv_tensors
+
+    x, y = tfm(tv_tensors.Image(pixels), tv_tensors.Mask(masks))
     return x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor).long()
 
 
@@ -118,28 +126,59 @@ class MaskFiles(ImageFiles):
         return self._seeded(i, lambda: _apply(self.transform, image, mask))
 
 
-def shapes_data(size: int = SHAPES_SIZE, n_in: int = 3, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                std: Sequence[float] = (0.229, 0.224, 0.225), valid_pct: float = 0.2, seed: int = 0,
-                n: int = SHAPES_COUNT) -> Data:
-    """The embedded shapes set (:func:`~autocut.finetune.shapes.shapes`): ``n`` images drawn at
-    ``size`` from ``seed``, split by ``valid_pct``; each image through the path a PNG of it takes.
-
-    Example:
-        >>> data = shapes_data(size=64)
-        >>> len(data.train), len(data.valid), data.classes
-        (640, 160, ['background', 'disc', 'square', 'triangle', 'ring'])
-    """
+def _shape_tensors(n: int, size: int, n_in: int, mean: Sequence[float], std: Sequence[float],
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images of shapes drawn from ``seed``, each through the path a PNG of it takes, and their masks."""
     from PIL import Image
 
-    from autocut.finetune.shapes import CLASSES, shapes
+    from autocut.finetune.shapes import shapes
 
     images, masks = shapes(n, size=size, seed=seed)
     tfm = mask_transform(size, channel_stats(mean, n_in), channel_stats(std, n_in))
     mode = image_mode(n_in)
-    pairs = [_apply(tfm, convert_image(Image.fromarray(im, "RGB"), mode), m) for im, m in zip(images, masks)]
-    x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    if mode != "RGB":
+        images = np.stack([np.asarray(convert_image(Image.fromarray(im, "RGB"), mode)) for im in images])
+    pixels = torch.from_numpy(images.reshape(n, size, size, -1)).permute(0, 3, 1, 2)
+    return _apply_batch(tfm, pixels, torch.from_numpy(masks))
+
+
+class ShapeDraws(MaskTensors):
+    """The embedded set's training images, drawn afresh for each epoch: ``n`` images of shapes
+    from the seed of ``(seed, epoch)``, so a run never sees an image twice (a generated set has
+    no end) yet every process, and a resumed run, draws the same ones."""
+
+    def __init__(self, n: int, size: int, n_in: int, mean: Sequence[float], std: Sequence[float], seed: int):
+        self.n, self.size, self.n_in, self.mean, self.std, self.seed = n, size, n_in, mean, std, seed
+        self.epoch = -1
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's images (call before iterating; workers copy the dataset)."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.x, self.y = _shape_tensors(self.n, self.size, self.n_in, self.mean, self.std,
+                                            sample_seed(self.seed, epoch, 0, stream=2))
+
+
+def shapes_data(size: int = SHAPES_SIZE, n_in: int = 3, mean: Sequence[float] = (0.485, 0.456, 0.406),
+                std: Sequence[float] = (0.229, 0.224, 0.225), valid_pct: float = 0.2, seed: int = 0,
+                n: int = SHAPES_COUNT, redraw: bool = False) -> Data:
+    """The embedded shapes set (:func:`~autocut.finetune.shapes.shapes`): ``n`` images drawn at
+    ``size`` from ``seed``, split by ``valid_pct``; each image through the path a PNG of it takes.
+    With ``redraw``, the training images are drawn afresh for each epoch (:class:`ShapeDraws`, as
+    many as the split gives), the validation images stay.
+
+    Example:
+        >>> data = shapes_data(size=48)
+        >>> len(data.train), len(data.valid), data.classes
+        (640, 160, ['background', 'disc', 'square', 'triangle', 'ring'])
+    """
+    from autocut.finetune.shapes import CLASSES
+
+    x, y = _shape_tensors(n, size, n_in, mean, std, seed)
     train, valid = _split(n, valid_pct, seed)
-    return Data(MaskTensors(x[train], y[train]), MaskTensors(x[valid], y[valid]), list(CLASSES), SHAPES)
+    drawn = ShapeDraws(len(train), size, n_in, mean, std, seed) if redraw else MaskTensors(x[train], y[train])
+    return Data(drawn, MaskTensors(x[valid], y[valid]), list(CLASSES), SHAPES)
 
 
 def _files(folder: Path) -> list[Path]:
@@ -260,8 +299,8 @@ def mask_folder(path: str | Path, size: int = 224, n_in: int = 3, mean: Sequence
 def load_masks(data: str | Path, size: int, n_in: int = 3, mean: Sequence[float] = (0.485, 0.456, 0.406),
                std: Sequence[float] = (0.229, 0.224, 0.225), valid_pct: float = 0.2, seed: int = 0,
                augment: bool = True) -> Data:
-    """``"shapes"`` for the embedded set (pass ``./shapes`` for a folder of that name), else
-    :func:`mask_folder`."""
+    """``"shapes"`` for the embedded set (pass ``./shapes`` for a folder of that name; with
+    ``augment``, training images drawn afresh for each epoch), else :func:`mask_folder`."""
     if str(data) == SHAPES:
-        return shapes_data(size, n_in, mean, std, valid_pct, seed)
+        return shapes_data(size, n_in, mean, std, valid_pct, seed, redraw=augment)
     return mask_folder(data, size, n_in, mean, std, valid_pct, seed, augment)

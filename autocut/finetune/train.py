@@ -65,7 +65,7 @@ class TaskDefaults:
 
 DEFAULTS = {
     "classify": TaskDefaults(arch="resnet10t", data="digits", size=DIGITS_SIZE, epochs=4, lr=3e-3, bs=64),
-    "segment": TaskDefaults(arch="mobilenetv3_small_100", data=SHAPES, size=SHAPES_SIZE, epochs=14, lr=5e-3, bs=16),
+    "segment": TaskDefaults(arch="test_efficientnet", data=SHAPES, size=SHAPES_SIZE, epochs=44, lr=5e-3, bs=16),
 }
 DEFAULT_ARCH = DEFAULTS["classify"].arch
 DEFAULT_EPOCHS = DEFAULTS["classify"].epochs
@@ -296,7 +296,7 @@ def finetune(
             folder of ``images/`` and ``masks/`` (:mod:`autocut.finetune.masks`); or a :class:`Data`.
         task: ``"classify"`` (a class per image: :func:`autocut.adapt`) or ``"segment"`` (a
             class per pixel: :func:`autocut.unet`).
-        size: image side in pixels; default 32 for digits, 64 for shapes, else the model's own
+        size: image side in pixels; default 32 for digits, 48 for shapes, else the model's own
             input size.
         epochs: epochs with the whole model training, after ``freeze_epochs`` with the body
             frozen (norms trainable) and the head training; ``freeze_epochs`` defaults to 1
@@ -317,8 +317,9 @@ def finetune(
         seed: seeds the split, the model's initialisation and every epoch's randomness.
         ps: dropout of the classification head (a segmentation has none); with dropout, runs
             on different numbers of processes agree in distribution, not bit for bit.
-        augment: random crops and flips for folders, the same for an image and its mask (the
-            embedded sets are never augmented).
+        augment: random crops and flips for folders, the same for an image and its mask; for
+            the embedded shapes, training images drawn afresh for each epoch (digits are never
+            augmented).
         workers: data-loading processes; default 0 for in-memory data, else up to 8.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default ``cuda:LOCAL_RANK`` when there
             is a GPU, else the CPU.
