@@ -240,9 +240,7 @@ def test_bf16_autocast_and_channels_last_on_request(tmp_path, monkeypatch, capsy
     small_digits = Data(Tensors(full.train.x[:256], full.train.y[:256]), Tensors(full.valid.x[:64], full.valid.y[:64]),
                         full.classes, "digits[:256] at 32 px")
     options = dict(size=2 * SIZE, epochs=2, bs=32, channels_last=True, device="cpu")
-    _, fp32 = finetune(ARCH, small_digits, precision="fp32", progress=False, **options)
-
-    seen = {"input_channels_last": [], "logits": [], "params": set()}
+    seen = {"input_channels_last": [], "logits": [], "first": []}
     build = train._build_model
 
     def observed(*args):
@@ -250,12 +248,17 @@ def test_bf16_autocast_and_channels_last_on_request(tmp_path, monkeypatch, capsy
         model.register_forward_pre_hook(lambda m, inp: seen["input_channels_last"].append(
             inp[0].is_contiguous(memory_format=torch.channels_last)))
         model.register_forward_hook(lambda m, inp, out: seen["logits"].append(out.dtype))
+        model.register_forward_hook(lambda m, inp, out: seen["first"].append(out.detach().float().clone())
+                                    if len(seen["logits"]) == 1 else None)
         seen["conv_weight_channels_last"] = next(p for p in model.parameters() if p.dim() == 4).is_contiguous(
             memory_format=torch.channels_last)
         seen["model"] = model
         return model
 
     monkeypatch.setattr(train, "_build_model", observed)
+    _, fp32 = finetune(ARCH, small_digits, precision="fp32", progress=False, **options)
+    assert set(seen["logits"]) == {torch.float32}
+    seen["logits"].clear()
     _, bf16 = finetune(ARCH, small_digits, out=tmp_path, precision="bf16", **options)
     assert "cpu, bf16 autocast, channels_last" in capsys.readouterr().out
     assert seen["conv_weight_channels_last"] and all(seen["input_channels_last"])
@@ -263,10 +266,14 @@ def test_bf16_autocast_and_channels_last_on_request(tmp_path, monkeypatch, capsy
     assert {p.dtype for p in seen["model"].parameters()} == {torch.float32}  # autocast, not a bf16 model
     meta = json.loads((tmp_path / checkpoint.MODEL_META).read_text())
     assert meta["options"]["precision"] == "bf16"
-    # bf16 rounding changes the numbers, not the course: the loss falls as the fp32 run's does.
-    assert bf16[-1]["train_loss"] < bf16[0]["train_loss"] / 2
-    for a, b in zip(bf16, fp32, strict=True):
-        assert abs(a["train_loss"] - b["train_loss"]) < 0.3 * b["train_loss"], (bf16, fp32)
+    # the same weights and batch give fp32's logits to bf16's precision (8 bits of mantissa, rounded
+    # at every layer: a few % of the logits' norm; another model's logits would be ~140% off)...
+    first_fp32, first_bf16 = seen["first"]
+    assert (first_bf16 - first_fp32).norm() < 0.1 * first_fp32.norm()
+    # ...and rounding changes the numbers, not the course: the loss falls as the fp32 run's does (how
+    # far apart two epochs of rounding take the two runs depends on the CPU, so that is not pinned)
+    for run in (bf16, fp32):
+        assert run[-1]["train_loss"] < run[0]["train_loss"] / 2, run
     with pytest.raises(ValueError, match="cannot resume.*precision='bf16' \\(now 'fp32'\\)"):
         finetune(ARCH, small_digits, size=2 * SIZE, epochs=2, bs=32, out=tmp_path, resume=True, progress=False)
 
