@@ -128,7 +128,8 @@ class MaskFiles(ImageFiles):
 
 def _shape_tensors(n: int, size: int, n_in: int, mean: Sequence[float], std: Sequence[float],
                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images of shapes drawn from ``seed``, each through the path a PNG of it takes, and their masks."""
+    """``n`` images of shapes drawn from ``seed`` and their masks, transformed in one batch to the values a
+    PNG of each read through :func:`mask_folder` gives."""
     from PIL import Image
 
     from autocut.finetune.shapes import shapes
