@@ -72,11 +72,8 @@ def _truncate(
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     last = max(position[node] for node, _ in ends)
-    live = ancestors(nodes[-1])
-    for n in nodes:
-        # keep input checks (torch._assert) that precede the cut
-        if n.op == "call_function" and position[n] < last and n.is_impure():
-            live |= ancestors(n)
+    # the output, and the input checks (torch._assert) that precede the cut
+    live = ancestors(nodes[-1], *(n for n in nodes[:last] if n.op == "call_function" and n.is_impure()))
     for n in reversed(nodes):
         if n not in live and n.op != "placeholder":
             graph.erase_node(n)
@@ -210,19 +207,16 @@ def _module_calls(traced: Traced, graph: fx.Graph) -> tuple[tuple[str, object], 
     A module fx traced through that calls no module itself (timm's ``LayerNorm``, which runs as
     ``F.layer_norm``) has no call of its own in the graph: each op made inside it counts as a call
     of it, so its parameters run where it runs (a ViT's final norm at the last stage, not first)."""
-    called = [str(n.target) for n in graph.nodes if n.op == "call_module"]
-    calls_inside: dict[str, bool] = {}
-
-    def calls_modules(scope: str) -> bool:
-        if scope not in calls_inside:
-            calls_inside[scope] = any(c == scope or c.startswith(scope + ".") for c in called)
-        return calls_inside[scope]
-
+    calling = set()  # each module called and every module it sits in
+    for n in graph.nodes:
+        if n.op == "call_module":
+            parts = str(n.target).split(".")
+            calling.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
     out = []
     for n in graph.nodes:
         if n.op == "call_module":
             out.append((str(n.target), traced.shapes.get(n)))
-        elif n.op in ("call_function", "call_method") and (scope := traced.scope.get(n)) and not calls_modules(scope):
+        elif n.op in ("call_function", "call_method") and (scope := traced.scope.get(n)) and scope not in calling:
             out.append((scope, traced.shapes.get(n)))
     return tuple(out)
 

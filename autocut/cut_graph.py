@@ -411,9 +411,9 @@ def resolve_node(traced: Traced, name: str) -> fx.Node:
     return last
 
 
-def ancestors(node: fx.Node) -> set[fx.Node]:
-    """``node`` and every node it is computed from."""
-    seen, stack = {node}, [node]
+def ancestors(node: fx.Node, *more: fx.Node) -> set[fx.Node]:
+    """``node`` (and ``more``) and every node they are computed from."""
+    seen, stack = {node, *more}, [node, *more]
     while stack:
         for a in stack.pop().all_input_nodes:
             if a not in seen:

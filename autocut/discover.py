@@ -20,6 +20,7 @@ from typing import NamedTuple
 from torch import nn
 
 from autocut import _validate, zoo
+from autocut._gc import gc_paused
 from autocut.cut import Cut
 from autocut.cut_check import check_graph_cut, check_module_cut
 from autocut.cut_export import module_cut
@@ -64,6 +65,7 @@ def check_input_size(input_size, default) -> tuple[int, int, int]:
     return _validate.input_size(input_size, default)
 
 
+@gc_paused()
 def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = None) -> Cut:
     """Find where to cut ``model``, the width ``nf`` there and the layout, without a table.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 
 __all__ = [
     "PROBE_BATCH", "shape_of", "tensor_leaves", "first_input", "leaf_at", "shapes_inside", "model_device",
-    "model_dtype", "probe_input", "modes_kept", "eval_mode", "set_mode", "probe_forward",
+    "model_dtype", "probe_input", "modes_kept", "eval_mode", "set_mode", "weights_on_meta", "probe_forward",
 ]
 
 # An odd prime no other dimension is likely to equal: attention pools stack k/v in a dimension of
@@ -123,7 +124,7 @@ def model_device(model: nn.Module) -> torch.device:
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's first floating-point parameter or buffer (torch's default dtype
     for a model with neither): what an input must have for a half-precision model to run."""
-    for t in (*model.parameters(), *model.buffers()):
+    for t in itertools.chain(model.parameters(), model.buffers()):
         if t.is_floating_point():
             return t.dtype
     return torch.get_default_dtype()
@@ -201,6 +202,34 @@ def set_mode(model: nn.Module, training: bool) -> nn.Module:
         vars(m)["training"] = training
         stack.extend(child for child in vars(m)["_modules"].values() if child is not None)
     return model
+
+
+@contextlib.contextmanager
+def weights_on_meta(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every parameter and buffer of ``model`` is a meta tensor of its shape,
+    strides and dtype (a parameter still a parameter, one shared tensor still shared); after it,
+    the model's own tensors again, untouched. A probe then runs on meta tensors, as a meta model's
+    does, without converting each weight to a fake tensor on every use."""
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    made: dict[int, torch.Tensor] = {}
+    try:
+        for module in model.modules():
+            for store in (vars(module)["_parameters"], vars(module)["_buffers"]):
+                for name, t in store.items():
+                    if t is None or t.device.type == "meta":
+                        continue
+                    meta = made.get(id(t))
+                    if meta is None:
+                        meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                        if isinstance(t, nn.Parameter):
+                            meta = nn.Parameter(meta, requires_grad=t.requires_grad)
+                        made[id(t)] = meta
+                    swapped.append((store, name, t))
+                    store[name] = meta
+        yield model
+    finally:
+        for store, name, t in reversed(swapped):
+            store[name] = t
 
 
 def probe_forward(

@@ -26,7 +26,7 @@ import torchvision
 from torch import fx, nn
 from torchvision.models import feature_extraction as tv_fx
 
-from autocut.probe import PROBE_BATCH, eval_mode, model_device, model_dtype, probe_input, set_mode, shape_of
+from autocut.probe import PROBE_BATCH, eval_mode, model_device, model_dtype, probe_input, set_mode, shape_of, weights_on_meta
 
 __all__ = ["Traced", "trace", "trace_exported", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of",
            "has_hooks", "forward_of", "op_name"]
@@ -125,6 +125,18 @@ class _ScopeTracer(tv_fx.NodePathTracer):
         # hooks would run once while tracing and never again on the body's forwards
         return has_hooks(m) or super().is_leaf_module(m, module_qualname)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        # fx's Graph.create_node walks every argument of a call with pytree to warn of a raw
+        # SymInt, which symbolic tracing never makes (a sixth of a trace): the node is made
+        # without its arguments, then given them, as fx's own passes assign them
+        if self.check_mutable_operations or not (args or kwargs):
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        node = super().create_node(kind, target, (), {}, name, type_expr)
+        node.args = args
+        if kwargs:
+            node.kwargs = kwargs
+        return node
+
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
         self.node_scope[proxy.node] = self.current_module_qualname
@@ -180,8 +192,11 @@ class _ScopeTracer(tv_fx.NodePathTracer):
         # a registry of opaque types (weak-dict lookups along the MRO) before it reaches them
         if isinstance(a, fx.Proxy):
             return a.node
-        if type(a) in _PLAIN_TYPES:
+        kind = type(a)
+        if kind in _PLAIN_TYPES:
             return a
+        if kind is tuple or kind is list:  # (not a namedtuple, which fx makes a node of)
+            return kind(self.create_arg(v) for v in a)
         if isinstance(a, torch.Tensor):
             found = self._tensors.get(id(a))
             if found is not None and found[1] is a and _attribute(self.root, found[0]) is a:
@@ -189,7 +204,8 @@ class _ScopeTracer(tv_fx.NodePathTracer):
         return super().create_arg(a)
 
 
-_PLAIN_TYPES = frozenset({int, float, bool, str, type(None)})
+_PLAIN_TYPES = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
+                          torch.layout, type(Ellipsis)})
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -291,6 +307,12 @@ def concrete_args_of(model: nn.Module) -> dict[str, Any]:
 
 
 def _same_layout(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(x)``. Where ``x`` is dense in one memory format and has no size-1
+    dimension, that keeps ``x``'s strides: made directly (on meta and fake tensors ``empty_like``
+    works them out in Python, a fifth of a probe's ops)."""
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    if dense and min(x.shape, default=0) > 1:
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     return torch.empty_like(x)
 
 
@@ -305,8 +327,9 @@ def _contiguous(x: torch.Tensor, last: int | None = None) -> torch.Tensor:
 
 
 def _dtype_fits(module: nn.Module, x: torch.Tensor) -> bool:
-    return all(t.dtype == x.dtype for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
-               if t.is_floating_point())
+    own = vars(module)
+    return all(t.dtype == x.dtype for t in (*own["_parameters"].values(), *own["_buffers"].values())
+               if t is not None and t.is_floating_point())
 
 
 def _output_like(module: nn.Module, x: Any) -> torch.Tensor | None:
@@ -391,6 +414,108 @@ _ELEMENTWISE_FUNCTIONS = frozenset({
 })
 
 
+class _Unkeyed(Exception):
+    """An argument :func:`_metadata_key` cannot stand for by its metadata alone."""
+
+
+_KEY_SCALARS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
+                          torch.layout, type(Ellipsis)})
+
+
+def _metadata_key(value: Any) -> Any:
+    """A hashable stand-in for an op's argument, equal for two arguments a meta kernel cannot
+    tell apart: a meta tensor by its shape, strides, offset and dtype; numbers and other plain
+    values by type and value; containers of those. Raises :class:`_Unkeyed` for anything else
+    (a fake or real tensor, whose values an op may read; a module; a function)."""
+    kind = type(value)
+    if kind in _KEY_SCALARS:
+        return kind, value
+    if isinstance(value, torch.Tensor):
+        if kind not in (torch.Tensor, nn.Parameter) or value.device.type != "meta":
+            raise _Unkeyed
+        return value.shape, value.stride(), value.storage_offset(), value.dtype, value.requires_grad
+    if isinstance(value, (tuple, list)):  # (fx's immutable_list and torch.Size among them)
+        return kind, tuple(_metadata_key(v) for v in value)
+    if isinstance(value, dict):
+        return kind, tuple((k, _metadata_key(v)) for k, v in value.items())
+    if kind is slice:
+        return kind, _metadata_key(value.start), _metadata_key(value.stop), _metadata_key(value.step)
+    raise _Unkeyed
+
+
+def _metadata_of(out: Any) -> Any:
+    """What :func:`_made_like` needs to make ``out`` again (a meta tensor's metadata, plain values,
+    containers of those), or ``None`` where it cannot (any other object: it is not kept)."""
+    kind = type(out)
+    if kind is torch.Tensor and out.device.type == "meta":
+        return "tensor", out.shape, out.stride(), out.storage_offset(), out.dtype
+    if kind in _KEY_SCALARS and kind is not type(None) or kind is torch.Size:
+        return "value", out
+    if kind in (tuple, list):
+        inner = [_metadata_of(v) for v in out]
+        return None if any(m is None for m in inner) else (kind, inner)
+    return None
+
+
+def _made_like(meta: Any) -> Any:
+    """A new value with the metadata :func:`_metadata_of` kept: a fresh meta tensor (its own
+    storage, as large as its strides and offset reach), the same plain value, a new container."""
+    kind = meta[0]
+    if kind == "value":
+        return meta[1]
+    if kind == "tensor":
+        _, shape, stride, offset, dtype = meta
+        if offset == 0:
+            return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        extent = offset + 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else offset
+        return torch.empty(extent, dtype=dtype, device="meta").as_strided(shape, stride, offset)
+    return kind(_made_like(m) for m in meta[1])
+
+
+def _keeps_metadata(op: str, target: Any, kwargs: dict) -> bool:
+    """Whether an op's result on meta tensors is a function of its arguments' metadata alone and
+    changes no argument's metadata: torch's and Python's operators, not in place (``x.t_()``,
+    ``operator.setitem``), not into ``out=``, and torch's own modules (a convolution, a pool,
+    an attention made of torch's modules only, none with hooks; ``target``: the module); the
+    model's own functions and modules (which may keep state) run."""
+    if kwargs.get("out") is not None:
+        return False
+    if op == "call_module":
+        inside = vars(target)["_modules"]
+        return type(target).__module__.startswith("torch.nn.modules.") and not (inside and any(
+            not type(m).__module__.startswith("torch.nn.modules.") or has_hooks(m) for m in target.modules()))
+    if op == "call_method":
+        return isinstance(target, str) and not (target.endswith("_") and not target.endswith("__"))
+    name = getattr(target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return False
+    home = getattr(target, "__module__", None) or ""
+    if home == "_operator":
+        return name not in _IN_PLACE_OPERATORS
+    return (home == "torch" or home.startswith("torch.")) and target is not torch._assert
+
+
+def _module_key(module: nn.Module) -> Any:
+    """:func:`_metadata_key` of what a torch module's forward reads: the class, parameters, buffers
+    and attributes (a convolution's stride, padding, groups) of it and of each module inside it."""
+    def own(m: nn.Module) -> Any:
+        held = vars(m)
+        return (type(m), _metadata_key(held["_parameters"]), _metadata_key(held["_buffers"]),
+                tuple((k, _metadata_key(v)) for k, v in held.items() if k not in _MODULE_INTERNALS))
+
+    if not vars(module)["_modules"]:
+        return own(module)
+    return tuple((path, own(m)) for path, m in module.named_modules())
+
+
+def _call(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    return module(*args, **kwargs)
+
+
+_IN_PLACE_OPERATORS = frozenset({"setitem", "delitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod",
+                                 "ipow", "imatmul", "iand", "ior", "ixor", "ilshift", "irshift", "iconcat"})
+
+
 class _ShapeRecorder(fx.Interpreter):
     # Values are kept (garbage_collect_values=False): levit and efficientformer cache attention
     # biases across calls, and meta/fake values cost no memory.
@@ -400,6 +525,10 @@ class _ShapeRecorder(fx.Interpreter):
         super().__init__(root, garbage_collect_values=False, graph=graph)
         self.shapes: dict[fx.Node, Any] = {}
         self.constants = constants
+        # an op's result on meta tensors, by what its arguments' metadata are: a model's repeated
+        # blocks call each op with the same shapes again (five in six calls), and meta kernels
+        # are Python (a group norm's: 2 ms)
+        self.made: dict[Any, Any] = {}
 
     def fetch_attr(self, target: str) -> Any:
         found = self.constants.get(target)
@@ -411,14 +540,25 @@ class _ShapeRecorder(fx.Interpreter):
         return out
 
     def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
-        if len(args) == 1 and not kwargs:
-            module = self.fetch_attr(target)
-            if not has_hooks(module) and not module.training:  # (a user's hooks, or batch statistics: it runs)
-                out = _output_like(module, args[0])
-                if out is not None:
-                    return out
-        return super().call_module(target, args, kwargs)
+        module = self.fetch_attr(target)
+        if has_hooks(module) or module.training:  # (a user's hooks, or batch statistics: it runs)
+            return super().call_module(target, args, kwargs)
+        return self._module_output(module, args, kwargs)
 
+    def _module_output(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """What a leaf module (no hooks of its own, in eval mode) returns: a shortcut's output; for a
+        leaf ``nn.Sequential`` (torchvision's ``Conv2dNormActivation``), each child's in turn; made
+        again from an earlier call's metadata; else it runs."""
+        if len(args) == 1 and not kwargs:
+            out = _output_like(module, args[0])
+            if out is not None:
+                return out
+            if type(module).forward is nn.Sequential.forward:  # (what Sequential.forward does)
+                x = args[0]
+                for child in vars(module)["_modules"].values():
+                    x = child(x) if has_hooks(child) or child.training else self._module_output(child, (x,), {})
+                return x
+        return self._by_metadata("call_module", module, args, kwargs)
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         if target in _BINARY_FUNCTIONS and len(args) == 2 and not kwargs:
             out = _binary_like(*args)
@@ -437,7 +577,33 @@ class _ShapeRecorder(fx.Interpreter):
             fits = weight is None or (isinstance(weight, torch.Tensor) and weight.dtype == x.dtype)
             if fits and isinstance(shape, (tuple, list, torch.Size)) and tuple(x.shape[x.dim() - len(shape):]) == tuple(shape):
                 return _contiguous(x)
-        return super().call_function(target, args, kwargs)
+        return self._by_metadata("call_function", target, args, kwargs)
+
+    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return self._by_metadata("call_method", target, args, kwargs)
+
+    def _by_metadata(self, op: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        """The op's result: made again from the metadata of an earlier call with arguments of the
+        same metadata (:func:`_metadata_key`), else run (and its result's metadata kept). A
+        module (``target`` of a ``call_module``: the module itself) is keyed by what each module of
+        it holds (:func:`_module_key`), not by its name."""
+        run = {"call_function": super().call_function, "call_method": super().call_method,
+               "call_module": _call}[op]
+        if not _keeps_metadata(op, target, kwargs):
+            return run(target, args, kwargs)
+        try:
+            what = _module_key(target) if op == "call_module" else target
+            key = (op, what, _metadata_key(args), _metadata_key(kwargs))
+            made = self.made.get(key)
+        except (_Unkeyed, TypeError):  # (TypeError: an unhashable target)
+            return run(target, args, kwargs)
+        if made is not None:
+            return _made_like(made)
+        out = run(target, args, kwargs)
+        made = _metadata_of(out)
+        if made is not None:
+            self.made[key] = made
+        return out
 
 
 @dataclass
@@ -452,7 +618,7 @@ class Traced:
     input: fx.Node
     input_shape: tuple[int, ...]
     concrete_args: dict[str, Any] = field(default_factory=dict)
-    shape_method: str = "meta"
+    shape_method: str = "meta"  # "meta" (a meta model), "weights on meta" (a real one's, see trace()) or "fake"
     constants: dict[str, torch.Tensor] = field(default_factory=dict)  # the graph's _tensor_constantN
     capture: str = "fx"  # how the graph was captured: "fx" (symbolic trace) or "export" (torch.export, ATen ops)
     training_reads: tuple[int, ...] | None = None  # graph length at each read of a module's training flag (fx)
@@ -528,16 +694,27 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
     """Trace ``model`` (eval graph) and record every node's output shape for a
     ``(batch, *input_size)`` input.
 
-    Meta models run on meta tensors; models with real weights run on fake tensors (their weights
-    are never copied or touched). Raises whatever tracing or propagation raised: callers fall
-    back to module hooks (:mod:`autocut.cut_hooks`).
+    Meta models run on meta tensors; so do models with real weights, each weight stood in for by
+    a meta tensor of its shape while the graph runs (:func:`~autocut.probe.weights_on_meta`), and
+    where that fails (a tensor the model keeps outside its parameters and buffers meets a meta
+    one), on fake tensors. Their weights are never copied or touched. Raises whatever tracing or
+    propagation raised: callers fall back to module hooks (:mod:`autocut.cut_hooks`).
     """
     graph, tracer, concrete = trace_graph(model, training=False)
-    device = model_device(model)
+    device, dtype = model_device(model), model_dtype(model)
     shape = (batch, *input_size)
     recorder = _ShapeRecorder(tracer.root, graph, tracer.constants)
-    with eval_mode(model), torch.no_grad(), probe_input(shape, device, dtype=model_dtype(model)) as x:
-        recorder.run(x)
+    method = "meta" if device.type == "meta" else "weights on meta"
+    with eval_mode(model), torch.no_grad():
+        try:
+            with weights_on_meta(model), probe_input(shape, torch.device("meta"), dtype=dtype) as x:
+                recorder.run(x)
+        except Exception:  # (any failure on meta tensors) the real weights as fake tensors, next; raises what they raise
+            if method == "meta":
+                raise
+            recorder, method = _ShapeRecorder(tracer.root, graph, tracer.constants), "fake"
+            with probe_input(shape, device, dtype=dtype) as x:
+                recorder.run(x)
     return Traced(
         model=model,
         graph=graph,
@@ -547,7 +724,7 @@ def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE
         input=next(n for n in graph.nodes if n.op == "placeholder"),
         input_shape=shape,
         concrete_args=concrete,
-        shape_method="meta" if device.type == "meta" else "fake",
+        shape_method=method,
         constants=tracer.constants,
         training_reads=None if tracer.training_reads is None else tuple(tracer.training_reads),
     )

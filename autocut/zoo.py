@@ -405,10 +405,23 @@ def _from_config(model: nn.Module) -> tuple[tuple[int, int, int], str] | None:
 def _from_attributes(model: nn.Module) -> tuple[tuple[int, int, int], str] | None:
     for path, module in model.named_modules():
         for attr in ("image_size", "img_size"):
-            size = _size(getattr(module, "in_chans", getattr(module, "num_channels", None)), getattr(module, attr, None))
+            side = _attribute(module, attr)
+            if side is None:
+                continue
+            size = _size(_attribute(module, "in_chans", _attribute(module, "num_channels")), side)
             if size is not None:
                 return size, f"{path}.{attr}" if path else attr
     return None
+
+
+def _attribute(module: nn.Module, name: str, default: Any = None) -> Any:
+    """``getattr(module, name, default)`` for a plain attribute (the instance's or its class's),
+    without asking ``nn.Module.__getattr__``, which raises (slowly) for each name a module lacks
+    and holds only tensors and modules, never a size."""
+    own = vars(module)
+    if name in own:
+        return own[name]
+    return getattr(module, name, default) if hasattr(type(module), name) else default
 
 
 # the sides a size read from a loosely named place (an input_size triple, a config's field) may

@@ -17,6 +17,7 @@ from autocut.probe import (
     shape_of,
     shapes_inside,
     tensor_leaves,
+    weights_on_meta,
 )
 
 
@@ -70,6 +71,46 @@ def test_real_weights_run_on_fake_tensors_untouched_in_eval_mode():
     assert model.training, "the model's own mode comes back"
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # running statistics included: eval mode
+
+
+class Tied(nn.Module):
+    """A parameter used twice (a tied embedding), a buffer, an empty bias slot, a frozen weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3, bias=False)
+        self.b.weight = self.a.weight
+        self.bn = nn.BatchNorm1d(3)
+        self.frozen = nn.Linear(3, 2)
+        self.frozen.weight.requires_grad_(False)
+
+
+def test_weights_on_meta_stands_in_for_each_tensor_and_gives_the_models_own_back():
+    model = Tied()
+    own = {name: t for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]}
+    values = {name: t.detach().clone() for name, t in own.items()}
+    with weights_on_meta(model) as same:
+        assert same is model
+        inside = dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers()])
+        assert set(inside) == set(own)
+        for name, t in inside.items():
+            assert t.device.type == "meta"
+            mine = own[name]
+            assert (t.shape, t.stride(), t.dtype, type(t)) == (mine.shape, mine.stride(), mine.dtype, type(mine))
+            assert t.requires_grad == own[name].requires_grad, name
+        assert model.b.weight is model.a.weight  # still tied
+        assert model.b.bias is None
+        assert model.a(torch.empty(5, 4, device="meta")).shape == (5, 3)
+        with pytest.raises(ValueError, match="inside"):
+            with weights_on_meta(model):
+                raise ValueError("inside")
+        assert model.a.weight.device.type == "meta"  # the inner block gave back what it found
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        assert t is own[name] and torch.equal(t, values[name]), name
+    with pytest.raises(RuntimeError, match="boom"):
+        with weights_on_meta(model):
+            raise RuntimeError("boom")
+    assert all(t is own[name] for name, t in model.named_parameters(remove_duplicate=False))
 
 
 def test_meta_models_run_on_meta_tensors():

@@ -139,3 +139,141 @@ def test_each_shortcut_is_what_the_module_returns(layout, fake):
             assert (got is v) == (want is v), type(module)  # the input itself where the module returns it
         for module in unfit:
             assert _output_like(module, x) is None  # does not fit: the module runs, and raises
+
+
+class Plain(nn.Module):
+    """Parameters and buffers only: nothing made in forward that a meta weight could meet."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.fc(y.flatten(2).mean(-1))
+
+
+def _tensor_shapes(recorded: dict) -> dict:
+    return {n: s for n, s in recorded.items() if isinstance(s, tuple)}
+
+
+def test_a_real_model_runs_with_its_weights_on_meta_and_is_left_untouched():
+    from autocut.probe import eval_mode
+
+    model = Plain()
+    own = [(p, p.detach().clone()) for p in [*model.parameters(), *model.buffers()]]
+    traced = trace(model, (3, 16, 16), batch=5)
+    assert traced.shape_method == "weights on meta"
+    oracle = _PlainShapes(traced)  # fx's own interpreter, on real tensors
+    with eval_mode(model), torch.no_grad():
+        oracle.run(torch.randn(5, 3, 16, 16))
+    assert _tensor_shapes(traced.shapes) == {n: v[0] for n, v in oracle.seen.items() if v is not None}
+    assert traced.shapes[traced.node_named("conv")] == (5, 4, 8, 8)
+    assert all(t is u for t, (u, _) in zip([*model.parameters(), *model.buffers()], own))
+    assert all(torch.equal(t, value) for t, value in own)
+    assert [t.device.type for t in model.parameters()] == ["cpu"] * 6
+
+
+class Repeats(nn.Module):
+    """The same ops on the same shapes, again: views at an offset, tuples, sizes, convolutions of
+    one configuration and of another, and an op that changes its input's shape in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)  # c1's configuration: made again
+        self.c3 = nn.Conv2d(4, 4, 3, padding=1, stride=2)  # another stride: runs
+
+    def forward(self, x):
+        a, b = x[:, 1:], x[:, 1:] * 2
+        c, d = x.chunk(2, dim=1)
+        e, f = x.chunk(2, dim=1)
+        y = x.flatten(2)
+        y.unsqueeze_(1)  # in place: y is now (B, 1, C, HW); the next flatten is not this one
+        z = x.flatten(2)
+        return a, b, c, d, e, f, y, z, x.size(), x.size(), self.c1(x), self.c2(x), self.c3(x)
+
+
+def test_ops_repeated_on_the_same_metadata_are_made_again_as_running_them_would(monkeypatch):
+    from autocut.probe import eval_mode
+    from autocut.trace import _ShapeRecorder
+
+    runs = []
+    forward = nn.Conv2d.forward
+    monkeypatch.setattr(nn.Conv2d, "forward", lambda self, x: runs.append(self) or forward(self, x))
+    model = Repeats().to("meta")
+    traced = trace(model, (4, 6, 6), batch=3)
+    assert runs == [model.c1, model.c3]  # c2's output made from c1's metadata
+
+    class Seen(_ShapeRecorder):  # each value's metadata when it was made (unsqueeze_ changes one later)
+        def run_node(self, n):
+            out = super().run_node(n)
+            self.seen[n] = (tuple(out.shape), out.stride(), out.dtype) if isinstance(out, torch.Tensor) else None
+            return out
+
+    shortcut = Seen(traced.model, traced.graph, traced.constants)
+    shortcut.seen = {}
+    plain = _PlainShapes(traced)
+    x = torch.empty(3, 4, 6, 6, device="meta")
+    with eval_mode(model), torch.no_grad():
+        shortcut.run(x)
+        plain.run(x)
+    assert shortcut.seen == plain.seen
+    shapes = {traced.qualname[n]: s for n, s in traced.shapes.items() if n in traced.qualname}
+    assert shapes["unsqueeze_"] == (3, 1, 4, 36) and shapes["flatten_1"] == (3, 4, 36)
+    assert shapes["c2"] == (3, 4, 6, 6) and shapes["c3"] == (3, 4, 3, 3)
+    assert shortcut.env[traced.node_named("getitem_1")].storage_offset() == 36  # x[:, 1:] again, at its offset
+
+
+def test_only_ops_that_change_no_metadata_and_keep_no_state_are_made_again():
+    import operator
+
+    from autocut.trace import _keeps_metadata
+
+    assert _keeps_metadata("call_function", torch.add, {}) and _keeps_metadata("call_function", operator.getitem, {})
+    assert _keeps_metadata("call_method", "view", {}) and _keeps_metadata("call_function", torch.nn.functional.gelu, {})
+    assert not _keeps_metadata("call_method", "unsqueeze_", {})  # in place
+    assert not _keeps_metadata("call_function", torch.relu_, {}) and not _keeps_metadata("call_function", operator.setitem, {})
+    assert not _keeps_metadata("call_function", operator.iadd, {})
+    assert not _keeps_metadata("call_function", torch.add, {"out": torch.empty(1)})
+    assert not _keeps_metadata("call_function", Repeats.forward, {})  # the model's own code
+    assert _keeps_metadata("call_module", nn.Conv2d(1, 1, 1), {})
+    assert _keeps_metadata("call_module", nn.MultiheadAttention(4, 2), {})  # torch's modules all through
+    assert not _keeps_metadata("call_module", Plain(), {})  # a module of the model's own (it may keep state)
+    assert not _keeps_metadata("call_module", nn.Sequential(Plain()), {})  # one inside a torch module
+    hooked = nn.Sequential(nn.ReLU())
+    hooked[0].register_forward_hook(lambda *a: None)
+    assert not _keeps_metadata("call_module", hooked, {})  # its hooks must fire
+
+
+class ConvNormAct(nn.Sequential):
+    """A leaf the tracer keeps whole, as torchvision's ``Conv2dNormActivation``: a Sequential."""
+
+    def __init__(self, stride):
+        super().__init__(nn.Conv2d(4, 4, 3, stride=stride, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+
+
+def test_a_leaf_sequential_runs_child_by_child_and_a_childs_hooks_fire(monkeypatch):
+    runs = []
+    for kind in (nn.BatchNorm2d, nn.ReLU):  # shortcuts: never run
+        forward = kind.forward
+        monkeypatch.setattr(kind, "forward", lambda self, x, f=forward: runs.append(type(self)) or f(self, x))
+    seen = []
+
+    class Stem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = ConvNormAct(1), ConvNormAct(2), ConvNormAct(1)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    model = Stem().to("meta").eval()
+    model.c[2].register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    monkeypatch.setattr("autocut.trace.tracer_kwargs", lambda: {"leaf_modules": [ConvNormAct]})
+    traced = trace(model, (4, 8, 8), batch=3)
+    assert [n.op for n in traced.graph.nodes if n.op == "call_module"] == ["call_module"] * 3
+    assert [traced.shapes[traced.node_named(k)] for k in "abc"] == [(3, 4, 8, 8), (3, 4, 4, 4), (3, 4, 4, 4)]
+    assert runs == [nn.ReLU] and seen == [(3, 4, 4, 4)]  # only the hooked ReLU ran, and its hook saw its output
