@@ -23,6 +23,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
+import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule
 
@@ -32,7 +33,7 @@ from autocut.cut_hooks import EarlyExitBody
 from autocut.discover import discover_module
 from autocut.errors import CutError, first_line
 from autocut.layout import Layout, ToNCHW, to_nchw
-from autocut.probe import probe_forward, set_mode, shape_of
+from autocut.probe import modes_kept, probe_forward, set_mode, shape_of
 from autocut.trace import Traced, constants_attached, trace_graph
 
 __all__ = ["build_body", "GraphBody", "SequentialBody"]
@@ -97,6 +98,19 @@ class GraphBody(DualGraphModule):
     layer groups read instead of running a forward; see :func:`_module_calls`).
     """
 
+    @property
+    def train_graph(self) -> fx.Graph:
+        """The graph ``.train()`` runs: traced on first use where the body was made in eval mode
+        from a model whose code reads its mode before the cut (:class:`_PendingTrainGraph`)."""
+        pending = self.__dict__.pop("_pending_train_graph", None)
+        if pending is not None:
+            pending.make(self)
+        return self.__dict__["train_graph"]
+
+    @train_graph.setter
+    def train_graph(self, graph: fx.Graph) -> None:
+        self.__dict__["train_graph"] = graph  # (under its own name: DualGraphModule's deepcopy reads it there)
+
     def recompile(self):
         code = super().recompile()
         compiled = {k: self.__dict__[k] for k in _COMPILED_ATTRS if k in self.__dict__}
@@ -124,6 +138,7 @@ class GraphBody(DualGraphModule):
 
     def __deepcopy__(self, memo):
         # GraphModule's deepcopy re-runs __init__, which resets every training flag to True
+        self.train_graph  # (a copy gets both graphs, not the model a pending one would trace)  # noqa: B018
         res = super().__deepcopy__(memo)
         for mine, theirs in zip(self.modules(), res.modules()):
             theirs.training = mine.training
@@ -132,6 +147,59 @@ class GraphBody(DualGraphModule):
             if attr in self.__dict__:
                 setattr(res, attr, self.__dict__[attr])
         return res
+
+
+class _PendingTrainGraph:
+    """The train graph of a body made in eval mode, traced when the body first needs it (see
+    :attr:`GraphBody.train_graph`): a body used for inference never pays for a second trace.
+    Holds the model until then (its modules are the body's; the dropped head's too, until then)."""
+
+    def __init__(self, model: nn.Module, cuts: list[Cut], as_list: bool, constants: dict, eval_names: set[str]):
+        self.model, self.cuts, self.as_list, self.constants, self.eval_names = model, cuts, as_list, constants, eval_names
+
+    def make(self, body: GraphBody) -> None:
+        """Trace the model in train mode into ``body.train_graph`` (the eval graph where the two are
+        the same or the train mode cannot be traced); what the train graph reads that the body
+        does not have yet (a tensor made in forward, a module only training calls) is added."""
+        with modes_kept(self.model):  # (the trace sets every module's mode; the user's flags stay)
+            graph = _train_graph(self.model, self.cuts, self.as_list, self.constants, self.eval_names)
+        if graph is None or _same_graph(graph, body.eval_graph):
+            body.train_graph = body.eval_graph
+            return
+        with constants_attached(self.model, self.constants):
+            for node in graph.nodes:
+                if node.op in ("get_attr", "call_module") and _attribute(body, node.target) is None:
+                    _install(self.model, body, node.target)
+        _match_persistence(body, set(self.model.state_dict(keep_vars=True)))
+        body.train_graph = graph
+
+
+def _attribute(root: nn.Module, target: str) -> object:
+    value: object = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
+def _install(source: nn.Module, body: nn.Module, target: str) -> None:
+    """Put ``source``'s attribute at ``target`` into ``body`` at the same path (a module, a
+    parameter, or a tensor as a buffer), making empty modules for the path where it has none."""
+    *path, name = target.split(".")
+    into = body
+    for part in path:
+        source = getattr(source, part)
+        inner = getattr(into, part, None)
+        if inner is None:
+            inner = nn.Module()
+            setattr(into, part, inner)
+        into = inner
+    value = getattr(source, name)
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        into.register_buffer(name, value)
+    else:
+        setattr(into, name, value)
 
 
 def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = None) -> nn.Module:
@@ -149,14 +217,23 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
         one_graph = False
     eval_names = set(eval_names_of.values())
     _truncate(eval_graph, eval_names_of, cuts, as_list=as_list)
-    # where no code read a training flag before the cut, the train graph is this one: no second trace
-    train_graph = None if one_graph else _train_graph(model, cuts, as_list, constants, eval_names)
+    # where no code read a training flag before the cut, the train graph is this one: no second
+    # trace; a body made in eval mode traces it when it first needs it
+    pending = None
+    if one_graph:
+        train_graph = None
+    elif model.training:
+        train_graph = _train_graph(model, cuts, as_list, constants, eval_names)
+    else:
+        train_graph, pending = None, _PendingTrainGraph(model, cuts, as_list, dict(constants), eval_names)
     if train_graph is None or _same_graph(train_graph, eval_graph):  # one graph, one compile, free .train()/.eval()
         train_graph = eval_graph
     # The graphs' tensor constants sit on the model only while the body is built (the body keeps
     # its own copies): the user's model is left without fx's _tensor_constantN attributes.
     with constants_attached(model, constants):
         body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body")
+    if pending is not None:
+        body.__dict__["_pending_train_graph"] = pending
     if traced is not None:  # what each module call returns, for the layer groups (no forward needed)
         body.module_calls = (tuple(traced.input_shape[2:]), _module_calls(traced, eval_graph))
     _match_persistence(body, set(model.state_dict(keep_vars=True)))

@@ -251,7 +251,64 @@ def test_the_one_graph_for_both_modes_is_the_train_graph_a_second_trace_makes(mo
     from autocut.body import _same_graph
 
     spec = zoo.resolve(name)
-    one = autocut.create_body(zoo.build(spec, device="meta"))
+    one = autocut.create_body(zoo.build(spec, device="meta").train())
     monkeypatch.setattr(body_module, "_eval_graph_serves_training", lambda traced, cut: False)
-    two = autocut.create_body(zoo.build(spec, device="meta"))
+    two = autocut.create_body(zoo.build(spec, device="meta").train())
     assert _same_graph(one.train_graph, two.train_graph) and _same_graph(one.eval_graph, two.eval_graph)
+
+
+class _TrainOnlyModule(torch.nn.Module):
+    """A module only training runs before the map (a noise layer with a weight): the train graph
+    calls it, the eval graph does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise = torch.nn.Conv2d(3, 3, 1)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        if self.training:
+            x = self.noise(x)
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_a_body_made_in_eval_mode_traces_its_train_graph_when_first_trained(monkeypatch):
+    from autocut import body as body_module
+
+    calls = []
+    real = body_module.trace_graph
+    monkeypatch.setattr(body_module, "trace_graph", lambda m, training=False: calls.append(training) or real(m, training))
+    x = torch.randn(2, 3, 8, 8)
+    for make, expected in [(TrainBranchNet, lambda m: m.conv(x) * 2),
+                           (ConstantsNet, lambda m: (m.conv(x) + torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)) * 2),
+                           (_TrainOnlyModule, lambda m: m.conv(m.noise(x)))]:
+        calls.clear()
+        model = make().eval()
+        model.fc.train()  # a flag of the user's own, on a module the body drops
+        attributes, keys = set(vars(model)), set(model.state_dict())
+        body = autocut.create_body(model, input_size=(3, 8, 8))
+        assert calls == [] and not body.training  # an eval body: no second trace yet
+        eval_out = body(x)
+        assert calls == []
+        body.train()
+        assert calls == [True]  # traced once, when first needed
+        torch.testing.assert_close(body(x), expected(model))
+        body.eval()
+        torch.testing.assert_close(body(x), eval_out)
+        body.train()
+        assert calls == [True] and body.train_graph is not body.eval_graph
+        assert set(vars(model)) == attributes and set(model.state_dict()) == keys  # the user's model as it was
+        assert model.fc.training  # the second trace left the user's flags as they were
+    assert sorted(body.state_dict()) == ["conv.bias", "conv.weight", "noise.bias", "noise.weight"]  # noise: added
+
+
+def test_a_copy_of_a_body_made_in_eval_mode_has_both_graphs_and_no_model():
+    model = TrainBranchNet().eval()
+    body = autocut.create_body(model, input_size=(3, 8, 8))
+    clone = copy.deepcopy(body)
+    assert "_pending_train_graph" not in vars(clone) and "_pending_train_graph" not in vars(body)
+    assert not any(m is model.fc for m in clone.modules())
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(clone.eval()(x), model.conv(x))
+    torch.testing.assert_close(clone.train()(x), model.conv(x) * 2)
