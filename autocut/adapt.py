@@ -18,7 +18,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autocut import _validate, zoo
-from autocut._gc import gc_paused
 from autocut.body import build_body
 from autocut.channels import set_input_channels
 from autocut.cut import Cut
@@ -94,7 +93,6 @@ def _set_n_in(body: nn.Module, n_in: int | None, n_in_init: str | None) -> None:
     body.cut = dataclasses.replace(body.cut, input_size=(n_in, *size[1:]))
 
 
-@gc_paused()
 def create_body(
     model: str | nn.Module,
     cut: CutSpec = None,
@@ -199,7 +197,6 @@ def load_weights(body: nn.Module, path: str | os.PathLike, arch: str) -> None:
     body.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
-@gc_paused()
 def adapt(
     model: str | nn.Module,
     n_out: int,

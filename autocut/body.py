@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import DualGraphModule
 
+from autocut._gc import gc_paused
 from autocut.cut import METHODS, Cut
 from autocut.cut_graph import ancestors
 from autocut.cut_hooks import EarlyExitBody
@@ -202,6 +203,7 @@ def _install(source: nn.Module, body: nn.Module, target: str) -> None:
         setattr(into, name, value)
 
 
+@gc_paused()
 def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = None) -> nn.Module:
     """A :class:`GraphBody` ending at ``cut``; for a list of cuts (a pyramid's levels), one
     returning the list of their maps."""

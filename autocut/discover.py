@@ -65,7 +65,6 @@ def check_input_size(input_size, default) -> tuple[int, int, int]:
     return _validate.input_size(input_size, default)
 
 
-@gc_paused()
 def discover(model: str | nn.Module, input_size: tuple[int, int, int] | None = None) -> Cut:
     """Find where to cut ``model``, the width ``nf`` there and the layout, without a table.
 
@@ -256,8 +255,9 @@ def _attempts(
             continue
         if where is not None:
             return cut_at_node(traced, where, arch), (traced if candidate is module else None)
-        cut = _find_cut_at_own_size(traced, arch)
-        check_graph_cut(traced, cut).raise_for(cut)
+        with gc_paused():  # (the graph rule and its check allocate as tracing does)
+            cut = _find_cut_at_own_size(traced, arch)
+            check_graph_cut(traced, cut).raise_for(cut)
         return cut, (traced if candidate is module else None)
     if where is not None:
         return None

@@ -42,7 +42,6 @@ import torch
 from torch import fx, nn
 
 from autocut import _validate, zoo
-from autocut._gc import gc_paused
 from autocut.adapt import _check_n_in, _resolve, load_weights
 from autocut.body import _fx_body
 from autocut.channels import set_input_channels
@@ -308,7 +307,6 @@ def _depth_levels(value) -> int:
     return n
 
 
-@gc_paused()
 def discover_pyramid(model: str | nn.Module, input_size: tuple[int, int, int] | None = None, *,
                      depth_levels: int = 4) -> list[Cut]:
     """A :class:`Cut` per stride level of ``model``, shallow to deep: the last map at each stride
@@ -417,7 +415,6 @@ def _simple(levels: list[Cut], arch: str) -> tuple[list[Cut], nn.ModuleList]:
     return out, nn.ModuleList(resample)
 
 
-@gc_paused()
 def create_pyramid(
     model: str | nn.Module,
     strides=None,

@@ -26,6 +26,7 @@ import torchvision
 from torch import fx, nn
 from torchvision.models import feature_extraction as tv_fx
 
+from autocut._gc import gc_paused
 from autocut.probe import PROBE_BATCH, eval_mode, model_device, model_dtype, probe_input, set_mode, shape_of, weights_on_meta
 
 __all__ = ["Traced", "trace", "trace_exported", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of",
@@ -519,12 +520,16 @@ _IN_PLACE_OPERATORS = frozenset({"setitem", "delitem", "iadd", "isub", "imul", "
 class _ShapeRecorder(fx.Interpreter):
     # Values are kept (garbage_collect_values=False): levit and efficientformer cache attention
     # biases across calls, and meta/fake values cost no memory.
-    def __init__(self, root: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor]):
+    def __init__(self, root: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor], meta_tensors: bool = False):
         # run the graph against the traced model itself: a GraphModule would be built (and its
         # code generated) only to be thrown away
         super().__init__(root, garbage_collect_values=False, graph=graph)
         self.shapes: dict[fx.Node, Any] = {}
         self.constants = constants
+        # with meta_tensors, every tensor the graph reads (fx's constants, a tensor a module keeps
+        # as a plain attribute: a Swin's attention mask) stands in as a meta tensor, as a meta
+        # model's do (a scalar mixes with meta tensors as it is)
+        self.meta_tensors = meta_tensors
         # an op's result on meta tensors, by what its arguments' metadata are: a model's repeated
         # blocks call each op with the same shapes again (five in six calls), and meta kernels
         # are Python (a group norm's: 2 ms)
@@ -532,7 +537,10 @@ class _ShapeRecorder(fx.Interpreter):
 
     def fetch_attr(self, target: str) -> Any:
         found = self.constants.get(target)
-        return found if found is not None else super().fetch_attr(target)
+        value = found if found is not None else super().fetch_attr(target)
+        if self.meta_tensors and isinstance(value, torch.Tensor) and value.device.type != "meta" and value.dim():
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        return value
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -634,6 +642,7 @@ class Traced:
         return None
 
 
+@gc_paused()
 def trace_graph(model: nn.Module, training: bool = False) -> tuple[fx.Graph, _ScopeTracer, dict[str, Any]]:
     """Trace ``model`` in train or eval mode with autocut's tracer (mode restored afterwards).
 
@@ -690,21 +699,23 @@ def _purge_proxies(model: nn.Module) -> None:
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
+@gc_paused()
 def trace(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE_BATCH) -> Traced:
     """Trace ``model`` (eval graph) and record every node's output shape for a
     ``(batch, *input_size)`` input.
 
-    Meta models run on meta tensors; so do models with real weights, each weight stood in for by
-    a meta tensor of its shape while the graph runs (:func:`~autocut.probe.weights_on_meta`), and
-    where that fails (a tensor the model keeps outside its parameters and buffers meets a meta
-    one), on fake tensors. Their weights are never copied or touched. Raises whatever tracing or
-    propagation raised: callers fall back to module hooks (:mod:`autocut.cut_hooks`).
+    Meta models run on meta tensors; so do models with real weights, each weight (and each tensor
+    the graph reads) stood in for by a meta tensor of its shape while the graph runs
+    (:func:`~autocut.probe.weights_on_meta`), and where that fails (code that reads a value, a
+    tensor a leaf module keeps meeting a meta one), on fake tensors. Their weights are never
+    copied or touched. Raises whatever tracing or propagation raised: callers fall back to module
+    hooks (:mod:`autocut.cut_hooks`).
     """
     graph, tracer, concrete = trace_graph(model, training=False)
     device, dtype = model_device(model), model_dtype(model)
     shape = (batch, *input_size)
-    recorder = _ShapeRecorder(tracer.root, graph, tracer.constants)
     method = "meta" if device.type == "meta" else "weights on meta"
+    recorder = _ShapeRecorder(tracer.root, graph, tracer.constants, meta_tensors=method != "meta")
     with eval_mode(model), torch.no_grad():
         try:
             with weights_on_meta(model), probe_input(shape, torch.device("meta"), dtype=dtype) as x:

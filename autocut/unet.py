@@ -44,7 +44,6 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from autocut import _validate
-from autocut._gc import gc_paused
 from autocut.adapt import apply_init, with_groups
 from autocut.cut import Cut
 from autocut.errors import CutError
@@ -299,7 +298,6 @@ def _act_cls(value: Any) -> type[nn.Module]:
     return value
 
 
-@gc_paused()
 def unet(
     model: str | nn.Module,
     n_out: int,

@@ -44,7 +44,7 @@ def test_trace_records_every_shape_on_meta_or_fake_tensors():
     model = Net()
     weight = model.conv.weight.detach().clone()
     traced = trace(model, (3, 16, 16), batch=5)
-    assert traced.shape_method == "fake" and traced.input_shape == (5, 3, 16, 16)
+    assert traced.shape_method == "weights on meta" and traced.input_shape == (5, 3, 16, 16)
     shapes = {traced.qualname[n]: s for n, s in traced.shapes.items() if n in traced.qualname}
     assert shapes["conv"] == (5, 4, 8, 8) and shapes["fc"] == (5, 2) and shapes["mean"] == (5, 4)
     assert traced.scope[traced.node_named("conv")] == "conv"
@@ -277,3 +277,24 @@ def test_a_leaf_sequential_runs_child_by_child_and_a_childs_hooks_fire(monkeypat
     assert [n.op for n in traced.graph.nodes if n.op == "call_module"] == ["call_module"] * 3
     assert [traced.shapes[traced.node_named(k)] for k in "abc"] == [(3, 4, 8, 8), (3, 4, 4, 4), (3, 4, 4, 4)]
     assert runs == [nn.ReLU] and seen == [(3, 4, 4, 4)]  # only the hooked ReLU ran, and its hook saw its output
+
+
+class Offset(nn.Module):
+    """Keeps a tensor as a plain attribute (not a parameter, not a buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = torch.arange(4.0).view(1, 4, 1, 1)
+
+    def forward(self, x):
+        return x + self.offset
+
+
+def test_where_a_tensor_the_model_keeps_elsewhere_meets_a_meta_one_the_weights_run_as_fake_tensors():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), Offset(), nn.Flatten())
+    traced = trace(model, (3, 16, 16), batch=5)  # inlined: fx keeps the offset as a constant, a meta stand-in runs
+    assert traced.shape_method == "weights on meta" and traced.shapes[traced.node_named("2")] == (5, 256)
+    model[1].register_forward_hook(lambda *args: None)  # a leaf now: it runs, and its CPU offset meets the map
+    traced = trace(model, (3, 16, 16), batch=5)
+    assert traced.shape_method == "fake" and traced.shapes[traced.node_named("2")] == (5, 256)
+    assert model[1].offset.device.type == "cpu" and model[0].weight.device.type == "cpu"
