@@ -35,7 +35,7 @@ from autocut.discover import discover_module
 from autocut.errors import CutError, first_line
 from autocut.layout import Layout, ToNCHW, to_nchw
 from autocut.probe import modes_kept, probe_forward, set_mode, shape_of
-from autocut.trace import Traced, constants_attached, trace_graph
+from autocut.trace import Traced, attribute_at, constants_attached, trace_graph
 
 __all__ = ["build_body", "GraphBody", "SequentialBody"]
 
@@ -169,19 +169,10 @@ class _PendingTrainGraph:
             return
         with constants_attached(self.model, self.constants):
             for node in graph.nodes:
-                if node.op in ("get_attr", "call_module") and _attribute(body, node.target) is None:
+                if node.op in ("get_attr", "call_module") and attribute_at(body, node.target) is None:
                     _install(self.model, body, node.target)
         _match_persistence(body, set(self.model.state_dict(keep_vars=True)))
         body.train_graph = graph
-
-
-def _attribute(root: nn.Module, target: str) -> object:
-    value: object = root
-    for part in target.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return None
-    return value
 
 
 def _install(source: nn.Module, body: nn.Module, target: str) -> None:

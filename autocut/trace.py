@@ -30,7 +30,7 @@ from autocut._gc import gc_paused
 from autocut.probe import PROBE_BATCH, eval_mode, model_device, model_dtype, probe_input, set_mode, shape_of, weights_on_meta
 
 __all__ = ["Traced", "trace", "trace_exported", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of",
-           "has_hooks", "forward_of", "op_name"]
+           "has_hooks", "forward_of", "op_name", "attribute_at"]
 
 
 def forward_of(model: nn.Module) -> Callable[..., Any]:
@@ -200,7 +200,7 @@ class _ScopeTracer(tv_fx.NodePathTracer):
             return kind(self.create_arg(v) for v in a)
         if isinstance(a, torch.Tensor):
             found = self._tensors.get(id(a))
-            if found is not None and found[1] is a and _attribute(self.root, found[0]) is a:
+            if found is not None and found[1] is a and attribute_at(self.root, found[0]) is a:
                 return self.create_node("get_attr", found[0], (), {})
         return super().create_arg(a)
 
@@ -216,7 +216,8 @@ def has_hooks(module: nn.Module) -> bool:
     return any(getattr(module, name, None) for name in _HOOK_DICTS)
 
 
-def _attribute(root: nn.Module, qualname: str) -> Any:
+def attribute_at(root: nn.Module, qualname: str) -> Any:
+    """``root``'s attribute at a dotted path (``"layer1.0.conv1"``), or ``None`` where there is none."""
     value: Any = root
     for part in qualname.split("."):
         value = getattr(value, part, None)
