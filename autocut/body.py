@@ -394,7 +394,11 @@ def _instead(model: nn.Module, cut: int | Callable, found: Cut) -> str:
     child = found.after.split(".")[0]
     if isinstance(cut, int) and found.after == child and child in names:  # the cut ends a whole child
         n = names.index(child) + 1
-        return (f"it goes on after {child!r} (pooling or flattening): pass cut={n if cut > 0 else n - len(names)} "
+        instead = n if cut > 0 else n - len(names)
+        if instead == cut:  # the last child kept makes the map, then returns more than it
+            return (f"{child!r}, the last child kept, makes the map but returns more than it: "
+                    f"pass a callable that returns the map, or cut=None to find the cut")
+        return (f"it goes on after {child!r} (pooling or flattening): pass cut={instead} "
                 f"(the children up to {child!r}) or cut=None to find the cut")
     end = f"{found.after!r}" if found.after else f"the node {found.where!r}"
     return f"it goes on after {end} (pooling or flattening): end the body there, or pass cut=None to find the cut"

@@ -270,7 +270,7 @@ class _Sources(TorchDispatchMode):
         if returned:  # the innermost module that returned it: the first to return
             return min(returned, key=lambda c: c.left).path, None
         taken = [c for c in self.calls if c.path in once and c.takes == last and c.entered >= step]
-        if taken:  # the outermost module that took it: the first to start
+        if taken:  # the first module to take it (of modules starting together, the first to return)
             return min(taken, key=lambda c: c.entered).path + ":input", None
         found = [(stack[-1].path if stack else "", op) for stack, op, _, made_id in self.later if made_id is not None]
         return None, found[-1]

@@ -303,7 +303,8 @@ def _before_modules_registered_after_the_pool(
     ordered = list(features)
     while True:
         path = _module_path(traced, node)
-        nested = pool_path.startswith(path + ".") or path.startswith(pool_path + ".")
+        # the pool's own module running ops before its pool function is not a module after the pool
+        nested = path == pool_path or pool_path.startswith(path + ".") or path.startswith(pool_path + ".")
         if not path or path not in order or pool_path not in order or nested:
             return node
         if order[path] < order[pool_path]:

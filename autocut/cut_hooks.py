@@ -228,7 +228,11 @@ def levels_by_hooks(model: nn.Module, calls: list[ModuleCall], cut: Cut, n: int)
     for call in calls:
         counts[call.path] = counts.get(call.path, 0) + 1
     grids: list[tuple[int, int]] = []  # the grids of the maps so far, nearest first: tokens are laid on them
-    end = next((i for i, call in enumerate(calls) if call.path == cut.where.partition(":")[0]), len(calls))
+    path, _, at = cut.where.partition(":")
+    end = next((i for i, call in enumerate(calls) if call.path == path), len(calls))
+    if at == "input":  # calls finish in order: the module's own children, just before it, run after its input
+        while end > 0 and calls[end - 1].path.startswith(path + "."):
+            end -= 1
     families: dict[str, list[tuple[str, Feature]]] = {}
     for call in calls[:end]:
         found = _features(call.out_shape, in_hw, grids)

@@ -4,7 +4,9 @@ Every mutant's status comes from mutmut's own records (``mutants/**/*.py.meta``)
 reason comes from ``benchmarks/mutation_survivors.toml``, keyed by mutant name and checked against
 the mutated line, so a reason left over from other code shows as stale rather than silently
 applying. The score counts a timeout as a kill (the mutant made a test hang, which a test run
-notices) and leaves equivalent mutants out.
+notices) and leaves equivalent mutants out. Mutants not checked yet are counted apart; the seeded
+random sample (``mutants/sample.txt``, drawn by mutation_sample.py) is also scored on its own, with
+its 95% Wilson interval: an estimate of the score over every mutant of the core.
 
     python benchmarks/mutation_report.py --out benchmarks/reports/mutation.md
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import platform
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -41,6 +44,19 @@ def load_statuses(mutants: Path) -> dict[str, tuple[str, str]]:
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
             out[name] = (source, STATUS.get(code, "suspicious"))
     return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``k / n``."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def pct(ratio: float) -> str:
+    return "-" if math.isnan(ratio) else f"{100 * ratio:.1f}%"
 
 
 def mutated_line(name: str) -> tuple[str, str]:
@@ -88,10 +104,19 @@ def main(argv=None) -> None:
     def score(c: Counter) -> tuple[int, int, float]:
         caught = c["killed"] + c["timeout"]
         counted = sum(v for k, v in c.items() if not k.startswith("kind:")) - c["kind:equivalent"] - c["not checked"]
-        return caught, counted, caught / counted if counted else 1.0
+        return caught, counted, caught / counted if counted else math.nan
 
     total = sum(by_file.values(), Counter())
     caught, counted, ratio = score(total)
+    sample_path = args.mutants / "sample.txt"
+    sampled = set(sample_path.read_text().split()) if sample_path.exists() else set()
+    kinds = {r[1]: r[3] for r in rows}
+    in_sample = Counter()
+    for name in sampled & statuses.keys():
+        in_sample[statuses[name][1]] += 1
+        in_sample[f"kind:{kinds.get(name)}"] += 1
+    s_caught, s_counted, s_ratio = score(in_sample)
+    checked = sum(v for k, v in total.items() if not k.startswith("kind:")) - total["not checked"]
     named_path = args.mutants / "named.json"
     named = json.loads(named_path.read_text()) if named_path.exists() else []
     wall = args.mutants / "wall_seconds"
@@ -106,18 +131,30 @@ def main(argv=None) -> None:
           "argument dropped...), run against the tests that reach that function. **Killed** means a test failed; "
           "a timeout counts as killed. Survivors are listed below with why each survives.",
           "",
-          f"**Score: {caught} of {counted} non-equivalent mutants killed ({100 * ratio:.1f}%; target {100 * TARGET:.0f}%).** "
-          f"{total['kind:equivalent']} equivalent mutants are left out.",
-          "",
-          "| module | mutants | killed | timeout | survived | no tests | equivalent | score |",
-          "|---|---|---|---|---|---|---|---|"]
+          f"**Score: {caught} of {counted} non-equivalent mutants checked killed ({pct(ratio)}; "
+          f"target {100 * TARGET:.0f}%).** "
+          f"{total['kind:equivalent']} equivalent mutants are left out; {checked} of "
+          f"{checked + total['not checked']} mutants are checked.",
+          ""]
+    if sampled and s_counted:
+        lo, hi = wilson(s_caught, s_counted)
+        md += [f"**Random sample: {s_caught} of {s_counted} non-equivalent mutants killed ({100 * s_ratio:.1f}%; 95% interval "
+               f"{100 * lo:.1f}-{100 * hi:.1f}%)**, a seeded simple random sample of {len(sampled)} mutants drawn from "
+               f"those not checked before it (`benchmarks/mutation_sample.py`), {in_sample['not checked']} of them "
+               "not checked yet (mutmut runs the cheapest first: those left are the ones the most tests reach): "
+               "the estimate of the score over every mutant. The other checked mutants were run cheapest first, so "
+               "their share is not an estimate.", ""]
+    md += [
+          "| module | mutants | killed | timeout | survived | no tests | equivalent | not checked | score |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for source, c in sorted(by_file.items()):
         k, n, r = score(c)
         md.append(f"| `{source}` | {sum(v for key, v in c.items() if not key.startswith('kind:'))} | {c['killed']} | "
-                  f"{c['timeout']} | {c['survived']} | {c['no tests']} | {c['kind:equivalent']} | {100 * r:.1f}% |")
+                  f"{c['timeout']} | {c['survived']} | {c['no tests']} | {c['kind:equivalent']} | {c['not checked']} | "
+                  f"{pct(r)} |")
     n_all = sum(v for key, v in total.items() if not key.startswith("kind:"))
     md.append(f"| **all** | {n_all} | {total['killed']} | {total['timeout']} | {total['survived']} | {total['no tests']} | "
-              f"{total['kind:equivalent']} | {100 * ratio:.1f}% |")
+              f"{total['kind:equivalent']} | {total['not checked']} | {pct(ratio)} |")
     if named:
         md += ["", "## Named behaviour changes (issue 20)", "",
                "Realistic bugs the suite once missed, each applied alone (`benchmarks/mutation_named.py`):", "",
@@ -139,7 +176,8 @@ def main(argv=None) -> None:
                "These mutants have a recorded reason but are killed now or gone: the reasons can go.", ""]
         md += [f"- `{n}`: {statuses.get(n, ('', 'gone'))[1]}" for n in unused]
     args.out.write_text("\n".join(md) + "\n")
-    print(f"{caught} of {counted} killed ({100 * ratio:.1f}%); {counts['unexplained']} survivors unexplained")
+    print(f"{caught} of {counted} killed ({100 * ratio:.1f}%); sample {s_caught} of {s_counted}; "
+          f"{counts['unexplained']} survivors unexplained")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,23 @@ def test_init_reaches_a_custom_head_but_not_its_norms():
     assert torch.equal(head[2].weight, torch.full((8,), 2.0)) and torch.equal(head[2].bias, torch.zeros(8))
 
 
+class _Positive(nn.Module):
+    def forward(self, x):
+        return x.abs()
+
+
+def test_init_reaches_the_weight_of_parametrized_layers_whatever_tensor_is_parametrized():
+    from torch.nn.utils import parametrizations, parametrize
+
+    normed = parametrizations.spectral_norm(nn.Linear(8, 8))  # the weight parametrized: init its original
+    positive = nn.Linear(8, 2)
+    parametrize.register_parametrization(positive, "bias", _Positive())  # the bias alone parametrized
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8), normed, positive)
+    autocut.adapt(FunctionalPoolNet(), n_out=2, input_size=(3, 32, 32), custom_head=head, init=nn.init.ones_)
+    assert torch.equal(normed.parametrizations.weight.original, torch.ones(8, 8))
+    assert torch.equal(positive.weight, torch.ones(2, 8)) and torch.equal(normed.bias, torch.zeros(8))
+
+
 def test_init_reaches_the_head_with_n_in_and_leaves_the_new_input_layer_to_n_in_init():
     torch.manual_seed(0)
     original = torchvision.models.resnet18()
@@ -152,3 +169,18 @@ def test_a_checkpoint_that_does_not_fit_says_which_keys_and_shapes(tmp_path):
     with pytest.raises(autocut.CutError, match=r": 2 missing \(e.g. stage.0.weight, stage.0.bias\); 2 of another shape"):
         autocut.adapt(FunctionalPoolNet(), n_out=2, weights=tmp_path / "both.pt", input_size=(3, 32, 32))
 
+
+
+def test_a_model_whose_layer_groups_cannot_be_found_is_adapted_with_a_warning_quoting_the_error(monkeypatch):
+    import importlib
+
+    def fails(model, n=3):  # as a groups' forward that fails would
+        raise RuntimeError("the groups' forward failed\nand this second line is not quoted")
+
+    monkeypatch.setattr(importlib.import_module("autocut.adapt"), "group_summary", fails)
+    with pytest.warns(UserWarning) as caught:
+        model = autocut.adapt(FunctionalPoolNet(), n_out=3, input_size=(3, 32, 32))
+    assert [str(w.message) for w in caught] == [
+        "the layer groups of FunctionalPoolNet could not be found (RuntimeError: the groups' forward failed); "
+        "model.cut.groups is empty and layer_groups(model) raises"]
+    assert model.cut.groups == () and model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)

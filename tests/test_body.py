@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+from torch import nn
 
 import autocut
 
@@ -147,6 +148,49 @@ def test_a_graph_body_carries_each_module_calls_shape_for_the_layer_groups():
     assert size == (32, 32)
     assert calls[0] == ("stem.0", (11, 8, 16, 16)) and calls[-1] == ("stage.1", (11, 16, 8, 8))
     assert [path for path, _ in calls] == ["stem.0", "stem.1", "stem.2", "stage.0", "stage.1"]
+
+
+class _FunctionalDown(nn.Module):
+    """A stride-2 conv written as ``F.conv2d`` of its own weight: fx traces through it, so the graph
+    has no call of this module, only the ops made inside it."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3) * 0.1)
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight, stride=2, padding=1)
+
+
+class _DownNet(nn.Module):
+    image_size = 32  # its own size: the layer groups are read on the trace, not by a forward
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+        self.down1, self.stage1 = _FunctionalDown(8, 16), nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.ReLU())
+        self.down2, self.stage2 = _FunctionalDown(16, 32), nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU())
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.fc(self.stage2(self.down2(self.stage1(self.down1(self.stem(x))))).mean((2, 3)))
+
+
+def test_a_module_fx_traces_through_is_called_where_its_ops_run_and_grouped_at_their_stride():
+    from autocut.probe import PROBE_BATCH
+
+    net = _DownNet()
+    model = autocut.adapt(net, n_out=3)
+    # the oracle: the original model's own calls, each module's output shape by a forward hook
+    seen = {}
+    for path in ("stem.0", "down1", "stage1.0", "down2"):
+        net.get_submodule(path).register_forward_hook(lambda m, a, out, path=path: seen.__setitem__(path, tuple(out.shape)))
+    net.eval()(torch.zeros(PROBE_BATCH, *SIZE))
+    size, calls = model[0].module_calls
+    assert [(p, s) for p, s in calls if p in seen] == list(seen.items())
+    stages = [sorted({n.split(".")[1] for n, p in model[0].named_parameters(prefix="0") if id(p) in set(map(id, g))})
+              for g in autocut.layer_groups(model, n=None)[:-1]]
+    assert stages == [["stem"], ["down1", "stage1"], ["down2", "stage2"]]  # each down at the stride it makes
 
 
 def test_a_body_made_by_a_callable_ends_in_nchw():
@@ -312,3 +356,90 @@ def test_a_copy_of_a_body_made_in_eval_mode_has_both_graphs_and_no_model():
     x = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(clone.eval()(x), model.conv(x))
     torch.testing.assert_close(clone.train()(x), model.conv(x) * 2)
+
+
+class _NestedTrainOnly(torch.nn.Module):
+    """Training alone reads ``aux.inner`` (a buffer, a parameter and a module at nested paths)
+    before the map; the eval graph reads only ``aux.conv``, so the body has ``aux`` but no
+    ``aux.inner`` until its train graph is traced."""
+
+    def __init__(self):
+        super().__init__()
+        inner = torch.nn.Module()
+        inner.register_buffer("scale", torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1))
+        inner.gain = torch.nn.Parameter(torch.tensor(0.5))
+        inner.extra = torch.nn.Conv2d(3, 3, 1)
+        self.aux = torch.nn.Module()
+        self.aux.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.aux.inner = inner
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        if self.training:
+            x = self.aux.inner.extra(x * self.aux.inner.scale) * self.aux.inner.gain
+        return self.fc(self.aux.conv(x).mean((2, 3)))
+
+
+def test_a_body_made_in_eval_mode_gets_what_only_training_reads_at_nested_paths_as_the_model_has_it():
+    model = _NestedTrainOnly().eval()
+    body = autocut.create_body(model, input_size=(3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    inner = model.aux.inner
+    torch.testing.assert_close(body.train()(x), model.aux.conv(inner.extra(x * inner.scale) * inner.gain))
+    torch.testing.assert_close(body.eval()(x), model.aux.conv(x))  # the module the eval graph reads is still there
+    # the same objects, each as the model holds it: the parameter trains (the model's own), the buffer is state
+    assert body.get_submodule("aux.inner.extra") is inner.extra and body.get_submodule("aux.conv") is model.aux.conv
+    assert body.get_parameter("aux.inner.gain") is inner.gain and body.get_buffer("aux.inner.scale") is inner.scale
+    assert sorted(body.state_dict()) == ["aux.conv.bias", "aux.conv.weight", "aux.inner.extra.bias",
+                                         "aux.inner.extra.weight", "aux.inner.gain", "aux.inner.scale"]
+
+
+def test_a_hand_made_body_past_a_map_the_forward_makes_between_modules_names_the_node():
+    # FunctionalPoolNet's map is F.relu in its own forward (node 'relu'), no module's output: the
+    # refusal names the node, there being no module to end the body with
+    with pytest.raises(autocut.CutError) as err:
+        autocut.create_body(FunctionalPoolNet(), cut=lambda m: m, input_size=SIZE)
+    assert str(err.value) == (
+        "the body the cut callable <lambda> makes of FunctionalPoolNet returns shape (B, 10) for input (3, 32, 32), not "
+        "the feature map the cut says: 16x8x8 at 'relu' (NCHW); it goes on after the node 'relu' (pooling or "
+        "flattening): end the body there, or pass cut=None to find the cut")
+
+
+class _PairStem(nn.Module):
+    """Makes the map, and returns it twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+
+    def forward(self, x):
+        m = self.conv(x).relu()
+        return m, m
+
+
+class _PairHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, pair):
+        return self.fc(pair[1].mean((2, 3)))
+
+
+class _PairNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = _PairStem(), _PairHead()
+
+    def forward(self, x):
+        return self.head(self.stem(x))
+
+
+@pytest.mark.parametrize("cut", [1, -1])
+def test_a_cut_whose_last_child_returns_more_than_the_map_is_not_told_to_pass_itself(cut):
+    with pytest.raises(autocut.CutError) as err:
+        autocut.create_body(_PairNet(), cut=cut, input_size=(3, 16, 16))
+    assert str(err.value) == (
+        f"the body cut={cut} makes of _PairNet (its first 1 children) returns [(11, 8, 8, 8), (11, 8, 8, 8)] for input "
+        "(3, 16, 16), not the feature map the cut says: 8x8x8 at 'stem.relu' (NCHW); 'stem', the last child kept, makes "
+        "the map but returns more than it: pass a callable that returns the map, or cut=None to find the cut")

@@ -248,3 +248,127 @@ def test_a_pooling_head_with_no_parameters_is_known_by_taking_a_map_and_returnin
     from autocut.cut_check import _scope_is_head
 
     assert [_scope_is_head(traced, s, cut) for s in ("head", "head.score", "head.pool", "fc")] == [True, False, True, False]
+    assert not _scope_is_head(traced, "unused", cut)  # a module the forward never runs takes no map: no head
+
+
+class _Copy(nn.Module):
+    def forward(self, m):
+        return m.clone()
+
+
+class _ReluHead(nn.Module):
+    """A head whose first op is a ReLU on the map it takes, in one of three ways, before pooling."""
+
+    def __init__(self, relu: str, nf: int = 8):
+        super().__init__()
+        self.relu = relu
+        self.act = nn.Sequential(nn.ReLU())  # a ReLU module inside a container: both return the map
+        self.idt = nn.Identity()  # returns what it takes: it makes nothing
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(nf, 2)
+
+    def forward(self, m):
+        if self.relu == "module":
+            m = self.act(m)
+        elif self.relu == "functional, then an identity":
+            m = self.idt(torch.relu(m))
+        else:
+            m = torch.relu(m)
+        return self.fc(self.pool(m).flatten(1))
+
+
+class _Headed(nn.Module):
+    def __init__(self, head: nn.Module, stage: bool = True):
+        super().__init__()
+        self.stage = nn.Conv2d(3, 8, 3, 2, 1) if stage else nn.Identity()
+        self.head = head
+
+    def forward(self, x):
+        return self.head(self.stage(x))
+
+
+class _CopyThenConv(nn.Module):
+    """A copy of the map (no new map: re-laid), then a conv outside any head: a real later map."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Conv2d(3, 8, 3, 2, 1)
+        self.copy = _Copy()
+        self.conv = nn.Conv2d(8, 8, 3, 1, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(self.copy(self.stage(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("model, cut, move_to", [
+    # the innermost module that returned the ReLU's map: the ReLU, not its container
+    (_Headed(_ReluHead("module")), module_cut("head:input"), "head.act.0"),
+    # a functional ReLU: the first module to take its map, though the pool takes the same tensor
+    # (an identity returns what it took: it made nothing, so the cut is at its input, not output)
+    (_Headed(_ReluHead("functional, then an identity")), module_cut("head:input"), "head.idt:input"),
+    # a model that is all head: the ReLU on the image is the forward's very first op
+    (_Headed(_ReluHead("functional", nf=3), stage=False), module_cut("head:input", nf=3, grid=(16, 16)), "head.pool:input"),
+], ids=["relu-module", "functional-relu", "first-op"])
+def test_a_cut_before_per_channel_ops_in_the_head_moves_to_the_module_call_that_ends_them(model, cut, move_to):
+    check = check_module_cut(model.eval(), cut)
+    assert problems(check) == [LATER]
+    assert (check.move_to, check.unreachable) == (move_to, None)
+
+
+def test_a_copy_of_the_map_is_no_per_channel_op_to_move_past_when_a_conv_follows():
+    # moving the cut to the copy's output would leave the conv's map after it: no move is offered
+    check = check_module_cut(_CopyThenConv().eval(), module_cut("stage"))
+    assert problems(check) == [LATER] and [(w, op) for w, op, _ in check.later_maps] == [("conv", "aten.convolution")]
+    assert (check.move_to, check.unreachable) == (None, None)
+
+
+class _ScaleHead(nn.Module):
+    """A head that scales the map it takes by a parameter of ``shape`` (an identity then takes the
+    result: a module call to move the cut to), then pools."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(shape) + 0.5)
+        self.idt = nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, m):
+        return self.fc(self.pool(self.idt(m * self.gamma)).flatten(1))
+
+
+@pytest.mark.parametrize("shape, per_channel", [
+    ((1, 8, 1, 1), True), ((8, 1, 1), True),  # a scale per channel of the 8 x 8 x 8 map: the body keeps it
+    ((1, 8, 8, 8), False), ((1, 1, 8, 8), False),  # a scale per position: the head's own, as a mask is
+])
+def test_a_scale_per_channel_in_the_head_moves_the_cut_past_it_and_a_scale_per_position_does_not(shape, per_channel):
+    check = check_module_cut(_Headed(_ScaleHead(shape)).eval(), module_cut("head:input"))
+    if per_channel:
+        assert problems(check) == [LATER] and [(w, op) for w, op, _ in check.later_maps] == [("head", "aten.mul")]
+        assert (check.move_to, check.unreachable) == ("head.idt:input", None)
+    else:
+        assert problems(check) == [] and check.move_to is None
+
+
+class _TokenWritten(nn.Module):
+    """Writes a learned token into the first two channels of the map in place (a slice, then a
+    copy into it) before pooling: constants put into the map make no new map of the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Conv2d(3, 8, 3, 2, 1)
+        self.token = nn.Parameter(torch.zeros(1, 2, 1, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        m = self.stage(x)
+        m[:, :2] = self.token
+        return self.fc(self.pool(m).flatten(1))
+
+
+def test_a_parameter_written_into_the_map_in_place_is_no_later_map():
+    check = check_module_cut(_TokenWritten().eval(), module_cut("stage"))
+    assert (problems(check), check.later_maps, check.move_to) == ([], [], None)

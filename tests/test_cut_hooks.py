@@ -3,13 +3,15 @@ order they finish, the cut found on them, and the body that stops the model's ow
 
 import copy
 import dataclasses
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autocut.cut_hooks import EarlyExitBody, ModuleCall, find_cut_by_hooks, probe_modules
+import autocut
+from autocut.cut_hooks import EarlyExitBody, ModuleCall, find_cut_by_hooks, levels_by_hooks, probe_modules
 from autocut.errors import CutError
 from autocut.layout import Layout
 from autocut.probe import PROBE_BATCH
@@ -573,3 +575,246 @@ def test_a_body_of_several_cuts_keeps_each_map_as_the_forward_passes_it_and_stop
         body(torch.randn(1, 3, 8, 8))
     with pytest.raises(CutError, match="only the deepest can be"):  # a level in the model's own output
         EarlyExitBody(model, [dataclasses.replace(level, where=":logits"), deepest])
+
+
+class _LayersReturningADict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(8, 8), nn.GELU())
+
+    def forward(self, h):
+        return {"last_hidden_state": self.layers(h)}
+
+
+class SharedStack(nn.Module):
+    """transformers' ViT shape again, its stack an ``encoder`` returning a structure, and a dropout
+    it shares with the model (registered on the model first, so its calls are named ``dropout``:
+    outside the stack) run on the stack's map: identity in eval, it returns the very tensor."""
+
+    def __init__(self, dropout: nn.Module):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.encoder = _LayersReturningADict()
+        self.dropout = dropout
+        self.pooler = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.encoder(self.embed(x).flatten(2).transpose(1, 2))["last_hidden_state"]
+        h = self.dropout(h)
+        return {"last_hidden_state": h, "pooler_output": self.pooler(h.mean(1))}
+
+
+class SharedDropoutClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dropout = nn.Dropout(0.1)
+        self.vit = SharedStack(self.dropout)
+        self.classifier = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.vit(x)["last_hidden_state"]
+        if h.sum() > -1e30:
+            h = h.mean(1)
+        return self.classifier(self.dropout(h))
+
+
+def test_a_map_passed_up_through_structures_is_cut_at_the_innermost_one_inside_the_outer_module():
+    torch.manual_seed(0)
+    model = SharedDropoutClassifier().eval()
+    calls = probe_modules(model, SIZE)
+    # the shared dropout finishes after the encoder, inside the stack's forward, and returns the same tensor:
+    # it is not inside 'vit', so neither where the map was made nor a reason to stop looking
+    assert [c.path for c in calls][3:7] == ["vit.encoder.layers", "vit.encoder", "dropout", "vit.pooler"]
+    cut = find_cut_by_hooks(model, calls, SIZE, "SharedDropoutClassifier")
+    # the outermost module inside 'vit' that returned the map; it returned a structure: the map's key in it
+    assert (cut.where, cut.after, cut.layout, cut.feature_shape) == ("vit.encoder:last_hidden_state", "", Layout.NLC,
+                                                                     (8, 4, 4))
+    assert cut.dropped == ("vit.pooler", "classifier")
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        want = model.vit.encoder.layers(model.vit.embed(x).flatten(2).transpose(1, 2))
+        assert torch.equal(EarlyExitBody(model, cut).eval()(x), want.transpose(1, 2).reshape(2, 8, 4, 4))
+
+
+class _StemAndStage(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.stage = nn.Conv2d(8, 16, 3, 2, 1)
+
+    def forward(self, x):
+        early = self.stem(x)
+        return {"features": self.stage(early), "stem": early}  # the deeper map's key sorts first
+
+
+def test_of_the_maps_in_a_structure_the_one_made_last_is_the_cut_whatever_their_keys():
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = _StemAndStage()
+            self.fc = nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.encoder(x)["features"]
+            if h.sum() > -1e30:
+                h = h.mean((2, 3))  # pooled by a function: the cut is in the encoder's structure
+            return self.fc(h)
+
+    torch.manual_seed(0)
+    model = Named().eval()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Named")
+    assert (cut.where, cut.after, cut.nf, cut.feature_shape, cut.stride) == ("encoder.stage", "encoder.stage", 16,
+                                                                               (16, 4, 4), 4)
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(EarlyExitBody(model, cut).eval()(x), model.encoder.stage(model.encoder.stem(x)))
+
+
+class _AttentionPool(nn.Module):
+    """Pools tokens ``(B, L, C)`` weighted by scores ``(B, heads, L)``."""
+
+    def forward(self, tokens, scores):
+        return (scores.softmax(-1) @ tokens).mean(1)
+
+
+class Flattened(nn.Module):
+    """A stage whose map the forward flattens and transposes into tokens ``(B, 64, 8)`` for its
+    head: the head's input is a re-laid view of the map. ``variant``: ``"pooled"`` (a token mean
+    right after the stage), ``"scored"`` (a module scores the map before the head pools),
+    ``"returned"`` (an image encoder returning its pooled embedding and its map), ``"own"`` (the
+    map is made by the forward itself, not by a module; the model returns it with its logits)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.stage = nn.Conv2d(3, 8, 3, 2, 1)
+        self.score = nn.Conv2d(8, 4, 1)
+        self.attend, self.pool = _AttentionPool(), TokenMean()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        m = self.stage(x)
+        if self.variant == "own":
+            m = m * 2
+        if m.sum() < -1e30:  # data-dependent control flow: fx cannot trace it
+            return m
+        tokens = m.flatten(2).transpose(1, 2)
+        if self.variant == "scored":
+            return self.fc(self.attend(tokens, self.score(m).flatten(2)))
+        if self.variant == "returned":
+            return self.pool(tokens), m
+        logits = self.fc(self.pool(tokens))
+        return (logits, m) if self.variant == "own" else logits
+
+
+@pytest.mark.parametrize("variant, where, after, layout", [
+    ("pooled", "stage", "stage", Layout.NCHW),
+    ("scored", "stage", "stage", Layout.NCHW),  # the nearest module before the head that returned the map
+    ("returned", "stage", "stage", Layout.NCHW),  # not the model, which returns it after the head
+    ("own", "pool:input", "", Layout.NLC),  # no module returned it before the head: the head's input, as it is
+])
+def test_a_head_fed_a_re_laid_view_of_a_map_is_cut_where_the_map_was_returned_read_as_it_was(variant, where, after,
+                                                                                                 layout):
+    torch.manual_seed(0)
+    model = Flattened(variant).eval()
+    cut = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Flattened")
+    assert (cut.where, cut.after, cut.layout, cut.nf, cut.feature_shape) == (where, after, layout, 8, (8, 8, 8))
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        want = model.stage(x) * (2 if variant == "own" else 1)
+        torch.testing.assert_close(EarlyExitBody(model, cut).eval()(x), want, rtol=0, atol=0)
+
+
+class _ReluThenPool(nn.Module):
+    """A head that runs a functional ReLU on the map before its pooling module."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.pool(F.relu(x)).flatten(1))
+
+
+@pytest.mark.parametrize("head, where, after, dropped", [
+    # a ReLU module first in the head: the cut moves to its output, which the body ends with
+    (lambda: nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)), "head.0", "head.0",
+     ("head.3",)),
+    # a functional ReLU: the cut moves to the pool's input, inside the head, which the body runs up to it
+    (_ReluThenPool, "head.pool:input", "", ("head.fc",)),
+])
+def test_a_cut_moved_past_the_heads_per_channel_ops_says_what_the_body_ends_with_and_drops(head, where, after, dropped):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stage = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8))
+            self.head = head()
+
+        def forward(self, x):
+            x = self.stage(x)
+            if x.sum() > -1e30:
+                x = self.head(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    first = find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Net")
+    assert (first.where, first.after, first.dropped) == ("head:input", "", ("head",))
+    cut = autocut.discover(model, input_size=SIZE)
+    assert (cut.where, cut.after, cut.method, cut.dropped) == (where, after, "hooks", dropped)
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(EarlyExitBody(model, cut).eval()(x), model.stage(x).relu(), rtol=0, atol=0)
+
+
+def test_only_maps_made_before_the_cut_make_levels_or_refuse_them():
+    # a token model at one stride whose head pools the tokens, and which also returns a mask per class at the
+    # image's size, made from its logits: a map on another grid, after the cut, that neither refuses levels nor is one
+    model = nn.Module()
+    model.patch, model.blocks = nn.Conv2d(3, 8, 4, 4), nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+    model.norm, model.pool, model.head = nn.LayerNorm(8), TokenMean(), nn.Linear(8, 2)
+    calls = [ModuleCall("patch", 0, (B, *SIZE), (B, 8, 4, 4)), ModuleCall("blocks.0", 1, (B, 16, 8), (B, 16, 8)),
+             ModuleCall("blocks.1", 2, (B, 16, 8), (B, 16, 8)), ModuleCall("norm", 3, (B, 16, 8), (B, 16, 8)),
+             ModuleCall("pool", 4, (B, 16, 8), (B, 8)), ModuleCall("head", 5, (B, 8), (B, 2)),
+             ModuleCall("", 6, (B, *SIZE), {"logits": (B, 2), "masks": (B, 2, 16, 16)})]
+    cut = find_cut_by_hooks(model, calls, SIZE, "m")
+    assert (cut.where, cut.feature_shape, cut.stride) == ("pool:input", (8, 4, 4), 4)
+    levels = levels_by_hooks(model, calls, cut, 4)
+    assert [(level.where, level.after, level.feature_shape, level.stride, level.dropped) for level in levels] == [
+        ("blocks.0", "blocks.0", (8, 4, 4), 4, ("blocks.1", "norm", "head")),  # (the pool holds no parameters)
+        ("pool:input", "", (8, 4, 4), 4, ("head",))]
+
+
+class _BoundMethodsStage(nn.Module):
+    """A stage, then the head as modules; no forward of its own (it is set on the instance)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 2)
+
+
+def test_methods_bound_on_the_instance_run_bound_to_the_body_that_runs_them():
+    # what pretrainedmodels does: features() and logits() bound on the instance, and a forward that calls them
+    def features(self, x):
+        return self.stage(x)
+
+    def logits(self, x):
+        if x.sum() > -1e30:  # data-dependent control flow: fx cannot trace this model
+            x = self.pool(x)
+        return self.fc(x.flatten(1))
+
+    def forward(self, x):
+        return self.logits(self.features(x))
+
+    torch.manual_seed(0)
+    model = _BoundMethodsStage().eval()
+    for name, fn in (("features", features), ("logits", logits), ("forward", forward)):
+        setattr(model, name, types.MethodType(fn, model))
+    body = EarlyExitBody(model, find_cut_by_hooks(model, probe_modules(model, SIZE), SIZE, "Stage"))
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(body(x), model.stage(x))  # the body's forward called self.features
+    assert body.features.__self__ is body and body.logits.__self__ is body
+    clone = copy.deepcopy(body)  # bound to the copy, which runs its own (copied) stage
+    assert clone.features.__self__ is clone and clone.stage is not model.stage
+    torch.testing.assert_close(clone(x), model.stage(x))

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 import autocut
-from autocut.discover import check_input_size, discover_module, discover_with_trace
+from autocut.discover import check_input_size, discover_module, discover_with_trace, discovery_target
 
 
 def test_input_size_is_checked_before_anything_runs():
@@ -164,3 +164,101 @@ def test_the_stride_at_a_small_size_is_timms_reduction_read_at_the_models_own_si
     assert (small.stride, small.stride_size, small.grid) == (reduction, (224, 224), (1, 1))
     own = autocut.discover(name)
     assert (own.stride, own.stride_size) == (reduction, None)
+
+
+@pytest.mark.parametrize("size", [(3, 200, 224), (3, 224, 200)])
+def test_the_stride_of_an_input_smaller_on_one_side_is_read_at_the_models_own_size_on_that_side(size):
+    # resnet18's 7x7 map at 200 px on one side would say 200 / 7 = 28.6 there; its reduction is 32
+    reduction = timm.create_model("resnet18", pretrained=False).feature_info[-1]["reduction"]
+    cut = autocut.discover("resnet18", input_size=size)
+    assert (cut.stride, cut.stride_size, cut.grid) == (reduction, (224, 224), (7, 7))
+
+
+class StatesItsSize(nn.Module):
+    """States 16 px (an ``image_size`` attribute, as a ViT's does) and runs only there: its
+    position embedding is a 4x4 grid. Not a timm or torchvision model."""
+
+    image_size = 16
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, 4)
+        self.pos = nn.Parameter(torch.zeros(1, 8, 4, 4))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc((self.proj(x) + self.pos).mean((2, 3)))
+
+
+def test_a_model_of_no_known_zoo_at_another_size_is_told_its_own_size_and_no_zoos_way_to_build_it():
+    with pytest.raises(autocut.CutError) as err:
+        autocut.discover(StatesItsSize(), input_size=(3, 32, 32))
+    assert str(err.value) == (
+        "StatesItsSize does not run at 32x32: it needs its own input size, (3, 16, 16), which its image_size states. "
+        "Pass input_size=(3, 16, 16) (and resize your images to 16x16), or build the model for 32x32 and pass the module"
+    )
+
+
+class StatesNoSize(nn.Module):
+    """States no input size and runs only at the default 224 px: its position embedding is the 14x14
+    grid of 16-px patches there."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 16, 16)
+        self.pos = nn.Parameter(torch.zeros(1, 8, 14, 14))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc((self.proj(x) + self.pos).mean((2, 3)))
+
+
+def test_a_model_that_states_no_size_is_told_it_runs_at_the_default_size():
+    with pytest.raises(autocut.CutError) as err:
+        autocut.discover(StatesNoSize(), input_size=(3, 32, 32))
+    assert str(err.value) == (
+        "StatesNoSize does not run at 32x32: it needs its own input size, (3, 224, 224) (the default size). "
+        "Pass input_size=(3, 224, 224) (and resize your images to 224x224), or build the model for 32x32 and pass the module"
+    )
+    assert autocut.discover(StatesNoSize(), input_size=(3, 224, 224)).feature_shape == (8, 14, 14)  # as it says
+
+
+def test_a_timm_model_at_a_size_that_is_not_square_is_told_to_build_it_for_that_height_and_width():
+    with pytest.raises(autocut.CutError) as err:
+        autocut.discover("vit_tiny_patch16_224", input_size=(3, 64, 96))
+    assert str(err.value).endswith(
+        "or build the model for 64x96 and pass the module (timm.create_model('vit_tiny_patch16_224', img_size=(64, 96)))")
+    built = timm.create_model("vit_tiny_patch16_224", img_size=(64, 96))  # as the message says: it runs at 64x96
+    assert autocut.discover(built, input_size=(3, 64, 96)).feature_shape == (192, 4, 6)
+
+
+def test_the_target_of_a_wrapped_module_is_the_module_it_wraps_reported_under_its_class_name():
+    net = StatesNoSize()
+    guessed = discovery_target(nn.DataParallel(net), None)  # no size given or stated: the 224 px guess
+    assert guessed == (net, "StatesNoSize", (3, 224, 224), (3, 224, 224), None, True)
+    assert discovery_target(net, 32) == (net, "StatesNoSize", (3, 32, 32), (3, 224, 224), None, False)
+
+
+class FixedTokens(nn.Module):
+    """Reads a value (``.item()``: fake tensors cannot run it, a real forward can), then lays its
+    16-px patches out as a fixed 13x13 grid: it runs at 208 px alone, which no size tried is."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 16, 16)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        m = self.proj(x)
+        m = m * (1.0 if m.mean().item() < 1e30 else 0.0)
+        return self.fc(m.reshape(x.shape[0], 8, 13, 13).mean((2, 3)))
+
+
+def test_a_model_that_reads_values_is_tried_at_larger_sizes_by_one_real_forward_of_batch_one_each():
+    with pytest.raises(autocut.CutError) as err:
+        autocut.discover(FixedTokens())  # no size given or stated: 224 px is a guess, larger ones are tried
+    # what each real forward said: batch 1, and the 16-px patches of that size (8 x (side // 16)^2 values)
+    said = [f"{side} px (RuntimeError: shape '[1, 8, 13, 13]' is invalid for input of size {8 * (side // 16) ** 2})"
+            for side in (256, 299, 320, 384, 448, 512)]
+    assert str(err.value).split("; nor at the larger sizes tried: ", 1)[1] == (
+        ", ".join(said) + ". Check the input size (input_size=(C, H, W)) or pass cut= explicitly")

@@ -146,6 +146,20 @@ def test_groups_partition_the_parameters_in_order(name_size):
     assert strides == sorted(strides), "stages run at growing strides"
 
 
+def test_layer_groups_are_read_once_per_model_and_asked_again_run_no_forward():
+    from handmade import FunctionalPoolNet
+
+    # at 32 px, under its own 224, the groups are read by one forward at 224 px (not on the trace)
+    model = autocut.adapt(FunctionalPoolNet(), n_out=2, input_size=(3, 32, 32))
+    assert model.cut.stride_size == (224, 224)
+    runs = []
+    model[0].get_submodule("stem.0").register_forward_pre_hook(lambda m, args: runs.append(tuple(args[0].shape)))
+    asked = [[_ids(g) for g in autocut.layer_groups(model, n=n)] for n in (3, None, 3)]
+    assert runs == [] and asked[0] == asked[2]  # adapt read them; asking again (as freeze_to does) reuses them
+    del model._autocut_units  # the oracle: reading them afresh runs the body once, at 224 px
+    assert [_ids(g) for g in autocut.layer_groups(model)] == asked[0] and len(runs) == 1 and runs[0][2:] == (224, 224)
+
+
 def test_n_merges_stages_evenly_and_refuses_too_many():
     model = autocut.adapt("resnet18", n_out=2, input_size=(3, 64, 64))
     stages = autocut.layer_groups(model, n=None)
@@ -287,6 +301,46 @@ def test_units_run_at_the_stride_of_their_output_a_tuples_first_map_on_any_aspec
     assert [(u.path, u.stride) for u in units] == [("stem", 2), ("pair", 4), ("stage", 8)]
 
 
+class VectorFirst(nn.Module):
+    """Returns ``(pooled vector, map)``: its output's first value, the one read, is no map. With
+    ``own`` its conv is a weight of its own (no inner module), else an inner ``nn.Conv2d``."""
+
+    def __init__(self, cin: int, own: bool):
+        super().__init__()
+        if own:
+            self.weight = nn.Parameter(torch.randn(8, cin, 3, 3))
+        else:
+            self.conv = nn.Conv2d(cin, 8, 3, 2, 1)
+
+    def forward(self, x):
+        y = torch.nn.functional.conv2d(x, self.weight, stride=2, padding=1) if hasattr(self, "weight") else self.conv(x)
+        return y.mean((2, 3)), y
+
+
+class VectorFirstBody(nn.Module):
+    def __init__(self, first: bool):
+        super().__init__()
+        self.stem = VectorFirst(3, own=True) if first else nn.Conv2d(3, 8, 3, 2, 1)
+        self.mid = nn.Conv2d(8, 8, 3, 2, 1) if first else VectorFirst(8, own=False)
+        self.stage = nn.Conv2d(8, 8, 3, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.mid(x[1] if isinstance(x, tuple) else x)
+        return self.stage(x[1] if isinstance(x, tuple) else x)
+
+
+@pytest.mark.parametrize("first, strides", [
+    (False, [2, 4, 8]),  # mid returns no map: it runs at the stride of the map its inner conv makes
+    (True, [4, 4, 8]),  # the first unit returns no map and holds no module that does: it runs with the first stage
+])
+def test_a_unit_whose_output_is_no_map_runs_at_the_stride_of_its_inner_map_or_with_the_first_stage(first, strides):
+    from autocut.groups import body_units
+
+    units = body_units(VectorFirstBody(first), (3, 32, 32))
+    assert [(u.path, u.stride) for u in units] == list(zip(["stem", "mid", "stage"], strides))
+
+
 @pytest.mark.parametrize("size, n_in, read_at", [((3, 16, 16), None, (224, 224)), ((3, 40, 40), None, (224, 224)),
                                                   ((3, 64, 320), 1, (224, 320))], ids=["16px", "40px", "wide-1ch"])
 def test_groups_and_stride_at_a_small_size_are_read_at_the_models_own(size, n_in, read_at):
@@ -346,3 +400,6 @@ def test_strides_are_never_read_by_a_real_forward_at_a_size_bigger_than_asked():
     body = ReadsValues()
     assert stride_size(body, (3, 32, 32), (3, 224, 224)) is None and (224, 224) not in body.real_sizes
     assert stride_size(nn.Conv2d(3, 8, 3, 2, 1), (3, 32, 32), (3, 224, 224)) == ((224, 224), (112, 112))
+    # at the model's own size, or bigger on both sides: strides are read at the input size itself (None)
+    assert stride_size(nn.Conv2d(3, 8, 3, 2, 1), (3, 224, 224), (3, 224, 224)) is None
+    assert stride_size(nn.Conv2d(3, 8, 3, 2, 1), (3, 224, 320), (3, 224, 224)) is None

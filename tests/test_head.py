@@ -129,7 +129,7 @@ _NUMBER = "must be a number in"
     ({"ps": -0.1}, rf"^ps {_NUMBER} \[0, 1\), got -0\.1 \(float\)"),
     ({"ps": float("nan")}, rf"^ps {_NUMBER} \[0, 1\), got nan \(float\)"),
     ({"ps": True}, rf"^ps {_NUMBER} \[0, 1\), got True \(bool\)"),
-    ({"ps": [0.1, 1.5]}, rf"^ps\[1\] {_NUMBER} \[0, 1\), got 1\.5 \(float\)"),
+    ({"ps": [0.1, 1.5]}, rf"^ps\[1\] {_NUMBER} \[0, 1\), got 1\.5 \(float\): pass a number such as 0\.5$"),
     ({"ps": []}, r"^ps must be a dropout probability in \[0, 1\) or a list of them, one per block, got \[\]"),
     ({"ps": "0.5"}, r"^ps must be a dropout probability in \[0, 1\) or a list of them"),
     ({"y_range": (3.0, -1.0)}, r"^y_range must be \(low, high\) finite numbers with low < high, got \(3\.0, -1\.0\)"),
@@ -260,6 +260,16 @@ def test_sigmoid_range_maps_exact_values():
     with torch.no_grad():
         head[-2].weight.zero_()  # the last Linear (no bias after its BatchNorm) gives 0
     assert torch.equal(head(torch.randn(5, 8, 2, 2)), torch.full((5, 2), 4.0))
+
+
+def test_resample_scales_the_height_and_the_width_of_a_map_that_is_not_square_apart():
+    from autocut.layers import Resample
+
+    x = torch.randn(1, 2, 6, 10)
+    # the oracles: PyTorch's own scaling of each side by the factor, and 2x2 max pooling for a half
+    torch.testing.assert_close(Resample(2)(x), F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+    torch.testing.assert_close(Resample(0.5)(x), F.max_pool2d(x, 2))
+    assert Resample(1 / 3)(x).shape == (1, 2, 2, 3)  # 6 / 3 and 10 / 3, rounded
 
 
 def test_batch_norm_dropout_is_batch_norm_then_dropout():

@@ -2,11 +2,22 @@
 checked directly on shapes and tensors (as timm's ``tests/test_layers_pool.py`` checks pools)."""
 
 import json
+import math
 
 import pytest
 import torch
 
-from autocut.layout import MAX_PREFIX_TOKENS, Feature, Layout, ToNCHW, feature_of, nhwc_to_nchw, to_nchw, tokens_to_nchw
+from autocut.layout import (
+    MAX_PREFIX_TOKENS,
+    Feature,
+    Layout,
+    ToNCHW,
+    feature_of,
+    nhwc_to_nchw,
+    per_channel,
+    to_nchw,
+    tokens_to_nchw,
+)
 from autocut.probe import PROBE_BATCH
 
 B = PROBE_BATCH
@@ -143,3 +154,60 @@ def test_token_grids_at_their_edges():
 def test_to_nchw_drops_no_token_unless_told():
     t = torch.randn(2, 4, 6)
     assert torch.equal(to_nchw(t, "NLC", grid=(2, 2)), t.transpose(1, 2).reshape(2, 6, 2, 2))
+
+
+def _varies_along_channels_at_most(shape, map_shape, layout):
+    """Broadcasting's answer: a tensor of ``shape`` holding distinct numbers, broadcast against the
+    map, is the same along every axis but the map's channels (counted from the right, as
+    broadcasting lines axes up)."""
+    t = torch.arange(math.prod(shape)).reshape(shape)
+    out = t.expand(torch.broadcast_shapes(shape, map_shape))
+    channels = 1 - len(map_shape) if layout == Layout.NCHW else -1
+    rows = out.movedim(channels, 0).reshape(out.shape[channels], -1)
+    return bool((rows == rows[:, :1]).all())
+
+
+NCHW_MAP, NHWC_MAP, NLC_MAP = (2, 16, 8, 6), (2, 8, 6, 16), (2, 1 + 48, 16)
+
+
+@pytest.mark.parametrize(
+    "shape,map_shape,layout,expected",
+    [
+        ((), NCHW_MAP, Layout.NCHW, True),  # a number
+        ((1,), NCHW_MAP, Layout.NCHW, True),
+        ((1, 1, 1, 1, 1), NCHW_MAP, Layout.NCHW, True),  # a number, of more dimensions than the map
+        ((1, 16, 1, 1), NCHW_MAP, Layout.NCHW, True),  # a per-channel scale
+        ((16, 1, 1), NCHW_MAP, Layout.NCHW, True),  # the same, without the batch dimension
+        ((2, 1, 1, 1), NCHW_MAP, Layout.NCHW, False),  # a scale per image (two numbers)
+        ((2, 16, 1, 1), NCHW_MAP, Layout.NCHW, False),  # a squeeze-excitation gate: per image
+        ((1, 1, 8, 6), NCHW_MAP, Layout.NCHW, False),  # a mask or a position bias: per position
+        ((16, 8, 6), NCHW_MAP, Layout.NCHW, False),  # per channel and position
+        ((6,), NCHW_MAP, Layout.NCHW, False),  # one number per column
+        ((3, 1, 16, 1, 1), NCHW_MAP, Layout.NCHW, False),  # per channel, but a new leading axis too
+        ((1, 1, 1, 16), NHWC_MAP, Layout.NHWC, True),
+        ((1, 16), NHWC_MAP, Layout.NHWC, True),
+        ((1, 1, 1, 1, 1), NHWC_MAP, Layout.NHWC, True),
+        ((1, 16, 1, 1), (2, 16, 16, 16), Layout.NHWC, False),  # NCHW's scale lies on NHWC's rows
+        ((1, 8, 6, 1), NHWC_MAP, Layout.NHWC, False),
+        ((8, 1, 16), NHWC_MAP, Layout.NHWC, False),  # per row and channel
+        ((2, 1, 1, 16), NHWC_MAP, Layout.NHWC, False),
+        ((1, 1, 16), NLC_MAP, Layout.NLC, True),
+        ((1, 1, 1, 1), NLC_MAP, Layout.NLC, True),
+        ((49, 1), NLC_MAP, Layout.NLC, False),  # per token
+        ((1, 49, 16), NLC_MAP, Layout.NLC, False),  # a position embedding
+    ],
+)
+def test_per_channel_is_what_broadcasting_against_the_map_varies_only_along_channels(shape, map_shape, layout, expected):
+    assert _varies_along_channels_at_most(shape, map_shape, layout) is expected  # the oracle agrees with the table
+    assert per_channel(shape, map_shape, layout) is expected
+
+
+@pytest.mark.parametrize("map_shape,layout", [(NCHW_MAP, Layout.NCHW), ((2, 16, 6, 8), Layout.NCHW),
+                                              (NHWC_MAP, Layout.NHWC), (NLC_MAP, Layout.NLC)])
+def test_a_norms_weight_of_shape_c_is_per_channel_in_every_layout(map_shape, layout):
+    # F.batch_norm takes its (C,) weight along NCHW's second axis, though (C,) does not broadcast there
+    channels = map_shape[1] if layout == Layout.NCHW else map_shape[-1]
+    assert per_channel((channels,), map_shape, layout)
+    if layout == Layout.NCHW:
+        assert not per_channel((map_shape[2],), map_shape, layout)  # a row's length: not the channels
+        assert not per_channel((map_shape[3],), map_shape, layout)

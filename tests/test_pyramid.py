@@ -332,9 +332,13 @@ def test_a_model_only_hooks_can_cut_gets_levels_at_evenly_spaced_blocks_where_it
     torch.manual_seed(0)
     model = _TokensReadValues().eval()
     pyramid = create_pyramid(model, input_size=(3, 32, 32))
-    assert [(level.where, level.method, level.stride, level.layout) for level in pyramid.levels] == [
-        ("blocks.1", "hooks", 8, "NLC"), ("blocks.3", "hooks", 8, "NLC"), ("blocks.5", "hooks", 8, "NLC"),
-        ("norm", "hooks", 8, "NLC")]
+    assert [(level.where, level.after, level.method, level.stride, level.layout) for level in pyramid.levels] == [
+        ("blocks.1", "blocks.1", "hooks", 8, "NLC"), ("blocks.3", "blocks.3", "hooks", 8, "NLC"),
+        ("blocks.5", "blocks.5", "hooks", 8, "NLC"), ("norm", "norm", "hooks", 8, "NLC")]
+    # what a body ending at each level leaves out: the blocks after it, the final norm, the head
+    later = [f"blocks.{i}" for i in range(8)]
+    assert [level.dropped for level in pyramid.levels] == [(*later[2:], "norm", "head"), (*later[4:], "norm", "head"),
+                                                           (*later[6:], "norm", "head"), ("head",)]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         maps = pyramid(x)
@@ -475,3 +479,151 @@ def test_a_hugging_face_vit_gets_its_hidden_states_at_evenly_spaced_depths():
     for mine, depth in zip(maps[:3], (2, 4, 6)):
         theirs = hidden[depth][:, 1:].transpose(1, 2).reshape(2, 16, 8, 8)
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+class _Block(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+class _Layer(_Block):
+    """A residual block that returns a tuple, as Hugging Face's layers do."""
+
+    def forward(self, x):
+        return (super().forward(x),)
+
+
+class _NeckedTokens(nn.Module):
+    """A ViT as a detector's backbone (SAM's image encoder), whose forward reads values: a patch
+    stem that is a Sequential (conv, norm), a class token, layers two deep returning tuples, then
+    the class token dropped, the tokens laid on their 4x8 grid and a conv neck to 24 channels."""
+
+    def __init__(self, depth=4):
+        super().__init__()
+        self.patch = nn.Sequential(nn.Conv2d(3, 16, 8, 8), nn.BatchNorm2d(16))
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(_Layer(16) for _ in range(depth))
+        self.neck = nn.Conv2d(16, 24, 1)
+        self.head = nn.Linear(24, 4)
+
+    def tokens(self, x):
+        m = self.patch(x)
+        return torch.cat([self.cls.expand(len(x), -1, -1), m.flatten(2).transpose(1, 2)], 1)
+
+    def forward(self, x):
+        t = self.tokens(x)
+        for layer in self.encoder.layers:
+            t = layer(t)[0]
+            if float(t.abs().max()) > 1e6:  # a value read
+                t = t / 2
+        grid = t[:, 1:].transpose(1, 2).reshape(len(x), 16, 4, 8)
+        return self.head(self.neck(grid).mean((2, 3)))
+
+
+def test_a_hooked_models_levels_are_its_layers_outputs_read_as_they_are_and_the_cut_as_it_is():
+    torch.manual_seed(0)
+    model = _NeckedTokens().eval()
+    pyramid = create_pyramid(model, input_size=(3, 32, 64))
+    layers = [f"encoder.layers.{i}" for i in range(4)]
+    # the layers (the most repeated blocks: four, against the stem's two children), each the tensor in the
+    # tuple it returns (so no module the body ends with), tokens behind one class token on the 4x8 grid
+    assert [(level.where, level.after, level.nf, level.layout, level.feature_shape, level.prefix_tokens, level.stride,
+             level.dropped) for level in pyramid.levels[:3]] == [
+        (f"{layer}:0", "", 16, "NLC", (16, 4, 8), 1, 8, (*layers[i + 1:], "neck", "head"))
+        for i, layer in enumerate(layers[:3])]
+    # the deepest is the cut: the neck's NCHW map, its own channels, no class token
+    assert pyramid.levels[3] == autocut.discover(model, input_size=(3, 32, 64))
+    assert (pyramid.levels[3].where, pyramid.levels[3].after, pyramid.levels[3].nf, pyramid.levels[3].layout,
+            pyramid.levels[3].feature_shape, pyramid.levels[3].prefix_tokens) == ("neck", "neck", 24, "NCHW", (24, 4, 8), 0)
+    x = torch.randn(2, 3, 32, 64)
+    with torch.no_grad():
+        maps = pyramid(x)
+        t = model.tokens(x)
+        want = []
+        for layer in model.encoder.layers:
+            t = layer(t)[0]
+            want.append(t[:, 1:].transpose(1, 2).reshape(2, 16, 4, 8))
+        for mine, theirs in zip(maps[:3], want):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+        torch.testing.assert_close(maps[3], model.neck(want[3]), rtol=0, atol=0)
+
+
+class _TokenBlocks(nn.Module):
+    """A token model whose forward reads values, its blocks run ``passes`` times over (weights
+    shared across passes, as in ALBERT: each block then returns a map per pass, and a hook keeping
+    a level could not tell which pass it meant)."""
+
+    def __init__(self, depth, passes=1):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 8, stride=8)
+        self.blocks = nn.ModuleList(_Block(16) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, 4)
+        self.passes = passes
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        for block in [*self.blocks] * self.passes:
+            x = block(x)
+            if float(x.abs().max()) > 1e6:  # a value read
+                x = x / 2
+        return self.head(self.norm(x).mean(1))
+
+
+@pytest.mark.parametrize("depth, passes, wheres", [
+    (2, 1, ["blocks.0", "norm"]),  # two blocks repeat: the first, then the cut
+    (1, 1, ["norm"]),  # one block repeats nothing: the cut alone
+    (2, 2, ["norm"]),  # blocks run twice are no levels
+])
+def test_a_hooked_model_gets_levels_only_at_blocks_that_repeat_and_run_once(depth, passes, wheres):
+    levels = discover_pyramid(_TokenBlocks(depth, passes), input_size=(3, 32, 32), depth_levels=4)
+    assert [level.where for level in levels] == wheres
+    assert levels[-1].dropped == ("head",)
+
+
+def test_a_hooked_model_at_several_strides_is_refused_naming_the_module_and_both_grids():
+    from handmade import DataDependentNet
+
+    with pytest.raises(CutError) as info:
+        discover_pyramid(DataDependentNet(), input_size=(3, 32, 64))  # its first conv keeps the 32x64 grid
+    assert str(info.value) == (
+        "DataDependentNet was cut by hooks ('pool:input'): fx and torch.export could not capture its graph, and "
+        "'body.0' returns a map on a 32x64 grid before its 16x32 cut: several strides, which only a graph tells from "
+        "branches. Make its forward traceable, or use create_body for the last map")
+
+
+class _TokensReadValuesConvHead(_TokensReadValues):
+    """The one-stride token model, its tokens laid on their 4x4 grid for a head that starts with a
+    stride-2 conv: the head's children, run after the cut at its input, make a 2x2 map."""
+
+    def __init__(self):
+        super().__init__(depth=4)
+        self.head = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = x + block(x)
+            if float(x.abs().max()) > 1e6:  # a value read
+                x = x / 2
+        return self.head(self.norm(x).transpose(1, 2).reshape(len(x), 16, 4, 4))
+
+
+def test_what_runs_inside_the_module_a_hooked_cut_takes_the_input_of_runs_after_the_cut():
+    torch.manual_seed(0)
+    model = _TokensReadValuesConvHead().eval()
+    assert autocut.discover(model, input_size=(3, 32, 32)).where == "head:input"
+    pyramid = create_pyramid(model, input_size=(3, 32, 32), depth_levels=3)
+    assert [(level.where, level.stride, level.feature_shape) for level in pyramid.levels] == [
+        ("blocks.0", 8, (16, 4, 4)), ("blocks.2", 8, (16, 4, 4)), ("head:input", 8, (16, 4, 4))]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.patch(x).flatten(2).transpose(1, 2)
+        for block in model.blocks:
+            tokens = tokens + block(tokens)
+        torch.testing.assert_close(pyramid(x)[-1], model.norm(tokens).transpose(1, 2).reshape(2, 16, 4, 4),
+                                   rtol=0, atol=0)

@@ -287,7 +287,7 @@ def test_a_known_difference_whose_body_is_not_its_cut_is_a_mismatch(monkeypatch)
 
 
 def test_values_are_compared_on_real_weights_and_a_body_one_op_off_differs(monkeypatch):
-    record = check.check_model("resnet18", values=True)
+    record = check.check_model_values("resnet18")  # what ``autocut scan --values`` runs in each worker
     assert (record["status"], record["values"], record["values_max_diff"]) == ("ok", "equal", 0.0)
     assert record["values_scale"] > 0 and list(record["times"])[-5:] == ["values", "build_cpu", "groups", "pyramid", "total"]
     real_create_body = check.create_body
@@ -298,6 +298,18 @@ def test_values_are_compared_on_real_weights_and_a_body_one_op_off_differs(monke
     monkeypatch.setattr(check, "create_body", one_op_off)
     record = check.check_model("resnet18", values=True)
     assert record["status"] == "ok" and record["values"] == "differ" and record["values_max_diff"] > 1e-3
+
+
+def test_values_that_cannot_be_compared_are_recorded_as_failed_with_the_error_named(monkeypatch):
+    said = "cannot allocate " + "x" * 600  # a long message, kept to its first 500 characters
+
+    def out_of_memory(spec, model, cut, size):
+        raise MemoryError(said)
+
+    monkeypatch.setattr(check, "compare_values", out_of_memory)
+    record = check.check_model("resnet18", values=True)
+    assert (record["status"], record["values"]) == ("ok", "failed")  # the shapes were checked; the values not
+    assert record["values_error"] == "MemoryError: " + said[:500]
 
 
 class _Minus(torch.nn.Module):
@@ -340,3 +352,57 @@ class _Times(torch.nn.Module):
 
     def forward(self, x):
         return self.body(x) * self.factor
+
+
+class _EightPixels(torch.nn.Module):
+    """Runs at 8 px alone (a 4x4 position embedding on its 2-px patches) and states no size: a
+    body cut at another size than the one checked is no body at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, 8, 2, 2)
+        self.pos = torch.nn.Parameter(torch.randn(1, 8, 4, 4))
+        self.fc = torch.nn.Linear(8, 2)
+
+    def features(self, x):
+        return torch.relu(self.proj(x) + self.pos)  # (B, 8, 4, 4), about half of it zeros
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+class _Plus(torch.nn.Module):
+    def __init__(self, body, shift):
+        super().__init__()
+        self.body, self.shift = body, shift
+
+    def forward(self, x):
+        return self.body(x) + self.shift
+
+
+def _features_oracle(spec, model, x, values):
+    return model.features(x)
+
+
+def test_values_are_those_of_a_body_cut_at_the_size_checked_on_the_seeded_input(monkeypatch):
+    monkeypatch.setattr(check, "_oracle", _features_oracle)
+    model = _EightPixels()
+    record = check.compare_values(None, model, None, (3, 8, 8))
+    # the input a reader can make again: batch 2 of torch's normal draws from seed 0
+    seeded = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scale = float(model.features(seeded).abs().max())
+    assert record == {"values": "equal", "values_max_diff": 0.0, "values_scale": scale}
+
+
+def test_values_within_the_absolute_tolerance_are_equal_where_the_map_is_zero(monkeypatch):
+    # off by 5e-5 everywhere: where the ReLU gave 0, only VALUES_ATOL (1e-4) holds that equal
+    monkeypatch.setattr(check, "_oracle", _features_oracle)
+    real_create_body = check.create_body
+    monkeypatch.setattr(check, "create_body", lambda model, cut, input_size: _Plus(
+        real_create_body(model, cut=cut, input_size=input_size), 5e-5))
+    record = check.compare_values(None, _EightPixels(), None, (3, 8, 8))
+    assert record["values"] == "equal" and record["values_max_diff"] == pytest.approx(5e-5, rel=1e-2)
+    monkeypatch.setattr(check, "create_body", lambda model, cut, input_size: _Plus(
+        real_create_body(model, cut=cut, input_size=input_size), 2e-4))
+    assert check.compare_values(None, _EightPixels(), None, (3, 8, 8))["values"] == "differ"  # past it: not equal
