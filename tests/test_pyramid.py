@@ -319,13 +319,16 @@ class _TokensReadValues(nn.Module):
         self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16)) for _ in range(depth))
         self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, 4)
 
-    def forward(self, x):
+    def tokens(self, x):
         x = self.patch(x).flatten(2).transpose(1, 2)
         for block in self.blocks:
             x = x + block(x)
             if float(x.abs().max()) > 1e6:  # a value read
                 x = x / 2
-        return self.head(self.norm(x).mean(1))
+        return x
+
+    def forward(self, x):
+        return self.head(self.norm(self.tokens(x)).mean(1))
 
 
 def test_a_model_only_hooks_can_cut_gets_levels_at_evenly_spaced_blocks_where_it_runs_at_one_stride():
@@ -605,11 +608,7 @@ class _TokensReadValuesConvHead(_TokensReadValues):
         self.head = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
 
     def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2)
-        for block in self.blocks:
-            x = x + block(x)
-            if float(x.abs().max()) > 1e6:  # a value read
-                x = x / 2
+        x = self.tokens(x)
         return self.head(self.norm(x).transpose(1, 2).reshape(len(x), 16, 4, 4))
 
 
