@@ -13,6 +13,7 @@ from autocut.discover import discover
 from autocut.errors import CutError
 from autocut.groups import group_summary, layer_groups, splitter
 from autocut.layers import AdaptiveConcatPool2d, SigmoidRange, create_head, fuse_bn_dropout
+from autocut.memo import clear_cache
 from autocut.optim import param_groups
 from autocut.pyramid import Pyramid, create_pyramid, discover_pyramid
 from autocut.unet import Unet, unet
@@ -26,6 +27,7 @@ __all__ = [
     "SigmoidRange",
     "adapt",
     "apply_init",
+    "clear_cache",
     "create_body",
     "create_head",
     "create_pyramid",

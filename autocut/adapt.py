@@ -17,14 +17,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autocut import _validate, zoo
+from autocut import _validate, memo, zoo
 from autocut.body import build_body
 from autocut.channels import set_input_channels
 from autocut.cut import Cut
 from autocut.discover import discover_with_trace, unwrap
 from autocut.errors import CutError, first_line
 from autocut.freeze import NORM_TYPES, Freezable, record_norms
-from autocut.groups import group_summary, read_stride
+from autocut.groups import Unit, group_summary, read_stride
 from autocut.layers import create_head
 from autocut.probe import model_device, model_dtype, modes_kept
 
@@ -62,20 +62,36 @@ def _resolve(model: str | nn.Module, input_size, pretrained: bool = False) -> _R
     return _Resolved(module, str(spec), _validate.input_size(input_size, own), own, guessed=guessed)
 
 
-def _body(model: _Resolved, cut: CutSpec) -> nn.Module:
+def _body(model: _Resolved, cut: CutSpec) -> tuple[nn.Module, memo.Recipe | None]:
     """The body of a resolved model, with ``.cut`` and ``.norm_parameter_names``, in the model's
-    mode; every module of the model keeps its own training flag."""
-    traced = None
+    mode (every module of the model keeps its own training flag); and the recipe it was made
+    from or kept as, for a discovered cut of a model :mod:`autocut.memo` can key."""
+    key = recipe = None
+    if cut is None or isinstance(cut, str):
+        key = memo.architecture_key(model.module, model.input_size, model.own_size, model.guessed, cut)
+        recipe = memo.lookup(key)
     with modes_kept(model.module):
-        if cut is None or isinstance(cut, str):  # the Cut found says the size it was found at (a larger one than guessed)
-            cut, traced = discover_with_trace(model.module, model.input_size, arch=model.arch, where=cut,
-                                              try_larger=model.guessed)
-        body, found = build_body(model.module, cut, model.input_size, model.arch, traced)
-        found = read_stride(body, found, model.own_size)  # where the map is big enough to say
+        if recipe is not None:  # the same architecture, size and cut asked for as before: no trace, no probe
+            memo.replay(recipe.warned)
+            traced = None if recipe.traced is None else memo.copy_traced(recipe.traced, model.module)
+            body, found = build_body(model.module, recipe.cut, model.input_size, model.arch, traced, checked=True)
+        else:
+            traced = None
+            with memo.recording() as warned:  # what a recipe skips warns again from it (building the body warns itself)
+                if cut is None or isinstance(cut, str):  # the Cut found says the size it was found at (a larger one than guessed)
+                    cut, traced = discover_with_trace(model.module, model.input_size, arch=model.arch, where=cut,
+                                                      try_larger=model.guessed)
+            kept = None if key is None or traced is None else memo.copy_traced(traced, None)
+            body, found = build_body(model.module, cut, model.input_size, model.arch, traced)
+            with memo.recording() as warned_later:
+                found = read_stride(body, found, model.own_size)  # where the map is big enough to say
+            if key is not None:
+                recipe = memo.Recipe(found, kept, warned + warned_later)
+                memo.remember(key, recipe)
         body.train(model.module.training)  # the body's own flag (a GraphBody's graph), not the model's modules'
     body.cut = found
     record_norms(body, model.module)
-    return body
+    return body, recipe
 
 
 def _check_n_in(n_in: int | None, n_in_init: str | None) -> int | None:
@@ -134,7 +150,7 @@ def create_body(
     """
     n_in = _check_n_in(n_in, n_in_init)
     _validate.input_size(input_size, None)  # a bad size fails before the build
-    body = _body(_resolve(model, input_size), cut)
+    body, _ = _body(_resolve(model, input_size), cut)
     _set_n_in(body, n_in, n_in_init)
     return body
 
@@ -265,7 +281,7 @@ def adapt(
     _validate.input_size(input_size, None)  # a bad size fails before the build
 
     resolved = _resolve(model, input_size, pretrained=pretrained)
-    body = _body(resolved, cut)
+    body, recipe = _body(resolved, cut)
     if weights is not None:
         load_weights(body, weights, resolved.arch)
     _set_n_in(body, n_in, n_in_init)
@@ -273,8 +289,26 @@ def adapt(
     apply_init(head, init)
     head.to(device=model_device(body), dtype=model_dtype(body))  # a meta, GPU or bfloat16 body's head is too
 
-    return with_groups(AdaptedModel(body, head, body.cut), body.cut, resolved.arch,
-                       resolved.module if resolved.users else None)
+    adapted = AdaptedModel(body, head, body.cut)
+    if recipe is not None and recipe.units is not None:
+        _units_from(adapted, recipe.units)
+    adapted = with_groups(adapted, body.cut, resolved.arch, resolved.module if resolved.users else None)
+    if recipe is not None and recipe.units is None and getattr(adapted, "_autocut_units", None) is not None:
+        recipe.units = _units_of(adapted)
+    return adapted
+
+
+def _units_of(model: AdaptedModel) -> tuple[tuple[str, float, int, tuple[str, ...]], ...]:
+    """The layer groups' units of ``model`` (:func:`autocut.groups.body_units`, as read by its
+    groups), each with the names of its parameters in the body, for a recipe."""
+    names = {id(p): name for name, p in model.body.named_parameters()}
+    return tuple((u.path, u.stride, u.order, tuple(names[id(p)] for p in u.params)) for u in model._autocut_units)
+
+
+def _units_from(model: AdaptedModel, units: tuple[tuple[str, float, int, tuple[str, ...]], ...]) -> None:
+    """Give ``model`` the units a recipe kept (:func:`_units_of`), with its own body's parameters."""
+    params = dict(model.body.named_parameters())
+    model._autocut_units = [Unit(path, stride, order, [params[n] for n in names]) for path, stride, order, names in units]
 
 
 def with_groups(model: nn.Module, cut: Cut, arch: str, users: nn.Module | None) -> nn.Module:

@@ -328,6 +328,7 @@ def build_body(
     input_size: tuple[int, int, int],
     arch: str,
     traced: Traced | None = None,
+    checked: bool = False,
 ) -> tuple[nn.Module, Cut]:
     """The body for ``cut`` (see :func:`autocut.create_body`) and the :class:`Cut` it answers to.
 
@@ -337,6 +338,8 @@ def build_body(
             ``model -> body``. An int- or callable-made body is probed once at ``input_size`` to
             read what it returns (``Cut.method`` is ``"user"``) and ends with a :class:`ToNCHW`.
         traced: the model's traced eval graph, when discovery made one (it is consumed).
+        checked: ``cut`` was found on this model's architecture at this size (a remembered
+            recipe, :mod:`autocut.memo`): the body is not probed to check its output.
     """
     if isinstance(cut, Cut):
         if cut.method in ("fx", "user"):
@@ -345,7 +348,7 @@ def build_body(
             body = EarlyExitBody(model, cut)
         else:
             raise CutError(f"unknown cut method {cut.method!r}: one of {', '.join(METHODS)}")
-        if traced is None:  # a Cut given, not one discovery just found on this very trace
+        if traced is None and not checked:  # a Cut given, not one discovery just found on this very trace
             _check_output(body, cut, f"the body cut at {cut.where!r}", "is the Cut of another model or input size? "
                           f"Pass cut={cut.where!r} (or cut=None) to read it again")
         return body, cut

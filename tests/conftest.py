@@ -31,3 +31,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_remembered():
+    """Each test starts with no recipe kept (:mod:`autocut.memo`): a cut an earlier test found
+    would answer a later test's call without running the code that test checks."""
+    from autocut import memo
+
+    memo.clear_cache()

@@ -64,7 +64,7 @@ def _benchmark(name):
 def test_the_adapt_benchmark_measures_each_way_that_applies(tmp_path):
     bench = _benchmark("adapt")
     out = tmp_path / "adapt.md"
-    assert bench.main(["--models", "resnet10t", "torchvision:resnet18", "--repeat", "1", "--out", str(out)]) == 0
+    assert bench.main(["--models", "resnet10t", "torchvision:resnet18", "--repeat", "2", "--out", str(out)]) == 0
     def cells(line):
         return [c.strip() for c in line.strip().strip("|").split("|")]
 
@@ -75,6 +75,8 @@ def test_the_adapt_benchmark_measures_each_way_that_applies(tmp_path):
     for name, row in rows.items():
         got = dict(zip(header, row))
         assert float(got["timm s"]) > 0 and float(got["autocut s"]) > 0 and got["autocut / timm"].endswith("x")
+        assert float(got["timm first s"]) > 0 and float(got["autocut first s"]) > float(got["autocut s"])  # a recipe kept
+        assert got["first: autocut / timm"] == f"{float(got['autocut first s']) / float(got['timm first s']):.2f}x"
         assert (got["tv_fx s"] == "-") == (name == "resnet10t")  # torchvision's extractor: its own models only
 
 

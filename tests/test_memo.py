@@ -1,0 +1,259 @@
+"""autocut.memo: what adapt and create_body remember of an architecture, and when they must not."""
+
+import copy
+import gc
+import importlib
+import warnings
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import autocut
+
+from handmade import DataDependentNet, FunctionalPoolNet, TrainBranchNet
+
+memo = importlib.import_module("autocut.memo")
+adapt_module = importlib.import_module("autocut.adapt")
+
+SIZE = (3, 16, 16)
+
+
+@pytest.fixture
+def discoveries(monkeypatch):
+    """The sizes discovery ran at, in order (a call the memo answers adds none)."""
+    ran = []
+    discover = adapt_module.discover_with_trace
+
+    def counted(module, input_size, *args, **kwargs):
+        ran.append(tuple(input_size))
+        return discover(module, input_size, *args, **kwargs)
+
+    monkeypatch.setattr(adapt_module, "discover_with_trace", counted)
+    return ran
+
+
+@pytest.fixture
+def no_probe(monkeypatch):
+    """Makes any probe forward fail: a call answered from a recipe must make none."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a probe forward ran")
+
+    def forbid():
+        for name in ("autocut.body", "autocut.groups"):
+            monkeypatch.setattr(importlib.import_module(name), "probe_forward", refuse)
+    return forbid
+
+
+def _cold(make, **kwargs):
+    """What the call gives with nothing remembered."""
+    memo.clear_cache()
+    try:
+        return make(**kwargs)
+    finally:
+        memo.clear_cache()
+
+
+def test_a_second_model_of_an_architecture_gets_the_body_a_first_call_would_give_with_its_own_weights(discoveries):
+    torch.manual_seed(0)
+    first, second = FunctionalPoolNet(), FunctionalPoolNet()
+    autocut.create_body(first, input_size=SIZE)
+    remembered = autocut.create_body(second, input_size=SIZE)
+    assert discoveries == [SIZE]  # the second made from the recipe
+    cold = _cold(lambda: autocut.create_body(copy.deepcopy(second), input_size=SIZE))
+    assert remembered.cut == cold.cut
+    assert remembered.eval_graph.python_code("self").src == cold.eval_graph.python_code("self").src
+    assert remembered.get_parameter("stem.0.weight") is second.stem[0].weight  # its own weights, shared
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(remembered.eval()(x), cold.eval()(x), rtol=0, atol=0)
+    assert not torch.allclose(remembered(x), autocut.create_body(first, input_size=SIZE).eval()(x))
+
+
+def test_a_remembered_adapt_has_the_groups_of_a_first_call_made_of_its_own_parameters(discoveries):
+    autocut.adapt("resnet18", n_out=3, input_size=64)
+    model = autocut.adapt("resnet18", n_out=3, input_size=64)
+    assert discoveries == [(3, 64, 64)]
+    cold = _cold(lambda: autocut.adapt("resnet18", n_out=3, input_size=64))
+    assert model.cut == cold.cut
+    assert [g[:2] for g in model.cut.groups] == [("conv1", "layer2"), ("layer3", "layer4"), ("head", "head")]
+    own = {id(p) for p in model.parameters()}
+    groups = autocut.layer_groups(model)
+    assert [len(g) for g in groups] == [len(g) for g in autocut.layer_groups(cold)]
+    assert all(id(p) in own for g in groups for p in g)
+    names = {id(p): n for n, p in model.named_parameters()}
+    cold_names = {id(p): n for n, p in cold.named_parameters()}
+    assert [[names[id(p)] for p in g] for g in groups] == [[cold_names[id(p)] for p in g] for g in autocut.layer_groups(cold)]
+
+
+def test_a_model_cut_by_hooks_is_made_again_without_a_probe(discoveries, no_probe):
+    second_model = DataDependentNet()
+    cold = _cold(lambda: autocut.create_body(copy.deepcopy(second_model), input_size=SIZE))
+    first = autocut.adapt(DataDependentNet(), n_out=2, input_size=SIZE)
+    assert first.cut.method == "hooks"
+    no_probe()
+    second = autocut.adapt(second_model, n_out=2, input_size=SIZE)  # no check forward, no groups forward
+    assert discoveries == [SIZE, SIZE] and second.cut == first.cut
+    assert second.cut.groups == first.cut.groups and second.cut.groups
+    assert [len(g) for g in autocut.layer_groups(second)] == [len(g) for g in autocut.layer_groups(first)]
+    assert all(p is q for p, q in zip(autocut.layer_groups(second)[0], second_model.body.parameters()))
+    for sign in (1, -1):  # (the forward doubles the map past ``body`` where its sum is positive)
+        x = sign * torch.ones(2, *SIZE)
+        torch.testing.assert_close(second[0](x), cold(x), rtol=0, atol=0)
+
+
+class Flagged(nn.Module):
+    """A plain attribute decides the forward (traced as a Python bool): the same parameters, two cuts."""
+
+    def __init__(self, late: bool):
+        super().__init__()
+        self.late = late
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6, 2)
+        self.fc0 = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        if self.late:
+            return self.fc(self.conv2(x).mean((2, 3)))
+        return self.fc0(x.mean((2, 3)))
+
+
+def test_what_the_key_tells_apart(discoveries):
+    late, early = autocut.create_body(Flagged(True), input_size=SIZE), autocut.create_body(Flagged(False), input_size=SIZE)
+    assert (late.cut.where, early.cut.where) == ("conv2", "conv1")  # a plain attribute
+    autocut.create_body(Flagged(True), input_size=(3, 24, 24))  # the input size
+    wide = FunctionalPoolNet()
+    wide.stage[0], wide.stage[1], wide.fc = nn.Conv2d(8, 24, 3, stride=2, padding=1), nn.BatchNorm2d(24), nn.Linear(24, 10)
+    assert autocut.create_body(FunctionalPoolNet(), input_size=SIZE).cut.nf == 16
+    assert autocut.create_body(wide, input_size=SIZE).cut.nf == 24  # a parameter's shape
+    assert len(discoveries) == 5
+    key = memo.architecture_key
+    assert key(TrainBranchNet().train(), SIZE) != key(TrainBranchNet().eval(), SIZE)  # the training flags
+    assert key(TrainBranchNet(), SIZE) == key(TrainBranchNet(), SIZE) != key(TrainBranchNet(), (3, 8, 8))
+    assert key(FunctionalPoolNet(), SIZE) != key(FunctionalPoolNet().double(), SIZE)  # dtypes
+    assert key(FunctionalPoolNet(), SIZE) != key(FunctionalPoolNet().to("meta"), SIZE)  # devices
+
+
+class Configured(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.conv = nn.Conv2d(3, 4, 3)
+
+
+class Config:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def test_a_config_keys_by_its_fields_and_what_cannot_be_keyed_is_not_remembered(discoveries):
+    key = memo.architecture_key
+    assert key(Configured(Config(depth=2, act="gelu"))) == key(Configured(Config(depth=2, act="gelu")))
+    assert key(Configured(Config(depth=2, act="gelu"))) != key(Configured(Config(depth=3, act="gelu")))
+    held = FunctionalPoolNet()
+    object.__setattr__(held, "twin", FunctionalPoolNet())  # a module held by reference, not a child
+    array = FunctionalPoolNet()
+    array.table = np.arange(3)
+    method = FunctionalPoolNet()
+    method.act = method.forward
+    hooked = FunctionalPoolNet()
+    hooked.stem[0].register_forward_hook(lambda m, a, o: None)
+    for model in (held, array, method, hooked):
+        assert key(model, SIZE) is None
+        autocut.create_body(model, input_size=SIZE)
+        autocut.create_body(model, input_size=SIZE)
+    assert len(discoveries) == 8  # none remembered: each call discovers
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        assert key(FunctionalPoolNet(), SIZE) is None  # a global hook
+    finally:
+        handle.remove()
+    assert key(FunctionalPoolNet(), SIZE) is not None
+
+
+def test_hooks_fire_on_every_call_as_before():
+    model = FunctionalPoolNet()
+    calls = []
+    model.stem[0].register_forward_hook(lambda m, a, o: calls.append(o.shape))
+    autocut.create_body(model, input_size=SIZE)
+    once = len(calls)
+    autocut.create_body(model, input_size=SIZE)
+    assert once > 0 and len(calls) == 2 * once
+
+
+class TrainOnlyFails(TrainBranchNet):
+    """States a 64 px size its position embedding does not fit (discovery warns), and fx cannot
+    trace its train forward (building the body warns)."""
+
+    pretrained_cfg = {"input_size": (3, 64, 64)}
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(1, 4, 8, 8))
+
+    def forward(self, x):
+        x = self.conv(x) + self.pos
+        if self.training and x.sum() > 0:
+            x = x * 2
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_warnings_of_the_first_call_are_given_again_on_each_later_one(discoveries):
+    for _ in range(2):
+        with pytest.warns(UserWarning) as given:
+            body = autocut.create_body(TrainOnlyFails(), input_size=(3, 8, 8))
+        assert body.train_graph is body.eval_graph
+        assert [str(w.message).split(" (")[0] for w in given] == [
+            "TrainOnlyFails could not be traced at its own input size", "TrainOnlyFails could not be traced in train mode"]
+    assert len(discoveries) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the filters in force apply to a replay
+        with pytest.raises(UserWarning, match="could not be traced at its own input size"):
+            autocut.create_body(TrainOnlyFails(), input_size=(3, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("error", message=".*own input size")
+        with pytest.raises(UserWarning, match="own input size"):  # given again, not only the body's own
+            autocut.create_body(TrainOnlyFails(), input_size=(3, 8, 8))
+
+
+def test_a_failed_cut_is_not_remembered(discoveries):
+    from handmade import MLP
+
+    for _ in range(2):
+        with pytest.raises(autocut.CutError):
+            autocut.create_body(MLP(), input_size=(3, 8, 8))
+    assert len(discoveries) == 2
+
+
+def test_the_least_recently_used_recipe_goes_first_and_clear_cache_forgets_all(monkeypatch, discoveries):
+    monkeypatch.setattr(memo, "MAX_RECIPES", 2)
+    for side in (8, 12, 8, 16, 12, 8):  # 16 pushes out 12, not 8 (used since); then 12 pushes out 8
+        autocut.create_body(FunctionalPoolNet(), input_size=(3, side, side))
+    assert [s[1] for s in discoveries] == [8, 12, 16, 12, 8]  # (first in, first out: 8, 12, 16, 8)
+    autocut.clear_cache()
+    autocut.create_body(FunctionalPoolNet(), input_size=(3, 8, 8))
+    assert [s[1] for s in discoveries] == [8, 12, 16, 12, 8, 8]
+
+
+def test_a_recipe_keeps_no_model_alive():
+    model = FunctionalPoolNet()
+    body = autocut.adapt(model, n_out=2, input_size=SIZE)
+    gone = weakref.ref(model)
+    del model, body
+    gc.collect()
+    assert gone() is None and len(memo._RECIPES) == 1
+
+
+def test_a_build_on_the_cpu_is_on_the_cpu_whatever_the_default_device():
+    from autocut import zoo
+
+    spec = zoo.resolve("resnet18")
+    with torch.device("meta"):
+        model = zoo.build(spec, device="cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    model = zoo.build(spec, device="cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"} and not model.training
