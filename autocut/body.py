@@ -137,6 +137,12 @@ class GraphBody(DualGraphModule):
             set_mode(child, mode)
         return self
 
+    def _apply(self, fn, recurse=True):
+        # .to()/.half()/.cuda(): a pending train graph first, so that what only training reads
+        # (a module, a tensor the forward makes) is converted with the rest
+        self.train_graph  # noqa: B018
+        return super()._apply(fn, recurse)
+
     def __deepcopy__(self, memo):
         # GraphModule's deepcopy re-runs __init__, which resets every training flag to True
         self.train_graph  # (a copy gets both graphs, not the model a pending one would trace)  # noqa: B018

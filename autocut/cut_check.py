@@ -36,7 +36,7 @@ from autocut.cut import Cut
 from autocut.cut_graph import carries_tensor, node_op, nodes_in, scopes_of
 from autocut.errors import CutError
 from autocut.layout import LAYOUT_OPS, feature_of, per_channel
-from autocut.probe import PROBE_BATCH, eval_mode, first_input, model_device, model_dtype, probe_input, tensor_leaves
+from autocut.probe import PROBE_BATCH, eval_mode, first_input, meta_first, model_device, model_dtype, probe_input, tensor_leaves
 from autocut.trace import Traced
 
 __all__ = ["CutCheck", "check_graph_cut", "check_module_cut", "LAYOUT_OPS"]
@@ -280,10 +280,27 @@ def check_module_cut(model: nn.Module, cut: Cut, batch: int = PROBE_BATCH) -> Cu
     """Check a cut at a module's input or output (``"layer4"``, ``"pooler:input"``,
     ``"encoder:last_hidden_state"``) on one eager forward of ``model`` (see the module docstring).
 
-    Meta models run on meta tensors, models with real weights on real zeros (as the hooks probe)."""
+    Meta models run on meta tensors, models with real weights on meta stand-ins of their weights
+    and where that fails on real zeros (as the hooks probe)."""
     path, _, at = cut.where.partition(":")
     if not path:
         return CutCheck()  # a map in the model's own output (a backbone's): nothing runs after it
+    mode, output_tags = meta_first(model, lambda: _sources_of(model, cut, batch))
+    # a head's own ops are its business, except per-channel ones on the value at the cut before it mixes or pools it
+    later = [(calls[-1].path if calls else "", op, shape) for calls, op, shape, made in mode.later
+             if made is not None or not any(c.takes_map and not c.returns_map for c in calls)]
+    check = _verdict(output_tags, later)
+    if check.problems:
+        move_to, unreachable = mode.reachable()
+        check.move_to = move_to if move_to != cut.where else None
+        check.unreachable = unreachable if check.move_to is None else None
+    return check
+
+
+def _sources_of(model: nn.Module, cut: Cut, batch: int) -> tuple[_Sources, set[str]]:
+    """One forward of ``model`` under :class:`_Sources`, the value at ``cut`` held: the mode, and
+    the sources of the output."""
+    path, _, at = cut.where.partition(":")
     target = model.get_submodule(path)
     mode = _Sources(cut)
     mode.batch = batch
@@ -331,13 +348,5 @@ def check_module_cut(model: nn.Module, cut: Cut, batch: int = PROBE_BATCH) -> Cu
     finally:
         for h in handles:
             h.remove()
-    # a head's own ops are its business, except per-channel ones on the value at the cut before it mixes or pools it
-    later = [(calls[-1].path if calls else "", op, shape) for calls, op, shape, made in mode.later
-             if made is not None or not any(c.takes_map and not c.returns_map for c in calls)]
-    check = _verdict(output_tags, later)
-    if check.problems:
-        move_to, unreachable = mode.reachable()
-        check.move_to = move_to if move_to != cut.where else None
-        check.unreachable = unreachable if check.move_to is None else None
-    return check
+    return mode, output_tags
 

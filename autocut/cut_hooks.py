@@ -24,7 +24,7 @@ from torch import nn
 from autocut.cut import HEAD_LIKE_MODULES, Cut, dropped_modules, stride_of
 from autocut.errors import CutError
 from autocut.layout import Feature, Layout, ToNCHW, feature_of
-from autocut.probe import PROBE_BATCH, first_input, leaf_at, probe_forward, shape_of, shapes_inside, tensor_leaves
+from autocut.probe import PROBE_BATCH, first_input, leaf_at, meta_first, probe_forward, shape_of, shapes_inside, tensor_leaves
 from autocut.trace import forward_of
 
 __all__ = ["ModuleCall", "probe_modules", "find_cut_by_hooks", "move_cut", "dropped_by", "EarlyExitBody", "levels_by_hooks"]
@@ -48,8 +48,9 @@ def probe_modules(model: nn.Module, input_size: tuple[int, int, int], batch: int
     """Run one eval forward with hooks on every module and record each call's shapes, in the
     order calls finish.
 
-    Meta models run on meta tensors; a model with real weights runs on real zeros (whatever made
-    fx fail, value-dependent code among it, runs as it would for a user).
+    Meta models run on meta tensors; a model with real weights on meta stand-ins of its weights
+    (:func:`autocut.probe.meta_first`), and where that fails on real zeros (whatever made fx fail,
+    value-dependent code among it, runs as it would for a user).
     """
     calls: list[ModuleCall] = []
     alive: list[torch.Tensor] = []  # every tensor returned, so that no id is reused during the probe
@@ -69,8 +70,12 @@ def probe_modules(model: nn.Module, input_size: tuple[int, int, int], batch: int
 
     # the model itself too (path ""): a backbone's own output is the last map it makes
     handles = [module.register_forward_hook(hook(path), with_kwargs=True) for path, module in model.named_modules()]
+    def clear() -> None:
+        calls.clear()
+        alive.clear()
+
     try:
-        probe_forward(model, input_size, batch, fake=False)
+        meta_first(model, lambda: probe_forward(model, input_size, batch, fake=False), before_real=clear)
     finally:
         for h in handles:
             h.remove()

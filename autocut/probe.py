@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.utils._pytree as pytree
@@ -232,6 +232,25 @@ def weights_on_meta(model: nn.Module) -> Iterator[nn.Module]:
             store[name] = t
 
 
+T = TypeVar("T")
+
+
+def meta_first(model: nn.Module, run: Callable[[], T], before_real: Callable[[], None] | None = None) -> T:
+    """``run()`` with ``model``'s weights stood in for by meta tensors (:func:`weights_on_meta`:
+    a probe that makes its input on :func:`model_device` makes a meta one), for the shapes and
+    the flow of values alone; where that fails (code that reads values, mixes devices), after
+    ``before_real()``, ``run()`` on the real weights. A meta model runs once, as it is."""
+    if model_device(model).type == "meta":
+        return run()
+    try:
+        with weights_on_meta(model):
+            return run()
+    except Exception:  # (any failure on meta tensors) the real weights next, which raise what they raise
+        if before_real is not None:
+            before_real()
+    return run()
+
+
 def probe_forward(
     model: nn.Module,
     input_size: tuple[int, int, int],
@@ -244,10 +263,13 @@ def probe_forward(
     of :func:`probe_input` in the model's dtype; what it records is up to the caller's hooks.
 
     Args:
-        fake: fake tensors for a model with real weights; ``False`` runs real zeros of ``batch``.
+        fake: meta tensors for a model with real weights (each weight stood in for by a meta
+            tensor, :func:`weights_on_meta`), where that fails fake tensors; ``False`` runs real
+            zeros of ``batch``.
         real_batch: where fake tensors cannot run the model's code (it reads values: ``.item()``,
             a data-dependent shape), run it once more on real zeros of this batch; ``None`` raises.
-        before_real: called before that real forward (hooks clear what the failed one recorded).
+        before_real: called before each forward after a failed one (hooks clear what the failed
+            one recorded).
 
     Returns:
         The batch of the forward that ran to the end.
@@ -263,6 +285,14 @@ def probe_forward(
     """
     device, dtype = model_device(model), model_dtype(model)
     with eval_mode(model), torch.no_grad():
+        if fake and device.type != "meta":  # meta first: no fake weight per use, no Python per op (as trace() does)
+            try:
+                with weights_on_meta(model), probe_input((batch, *input_size), torch.device("meta"), dtype=dtype) as x:
+                    model(x)
+                return batch
+            except Exception:  # (any failure on meta tensors: code that reads values, mixes devices) fake tensors next
+                if before_real is not None:
+                    before_real()
         try:
             with probe_input((batch, *input_size), device, fake, dtype) as x:
                 model(x)

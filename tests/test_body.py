@@ -348,6 +348,18 @@ def test_a_body_made_in_eval_mode_traces_its_train_graph_when_first_trained(monk
     assert sorted(body.state_dict()) == ["conv.bias", "conv.weight", "noise.bias", "noise.weight"]  # noise: added
 
 
+@pytest.mark.parametrize("make, expected", [
+    (_TrainOnlyModule, lambda m, x: m.conv(m.noise(x))),
+    (ConstantsNet, lambda m, x: (m.conv(x) + torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=x.dtype).view(1, 4, 1, 1)) * 2)])
+def test_a_body_made_in_eval_mode_and_converted_before_it_is_first_trained_trains_converted(make, expected):
+    model = make().eval()
+    body = autocut.create_body(model, input_size=(3, 8, 8)).to(torch.bfloat16)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    out = body.train()(x)  # what only training reads (the noise conv, the x2 constant) converted too
+    assert out.dtype == torch.bfloat16 and {t.dtype for t in body.state_dict().values()} == {torch.bfloat16}
+    torch.testing.assert_close(out, expected(model, x))
+
+
 def test_a_copy_of_a_body_made_in_eval_mode_has_both_graphs_and_no_model():
     model = TrainBranchNet().eval()
     body = autocut.create_body(model, input_size=(3, 8, 8))
@@ -444,3 +456,87 @@ def test_a_cut_whose_last_child_returns_more_than_the_map_is_not_told_to_pass_it
         f"the body cut={cut} makes of _PairNet (its first 1 children) returns [(11, 8, 8, 8), (11, 8, 8, 8)] for input "
         "(3, 16, 16), not the feature map the cut says: 8x8x8 at 'stem.relu' (NCHW); 'stem', the last child kept, makes "
         "the map but returns more than it: pass a callable that returns the map, or cut=None to find the cut")
+
+
+def test_a_body_made_in_eval_mode_whose_train_forward_fx_cannot_trace_warns_when_first_trained_and_runs_its_eval_graph():
+    model = TrainOnlyFails().eval()
+    body = autocut.create_body(model, input_size=(3, 8, 8))
+    warning = r"TrainOnlyFails could not be traced in train mode \(TraceError: .*\); the body runs its eval graph in both modes"
+    with pytest.warns(UserWarning, match=warning):
+        body.train()
+    assert body.train_graph is body.eval_graph
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(body(x), model.conv(x))  # (the model's train forward would double it)
+    torch.testing.assert_close(body.eval()(x), model.conv(x))
+
+
+class _NormThenTrainScale(torch.nn.Module):
+    """A conv and a batch norm, then a scale the forward applies in training only (before the map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        if self.training:
+            x = x * 2
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_module_replaced_in_a_body_made_in_eval_mode_stays_replaced_when_the_body_is_first_trained():
+    # detection recipes freeze the norms of a pretrained backbone by swapping them for FrozenBatchNorm2d
+    # before training: the train graph, traced then, runs the body's module, not the model's
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = _NormThenTrainScale().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    body = autocut.create_body(model, input_size=(3, 8, 8))
+    frozen = FrozenBatchNorm2d(4)
+    frozen.load_state_dict(model.bn.state_dict())
+    body.bn = frozen
+    x = torch.randn(2, 3, 8, 8)
+    body.train()
+    assert body.bn is frozen and model.bn is not frozen
+    with torch.no_grad():
+        torch.testing.assert_close(body(x), frozen(model.conv(x)) * 2)  # running statistics, not the batch's
+        model.bn.eval()
+        torch.testing.assert_close(body(x), model.bn(model.conv(x)) * 2)
+
+
+class _TrainScaledStages(torch.nn.Module):
+    """Three stages at strides 2, 4 and 8; the forward scales the stem's map in training only."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, 2, 1)
+        self.s1 = torch.nn.Conv2d(8, 16, 3, 2, 1)
+        self.s2 = torch.nn.Conv2d(16, 32, 3, 2, 1)
+        self.fc = torch.nn.Linear(32, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.training:
+            x = x * 2
+        return self.fc(self.s2(self.s1(x)).mean((2, 3)))
+
+
+def test_a_pyramid_made_in_eval_mode_returns_each_levels_map_when_first_trained():
+    torch.manual_seed(0)
+    model = _TrainScaledStages().eval()
+    pyramid = autocut.create_pyramid(model, input_size=SIZE)
+    assert [level.stride for level in pyramid.levels] == [2, 4, 8]
+    x = _x()
+    with torch.no_grad():
+        stem = model.stem(x)
+        torch.testing.assert_close(pyramid(x), [stem, model.s1(stem), model.s2(model.s1(stem))])
+        pyramid.train()
+        trained = pyramid(x)
+    assert isinstance(trained, list) and len(trained) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(trained, [stem * 2, model.s1(stem * 2), model.s2(model.s1(stem * 2))])

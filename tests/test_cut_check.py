@@ -50,6 +50,26 @@ class Skip(nn.Module):
         return self.fc(self.pool(self.block(s) + s).flatten(1))
 
 
+class ValueSkip(Skip):
+    """Skip, reading a value on the way: its check runs on real zeros, not on meta stand-ins."""
+
+    def forward(self, x):
+        s = self.stem(x)
+        if s.sum() > -1e30:
+            s = s + 0
+        return self.fc(self.pool(self.block(s) + s).flatten(1))
+
+
+@pytest.mark.parametrize("model, devices", [(Skip(), ["meta"]), (ValueSkip(), ["meta", "cpu"])])
+def test_a_module_cut_of_real_weights_is_checked_on_meta_stand_ins_and_where_values_are_read_on_real_zeros(
+        model, devices):
+    seen = []
+    model.stem.register_forward_pre_hook(lambda m, args: seen.append(m.weight.device.type))
+    assert problems(check_module_cut(model.eval(), module_cut("block"))) == [BYPASS, LATER]
+    assert problems(check_module_cut(model, module_cut("pool:input"))) == []
+    assert seen == devices * 2 and all(p.device.type == "cpu" for p in model.parameters())
+
+
 def test_a_skip_connection_around_the_cut_is_a_bypass():
     model = Skip().eval()
     # the sum after it is a map computed after the cut too

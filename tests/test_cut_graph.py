@@ -385,3 +385,39 @@ def test_per_channel_ops_before_a_functional_pool_in_the_same_module_stay_in_the
         expected = (model.features(x) * model.head.gamma.view(1, -1, 1, 1) - 0.5).relu()
         kept = autocut.create_body(model, input_size=SIZE).eval()(x)
     torch.testing.assert_close(kept, expected, rtol=0, atol=0)
+
+
+class MapAndTokens(nn.Module):
+    """Returns its map twice: as tokens on the map's own grid (8x6 at 32x24: 48 tokens, which no
+    square grid reads) and pooled, as image encoders return tokens and an embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, 1, 1)
+
+    def forward(self, x):
+        m = self.conv(x)
+        return m.flatten(2).transpose(1, 2), m.mean((2, 3))
+
+
+class TokensAndEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, 4)
+        self.encoder = MapAndTokens()
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        tokens, pooled = self.encoder(self.stem(x))
+        return self.fc(tokens.mean(1) + pooled)
+
+
+def test_a_module_that_returns_its_map_as_tokens_on_the_grid_of_the_maps_before_is_no_head():
+    # read as no map, the encoder would be a head (a map in, a pooled vector out) and the cut its input, the stem's
+    cut = _cut(TokensAndEmbedding(), size=(3, 32, 24))
+    assert (cut.where, cut.after, cut.layout, cut.nf, cut.feature_shape, cut.stride) == (
+        "encoder.conv", "encoder.conv", Layout.NCHW, 16, (16, 8, 6), 4)
+    assert cut.dropped == ("fc",)
+    model = TokensAndEmbedding().eval()
+    x = torch.randn(2, 3, 32, 24)
+    torch.testing.assert_close(autocut.create_body(model, input_size=(3, 32, 24))(x), model.encoder.conv(model.stem(x)))

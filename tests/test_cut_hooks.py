@@ -818,3 +818,22 @@ def test_methods_bound_on_the_instance_run_bound_to_the_body_that_runs_them():
     clone = copy.deepcopy(body)  # bound to the copy, which runs its own (copied) stage
     assert clone.features.__self__ is clone and clone.stage is not model.stage
     torch.testing.assert_close(clone(x), model.stage(x))
+
+
+class Unbranched(Pooled):
+    """Pooled without its data-dependent branch: meta tensors run it."""
+
+    def forward(self, x):
+        return self.fc(self.pool(self.stage(x)).flatten(1))
+
+
+@pytest.mark.parametrize("model, devices", [(Unbranched(), ["meta"]), (Pooled(), ["meta", "cpu"])])
+def test_real_weights_are_probed_on_meta_stand_ins_and_where_values_are_read_on_real_zeros(model, devices):
+    seen = []
+    model.stage[0].register_forward_pre_hook(lambda m, args: seen.append((args[0].device.type, m.weight.device.type)))
+    calls = probe_modules(model, SIZE)
+    assert seen == [(d, d) for d in devices]  # input and weights alike
+    assert [(c.path, c.index, c.out_shape) for c in calls] == [  # what the failed forward recorded is gone
+        ("stage.0", 0, (B, 8, 8, 8)), ("stage.1", 1, (B, 8, 8, 8)), ("stage", 2, (B, 8, 8, 8)), ("pool", 3, (B, 8, 1, 1)),
+        ("fc", 4, (B, 2)), ("", 5, (B, 2))]
+    assert all(p.device.type == "cpu" for p in model.parameters())

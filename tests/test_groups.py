@@ -403,3 +403,16 @@ def test_strides_are_never_read_by_a_real_forward_at_a_size_bigger_than_asked():
     # at the model's own size, or bigger on both sides: strides are read at the input size itself (None)
     assert stride_size(nn.Conv2d(3, 8, 3, 2, 1), (3, 224, 224), (3, 224, 224)) is None
     assert stride_size(nn.Conv2d(3, 8, 3, 2, 1), (3, 224, 320), (3, 224, 224)) is None
+
+
+@pytest.mark.parametrize("made_by", ["create_body", "the model itself"])
+def test_units_are_in_the_order_they_run_the_loose_parameters_before_any_module_call(made_by):
+    from autocut.groups import body_units
+
+    # Ladder's class token is added to the stem's output: no module call owns it, and it goes first
+    body = autocut.create_body(Ladder(), input_size=(3, 64, 64)) if made_by == "create_body" else Ladder()
+    units = body_units(body, (3, 64, 64))
+    paths = ["(embeddings)", "stem", "s1", "s2.0", "s2.1", "s3"] + (["fc"] if made_by == "the model itself" else [])
+    assert [u.path for u in units] == paths
+    assert [u.path for u in sorted(units, key=lambda u: u.order)] == paths  # each unit's order is where it runs
+    assert units[0].order < min(u.order for u in units[1:])

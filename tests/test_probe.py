@@ -11,6 +11,7 @@ from torch import nn
 from autocut.probe import (
     PROBE_BATCH,
     leaf_at,
+    meta_first,
     model_device,
     probe_forward,
     probe_input,
@@ -62,15 +63,33 @@ def test_probe_input_matches_the_device():
         assert torch.equal(x, torch.zeros(2, 3))
 
 
-def test_real_weights_run_on_fake_tensors_untouched_in_eval_mode():
+def test_real_weights_run_on_meta_stand_ins_untouched_in_eval_mode():
     torch.manual_seed(0)
     model = Recorder().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    own = [p for p in model.parameters()]
+    weights_seen = []
+    model.conv.register_forward_pre_hook(lambda m, args: weights_seen.append(m.weight.device.type))
     assert probe_forward(model, (3, 8, 8)) == PROBE_BATCH
-    assert model.seen == [("FakeTensor", PROBE_BATCH, "cpu", False, False)]
+    assert model.seen == [("Tensor", PROBE_BATCH, "meta", False, False)] and weights_seen == ["meta"]
     assert model.training, "the model's own mode comes back"
+    assert all(p is q for p, q in zip(model.parameters(), own))
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # running statistics included: eval mode
+
+
+class MixesDevices(Recorder):
+    """Adds a CPU tensor it makes: meta tensors cannot run it, fake ones can."""
+
+    def forward(self, x):
+        return super().forward(x) + torch.ones(4, 1, 1)
+
+
+def test_where_meta_tensors_fail_fake_ones_run_after_a_clear():
+    model, cleared = MixesDevices(), []
+    assert probe_forward(model, (3, 8, 8), before_real=lambda: cleared.append(len(model.seen))) == PROBE_BATCH
+    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "cpu")]
+    assert cleared == [1]
 
 
 class Tied(nn.Module):
@@ -123,8 +142,9 @@ def test_code_that_reads_values_gets_one_small_real_forward():
     model = Recorder(reads_values=True)
     cleared = []
     assert probe_forward(model, (3, 8, 8), before_real=lambda: cleared.append(len(model.seen))) == 1
-    assert cleared == [1]
-    assert [s[:3] for s in model.seen] == [("FakeTensor", PROBE_BATCH, "cpu"), ("Tensor", 1, "cpu")]
+    assert cleared == [1, 2]
+    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "cpu"),
+                                           ("Tensor", 1, "cpu")]
     with pytest.raises(RuntimeError):
         probe_forward(Recorder(reads_values=True), (3, 8, 8), real_batch=None)
     meta, cleared = Recorder(reads_values=True).to("meta"), []
@@ -157,7 +177,31 @@ def test_a_stop_signal_and_other_errors_propagate_and_the_mode_comes_back():
     refuses = Refuses()
     with pytest.raises(TypeError, match="not this input"):  # not a RuntimeError of fake tensors: no real retry
         probe_forward(refuses, (3, 8, 8))
-    assert len(refuses.seen) == 1
+    assert [s[2] for s in refuses.seen] == ["meta", "cpu"]  # (meta, then fake tensors)
+
+
+def test_meta_first_runs_on_meta_stand_ins_then_on_the_real_weights_after_a_clear():
+    model, cleared = Recorder(), []
+    assert meta_first(model, lambda: model.conv.weight.device.type) == "meta"
+    assert model.conv.weight.device.type == "cpu"
+
+    def run():
+        model.seen.append(model.conv.weight.device.type)
+        if model.conv.weight.is_meta:
+            raise NotImplementedError("no meta kernel")
+        return "real"
+
+    assert meta_first(model, run, before_real=lambda: cleared.append(list(model.seen))) == "real"
+    assert model.seen == ["meta", "cpu"] and cleared == [["meta"]]
+    tries = []
+
+    def fails():
+        tries.append(1)
+        raise NotImplementedError("no meta kernel")
+
+    with pytest.raises(NotImplementedError):
+        meta_first(Recorder().to("meta"), fails)
+    assert tries == [1]  # a meta model runs once: it has no real weights to try next
 
 
 # --- structured outputs --------------------------------------------------------------------
