@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autocut import _validate, memo, zoo
-from autocut.body import build_body
+from autocut.body import TrainGraphNote, build_body
 from autocut.channels import set_input_channels
 from autocut.cut import Cut
 from autocut.discover import discover_with_trace, unwrap
@@ -74,7 +74,8 @@ def _body(model: _Resolved, cut: CutSpec) -> tuple[nn.Module, memo.Recipe | None
         if recipe is not None:  # the same architecture, size and cut asked for as before: no trace, no probe
             memo.replay(recipe.warned)
             traced = None if recipe.traced is None else memo.copy_traced(recipe.traced, model.module)
-            body, found = build_body(model.module, recipe.cut, model.input_size, model.arch, traced, checked=True)
+            body, found = build_body(model.module, recipe.cut, model.input_size, model.arch, traced, checked=True,
+                                     note=recipe.train)
         else:
             traced = None
             with memo.recording() as warned:  # what a recipe skips warns again from it (building the body warns itself)
@@ -82,11 +83,12 @@ def _body(model: _Resolved, cut: CutSpec) -> tuple[nn.Module, memo.Recipe | None
                     cut, traced = discover_with_trace(model.module, model.input_size, arch=model.arch, where=cut,
                                                       try_larger=model.guessed)
             kept = None if key is None or traced is None else memo.copy_traced(traced, None)
-            body, found = build_body(model.module, cut, model.input_size, model.arch, traced)
+            note = None if key is None else TrainGraphNote()  # (taken when a body of it first traces its train graph)
+            body, found = build_body(model.module, cut, model.input_size, model.arch, traced, note=note)
             with memo.recording() as warned_later:
                 found = read_stride(body, found, model.own_size)  # where the map is big enough to say
             if key is not None:
-                recipe = memo.Recipe(found, kept, warned + warned_later)
+                recipe = memo.Recipe(found, kept, warned + warned_later, train=note)
                 memo.remember(key, recipe)
         body.train(model.module.training)  # the body's own flag (a GraphBody's graph), not the model's modules'
     body.cut = found

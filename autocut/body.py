@@ -18,10 +18,12 @@ a body that pools or flattens after its last map is refused with the cut to pass
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -156,20 +158,61 @@ class GraphBody(DualGraphModule):
         return res
 
 
+@dataclass
+class TrainGraphNote:
+    """The truncated train graph the first body of an architecture traced (``same``: the eval
+    graph serves training) and the tensor constants it reads, kept in a recipe
+    (:mod:`autocut.memo`): a later body of the architecture uses a copy instead of tracing."""
+
+    graph: fx.Graph | None = None
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    same: bool = False
+
+    @property
+    def taken(self) -> bool:
+        return self.same or self.graph is not None
+
+    def take(self, graph: fx.Graph, constants: dict, same: bool) -> None:
+        """Keep a copy of ``graph`` (a body may edit its own) and of the constants it reads."""
+        if not same:
+            self.graph = copy.deepcopy(graph)
+            self.constants = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in constants.items()}
+        self.same = same
+
+    def given(self, constants: dict) -> fx.Graph | None:
+        """A copy of the graph kept (``None`` where the eval graph serves), its constants added to
+        ``constants``."""
+        if self.same:
+            return None
+        constants.update(self.constants)
+        return copy.deepcopy(self.graph)
+
+
 class _PendingTrainGraph:
     """The train graph of a body made in eval mode, traced when the body first needs it (see
     :attr:`GraphBody.train_graph`): a body used for inference never pays for a second trace.
-    Holds the model until then (its modules are the body's; the dropped head's too, until then)."""
+    Holds the model until then (its modules are the body's; the dropped head's too, until then).
+    With a ``note`` taken, its copy instead of a trace; an empty ``note`` takes the trace."""
 
-    def __init__(self, model: nn.Module, cuts: list[Cut], as_list: bool, constants: dict, eval_names: set[str]):
+    def __init__(self, model: nn.Module, cuts: list[Cut], as_list: bool, constants: dict, eval_names: set[str],
+                 note: TrainGraphNote | None = None):
         self.model, self.cuts, self.as_list, self.constants, self.eval_names = model, cuts, as_list, constants, eval_names
+        self.note = note
 
     def make(self, body: GraphBody) -> None:
         """Trace the model in train mode into ``body.train_graph`` (the eval graph where the two are
         the same or the train mode cannot be traced); what the train graph reads that the body
         does not have yet (a tensor made in forward, a module only training calls) is added."""
-        with modes_kept(self.model):  # (the trace sets every module's mode; the user's flags stay)
-            graph = _train_graph(self.model, self.cuts, self.as_list, self.constants, self.eval_names)
+        if self.note is not None and self.note.taken:
+            graph = self.note.given(self.constants)
+            if graph is None:
+                body.train_graph = body.eval_graph
+                return
+        else:
+            with modes_kept(self.model):  # (the trace sets every module's mode; the user's flags stay)
+                graph = _train_graph(self.model, self.cuts, self.as_list, self.constants, self.eval_names)
+            if graph is not None and self.note is not None:  # (a failed trace is not kept: each body warns)
+                self.note.take(graph, self.constants, _same_graph(graph, body.eval_graph))
         if graph is None or _same_graph(graph, body.eval_graph):
             body.train_graph = body.eval_graph
             return
@@ -201,9 +244,11 @@ def _install(source: nn.Module, body: nn.Module, target: str) -> None:
 
 
 @gc_paused()
-def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = None) -> nn.Module:
+def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = None,
+             note: TrainGraphNote | None = None) -> nn.Module:
     """A :class:`GraphBody` ending at ``cut``; for a list of cuts (a pyramid's levels), one
-    returning the list of their maps."""
+    returning the list of their maps. ``note``: where the train graph comes from (taken) or
+    goes to (empty), for a recipe."""
     as_list = isinstance(cut, list)
     cuts = cut if as_list else [cut]
     cut = cuts[-1]
@@ -222,9 +267,14 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
     if one_graph:
         train_graph = None
     elif model.training:
-        train_graph = _train_graph(model, cuts, as_list, constants, eval_names)
+        if note is not None and note.taken:
+            train_graph = note.given(constants)
+        else:
+            train_graph = _train_graph(model, cuts, as_list, constants, eval_names)
+            if train_graph is not None and note is not None:
+                note.take(train_graph, constants, _same_graph(train_graph, eval_graph))
     else:
-        train_graph, pending = None, _PendingTrainGraph(model, cuts, as_list, dict(constants), eval_names)
+        train_graph, pending = None, _PendingTrainGraph(model, cuts, as_list, dict(constants), eval_names, note)
     if train_graph is None or _same_graph(train_graph, eval_graph):  # one graph, one compile, free .train()/.eval()
         train_graph = eval_graph
     # The graphs' tensor constants sit on the model only while the body is built (the body keeps
@@ -335,6 +385,7 @@ def build_body(
     arch: str,
     traced: Traced | None = None,
     checked: bool = False,
+    note: TrainGraphNote | None = None,
 ) -> tuple[nn.Module, Cut]:
     """The body for ``cut`` (see :func:`autocut.create_body`) and the :class:`Cut` it answers to.
 
@@ -346,10 +397,11 @@ def build_body(
         traced: the model's traced eval graph, when discovery made one (it is consumed).
         checked: ``cut`` was found on this model's architecture at this size (a remembered
             recipe, :mod:`autocut.memo`): the body is not probed to check its output.
+        note: a graph body's train graph, from a recipe or for one (:class:`TrainGraphNote`).
     """
     if isinstance(cut, Cut):
         if cut.method in ("fx", "user"):
-            body = _fx_body(model, cut, traced)
+            body = _fx_body(model, cut, traced, note)
         elif cut.method in ("export", "hooks"):
             body = EarlyExitBody(model, cut)
         else:

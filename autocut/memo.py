@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from autocut.body import TrainGraphNote
 from autocut.cut import Cut
 from autocut.trace import Traced, has_hooks
 
@@ -54,12 +55,14 @@ class _Unkeyable(Exception):
 class Recipe:
     """What the first call found for one key: the cut (with the stride read), the discovery
     trace before the body used it (``None`` for a hooks or export cut), the layer groups' units
-    as ``(path, stride, order, parameter names)`` once a call read them, and its warnings."""
+    as ``(path, stride, order, parameter names)`` once a call read them, its warnings, and the
+    train graph once a body of it traced one."""
 
     cut: Cut
     traced: Traced | None
     warned: list[warnings.WarningMessage] = field(default_factory=list)
     units: tuple[tuple[str, float, int, tuple[str, ...]], ...] | None = None
+    train: TrainGraphNote = field(default_factory=TrainGraphNote)
 
 
 _RECIPES: OrderedDict[Hashable, Recipe] = OrderedDict()

@@ -137,6 +137,19 @@ def _run(name: str, way: str, threads: int, repeat: int, cut, timeout: float) ->
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _versions(libraries: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(library, version)`` of each library installed."""
+    from importlib import metadata
+
+    found = []
+    for lib in libraries:
+        try:
+            found.append((lib, metadata.version(lib)))
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def _params(name: str) -> int:
     from autocut import zoo
 
@@ -176,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: {platform.machine()} ({cpu_model()}), measurements with {args.threads} torch threads; CPU only",
-        f"- python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}"
+        + "".join(f", {lib} {version}" for lib, version in _versions(("torchvision", "transformers", "fastai"))),
         f"- command: `python benchmarks/adapt.py{' --out ' + args.out if args.out else ''}`",
         f"- each way: {args.repeat} builds in one subprocess (real, randomly initialised weights, {N_OUT} classes); "
         "`s`: the best build after the first (built again in one process: timm's registry and autocut's recipes "

@@ -76,7 +76,9 @@ def test_the_adapt_benchmark_measures_each_way_that_applies(tmp_path):
         got = dict(zip(header, row))
         assert float(got["timm s"]) > 0 and float(got["autocut s"]) > 0 and got["autocut / timm"].endswith("x")
         assert float(got["timm first s"]) > 0 and float(got["autocut first s"]) > 0
-        assert got["first: autocut / timm"] == f"{float(got['autocut first s']) / float(got['timm first s']):.2f}x"
+        ratio = float(got["autocut first s"]) / float(got["timm first s"])  # (of the cells, rounded to ms)
+        assert got["first: autocut / timm"].endswith("x") and float(got["first: autocut / timm"][:-1]) == pytest.approx(
+            ratio, rel=0.03, abs=0.01)
         assert (got["tv_fx s"] == "-") == (name == "resnet10t")  # torchvision's extractor: its own models only
 
 

@@ -9,11 +9,12 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from test_body import _TrainOnlyModule
 from torch import nn
 
 import autocut
 
-from handmade import DataDependentNet, FunctionalPoolNet, TrainBranchNet
+from handmade import ConstantsNet, DataDependentNet, FunctionalPoolNet, TrainBranchNet
 
 memo = importlib.import_module("autocut.memo")
 adapt_module = importlib.import_module("autocut.adapt")
@@ -257,3 +258,43 @@ def test_a_build_on_the_cpu_is_on_the_cpu_whatever_the_default_device():
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     model = zoo.build(spec, device="cpu")
     assert {p.device.type for p in model.parameters()} == {"cpu"} and not model.training
+
+
+@pytest.fixture
+def train_traces(monkeypatch):
+    """Counts the train-mode traces bodies make."""
+    body_module = importlib.import_module("autocut.body")
+    made = []
+    trace_graph = body_module.trace_graph
+
+    def counted(model, training=False):
+        made.append(training)
+        return trace_graph(model, training)
+
+    monkeypatch.setattr(body_module, "trace_graph", counted)
+    return lambda: made.count(True)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])  # (made when first trained; made with the body)
+@pytest.mark.parametrize("make, expected", [
+    (TrainBranchNet, lambda m, x: m.conv(x) * 2),
+    (ConstantsNet, lambda m, x: (m.conv(x) + torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)) * 2),
+    (_TrainOnlyModule, lambda m, x: m.conv(m.noise(x)))])
+def test_the_train_graph_one_body_traced_serves_the_next_body_of_the_architecture(train_traces, mode, make, expected):
+    x = torch.randn(2, 3, 8, 8)
+    first = make()
+    autocut.create_body(getattr(first, mode)(), input_size=(3, 8, 8)).train()(x)
+    assert train_traces() == 1
+    model = getattr(make(), mode)()
+    body = autocut.create_body(model, input_size=(3, 8, 8))
+    if mode == "eval":  # what only training reads comes in when first trained, as for a first body
+        assert sorted(body.state_dict()) == ["conv.bias", "conv.weight"]
+    out = body.train()(x)
+    assert train_traces() == 1  # a copy of the first body's, not a second trace
+    torch.testing.assert_close(out, expected(model, x), rtol=0, atol=0)
+    cold = _cold(lambda: autocut.create_body(copy.deepcopy(model), input_size=(3, 8, 8)).train())
+    assert sorted(body.state_dict()) == sorted(cold.state_dict())
+    torch.testing.assert_close(out, cold(x), rtol=0, atol=0)
+    torch.testing.assert_close(body.eval()(x), cold.eval()(x), rtol=0, atol=0)
+    if make is _TrainOnlyModule:
+        assert body.noise is model.noise  # the new model's own module
