@@ -199,6 +199,17 @@ def test_a_model_of_no_known_zoo_at_another_size_is_told_its_own_size_and_no_zoo
     )
 
 
+def test_a_model_at_another_size_and_channel_count_is_told_both():
+    with pytest.raises(autocut.CutError) as err:
+        autocut.discover(StatesItsSize(), input_size=(1, 32, 32))  # runs at neither (3, 32, 32) nor (1, 16, 16)
+    assert str(err.value) == (
+        "StatesItsSize does not run at 32x32: it needs its own input size, (3, 16, 16), which its image_size states. "
+        "Pass input_size=(3, 16, 16) (and resize your images to 16x16), or build the model for 32x32 and pass the module. "
+        "Also pass n_in=1 (adapt, create_body) to rebuild its input layer for 1 channel, keeping its weights (see "
+        "n_in_init), with input_size=(3, 16, 16): the channels the model itself reads"
+    )
+
+
 class StatesNoSize(nn.Module):
     """States no input size and runs only at the default 224 px: its position embedding is the 14x14
     grid of 16-px patches there."""

@@ -270,6 +270,10 @@ def test_resample_scales_the_height_and_the_width_of_a_map_that_is_not_square_ap
     torch.testing.assert_close(Resample(2)(x), F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
     torch.testing.assert_close(Resample(0.5)(x), F.max_pool2d(x, 2))
     assert Resample(1 / 3)(x).shape == (1, 2, 2, 3)  # 6 / 3 and 10 / 3, rounded
+    assert Resample(0.5)(torch.zeros(1, 2, 4, 2)).shape == (1, 2, 2, 1)  # each side on its own
+    assert Resample(0.25)(torch.zeros(1, 2, 2, 2)).shape == (1, 2, 1, 1)  # never below 1
+    with pytest.raises(autocut.CutError, match=r"factor must be a number in \(0, inf\), got 0"):
+        Resample(0)
 
 
 def test_batch_norm_dropout_is_batch_norm_then_dropout():
