@@ -21,12 +21,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.graph_module import _WrappedCall
 from torchvision.models.feature_extraction import DualGraphModule
 
 from autocut._gc import gc_paused
@@ -85,6 +88,14 @@ def _truncate(
     return graph
 
 
+# each body's recipe note, kept off the body (a copy or a pickle of the body does not carry it)
+_NOTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _call_wrapped(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return self._wrapped_call(self, *args, **kwargs)  # (as GraphModule.recompile's own)
+
+
 # what GraphModule.recompile sets on the instance (the forward itself goes on its own class)
 _COMPILED_ATTRS = ("_code", "_lineno_map", "_prologue_start", "_in_spec", "_out_spec")
 
@@ -114,10 +125,38 @@ class GraphBody(DualGraphModule):
     def train_graph(self, graph: fx.Graph) -> None:
         self.__dict__["train_graph"] = graph  # (under its own name: DualGraphModule's deepcopy reads it there)
 
+    def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph, class_name: str = "GraphModule",
+                 note: TrainGraphNote | None = None):
+        if note is not None:  # (read by the first compile of each graph, inside DualGraphModule's __init__)
+            _NOTES[self] = note
+        vars(self)["_from_note"] = {id(g) for g in (train_graph, eval_graph)} if note is not None and note.code else set()
+        super().__init__(root, train_graph, eval_graph, class_name)
+
     def recompile(self):
-        code = super().recompile()
+        note, graph = _NOTES.get(self), self._graph
+        role = "eval" if graph is self.__dict__.get("eval_graph") else "train"
+        given = note.code.get(role) if note is not None and id(graph) in self.__dict__.get("_from_note", ()) else None
+        if given is not None:  # a copy of the graph a first body of the architecture compiled: its code
+            self.__dict__["_from_note"].discard(id(graph))
+            code = self._use_code(*given)
+        else:
+            code = super().recompile()
+            if note is not None and not self.__dict__.get("_from_note") and role not in note.code:
+                note.code[role] = (type(self).forward, {k: self.__dict__[k] for k in _COMPILED_ATTRS if k in self.__dict__},
+                                   code)
         compiled = {k: self.__dict__[k] for k in _COMPILED_ATTRS if k in self.__dict__}
         self.__dict__.setdefault("_compiled", {})[id(self._graph)] = (self._graph, type(self).forward, compiled)
+        return code
+
+    def _use_code(self, forward: Callable, attributes: dict, code: object) -> object:
+        """What ``GraphModule.recompile`` sets up, with code generated before for the same graph."""
+        cls = type(self)
+        self.__dict__.update(attributes)
+        cls.forward = forward
+        if "_wrapped_call" not in vars(cls):
+            cls._wrapped_call = _WrappedCall(cls, cls.__call__ if "__call__" in vars(cls) else None)
+        self._recompile_submodules()
+        cls.__call__ = _call_wrapped
         return code
 
     def train(self, mode: bool = True):
@@ -167,6 +206,7 @@ class TrainGraphNote:
     graph: fx.Graph | None = None
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     same: bool = False
+    code: dict[str, tuple] = field(default_factory=dict)  # "eval"/"train" -> what the first body's compile made
 
     @property
     def taken(self) -> bool:
@@ -208,6 +248,8 @@ class _PendingTrainGraph:
             if graph is None:
                 body.train_graph = body.eval_graph
                 return
+            if self.note.code:  # its first compile uses the code a first body made of it
+                body.__dict__.setdefault("_from_note", set()).add(id(graph))
         else:
             with modes_kept(self.model):  # (the trace sets every module's mode; the user's flags stay)
                 graph = _train_graph(self.model, self.cuts, self.as_list, self.constants, self.eval_names)
@@ -280,7 +322,7 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
     # The graphs' tensor constants sit on the model only while the body is built (the body keeps
     # its own copies): the user's model is left without fx's _tensor_constantN attributes.
     with constants_attached(model, constants):
-        body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body")
+        body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body", note=note)
     if pending is not None:
         body.__dict__["_pending_train_graph"] = pending
     if traced is not None:  # what each module call returns, for the layer groups (no forward needed)

@@ -298,3 +298,23 @@ def test_the_train_graph_one_body_traced_serves_the_next_body_of_the_architectur
     torch.testing.assert_close(body.eval()(x), cold.eval()(x), rtol=0, atol=0)
     if make is _TrainOnlyModule:
         assert body.noise is model.noise  # the new model's own module
+
+
+def test_a_body_made_from_a_recipe_runs_the_code_the_first_made_and_regenerates_it_when_edited():
+    x = torch.randn(2, *SIZE)
+    first = autocut.create_body(TrainBranchNet(), input_size=SIZE)
+    before = first.train()(x)
+    model = TrainBranchNet()
+    body = autocut.create_body(model, input_size=SIZE)
+    assert type(body).forward is type(first).forward and body.code == first.code  # the code, not generated again
+    torch.testing.assert_close(body.train()(x), model.conv(x) * 2, rtol=0, atol=0)
+    torch.testing.assert_close(body.eval()(x), model.conv(x), rtol=0, atol=0)
+    body.train()
+    output = next(n for n in body.graph.nodes if n.op == "output")
+    with body.graph.inserting_before(output):  # the user's own edit of the active graph, then recompile()
+        halved = body.graph.call_function(torch.mul, (output.args[0], 0.5))
+    output.args = (halved,)
+    body.recompile()
+    torch.testing.assert_close(body(x), model.conv(x), rtol=0, atol=0)  # (x2, halved)
+    assert type(body).forward is not type(first).forward and "mul" in body.code
+    torch.testing.assert_close(first.train()(x), before, rtol=0, atol=0)  # the first body's code untouched
