@@ -13,7 +13,7 @@ Ways, each where it applies:
   Linear head: the user names the node (found beforehand, not timed);
 - ``autocut``: ``autocut.adapt(name, n_out=n)``.
 
-Each way runs in its own subprocess, four times: the first build (what a script that builds one
+Each way runs in its own subprocess, six times: the first build (what a script that builds one
 model pays), then the best of the others (a notebook or a sweep building the model again: timm's
 registry and autocut's recipes, :mod:`autocut.memo`, are warm); the report gives both, the peak
 RSS above the subprocess's baseline after imports, and each way's time over ``timm``'s.
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=LADDER, help="zoo names (default: the ladder)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each measurement")
-    parser.add_argument("--repeat", type=int, default=4, help="builds per measurement: the first, and the best of the rest")
+    parser.add_argument("--repeat", type=int, default=6, help="builds per measurement: the first, and the best of the rest")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     parser.add_argument("--out", help="also write the Markdown report here")
     args = parser.parse_args(argv)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {platform.machine()} ({cpu_model()}), measurements with {args.threads} torch threads; CPU only",
         f"- python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}"
         + "".join(f", {lib} {version}" for lib, version in _versions(("torchvision", "transformers", "fastai"))),
-        f"- command: `python benchmarks/adapt.py{' --out ' + args.out if args.out else ''}`",
+        f"- command: `python benchmarks/adapt.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- each way: {args.repeat} builds in one subprocess (real, randomly initialised weights, {N_OUT} classes); "
         "`s`: the best build after the first (built again in one process: timm's registry and autocut's recipes "
         "warm); `first s`: the first build; memory: peak RSS above the subprocess's baseline after imports",
