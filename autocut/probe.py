@@ -131,16 +131,20 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _fake_tensor_errors_quiet() -> Iterator[None]:
-    # FakeTensorMode logs the traceback of every op that fails on fake tensors at ERROR level, before
-    # raising the error autocut catches (a probe at a size the model cannot take, an MLP's trace)
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Within the block, the loggers ``names`` say nothing below CRITICAL: torch logs what fails
+    on a path autocut tries and falls back from (FakeTensorMode the traceback of each op that
+    fails on fake tensors; torch.export's shape environment a data-dependent guard, with the
+    whole graph), before raising the error autocut catches and reports where every path fails."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -159,7 +163,7 @@ def probe_input(
     elif fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with _fake_tensor_errors_quiet(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with quiet_loggers("torch._subclasses.fake_tensor"), FakeTensorMode(allow_non_fake_inputs=True) as mode:
             yield mode.from_tensor(torch.empty(shape, device=device, dtype=dtype))
     else:
         yield torch.zeros(shape, device=device, dtype=dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dis
 import inspect
+import io
 import math
 import operator
 import re
@@ -27,7 +28,17 @@ from torch import fx, nn
 from torchvision.models import feature_extraction as tv_fx
 
 from autocut._gc import gc_paused
-from autocut.probe import PROBE_BATCH, eval_mode, model_device, model_dtype, probe_input, set_mode, shape_of, weights_on_meta
+from autocut.probe import (
+    PROBE_BATCH,
+    eval_mode,
+    model_device,
+    model_dtype,
+    probe_input,
+    quiet_loggers,
+    set_mode,
+    shape_of,
+    weights_on_meta,
+)
 
 __all__ = ["Traced", "trace", "trace_exported", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of",
            "has_hooks", "forward_of", "op_name", "attribute_at"]
@@ -762,7 +773,13 @@ def trace_exported(model: nn.Module, input_size: tuple[int, int, int], batch: in
     with eval_mode(model), torch.no_grad():
         try:
             x = torch.empty(shape, device=model_device(model), dtype=model_dtype(model))
-            program = torch.export.export(model, (x,), strict=False)
+            printed = io.StringIO()
+            # a failed export logs why and prints the partial graph to stderr; the error says why
+            # (listed in the CutError where every rule fails), and the hooks rule comes next
+            with quiet_loggers("torch.fx.experimental.symbolic_shapes", "torch.export._trace"), \
+                    contextlib.redirect_stderr(printed):
+                program = torch.export.export(model, (x,), strict=False)
+            sys.stderr.write(printed.getvalue())  # (what an export that worked printed is shown)
         finally:
             _purge_proxies(model)
     graph = program.graph

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import autocut
 from autocut.cut_hooks import EarlyExitBody, find_cut_by_hooks, probe_modules
 from autocut.errors import CutError
 from autocut.layout import Layout
@@ -92,3 +93,12 @@ def test_a_hooked_pyramid_refused_for_a_map_the_models_own_forward_returns_names
         "_CoarseContextFirst was cut by hooks ('pool:input'): fx and torch.export could not capture its graph, and "
         "'its forward' returns a map on a 2x2 grid before its 4x4 cut: several strides, which only a graph tells from "
         "branches. Make its forward traceable, or use create_body for the last map")
+
+
+def test_a_model_torch_export_cannot_capture_is_cut_by_hooks_without_torchs_partial_graph_on_stderr(capfd):
+    from handmade import DataDependentNet
+
+    cut = autocut.discover(DataDependentNet(), input_size=(3, 16, 16))
+    assert (cut.where, cut.method) == ("pool:input", "hooks")
+    err = capfd.readouterr().err
+    assert "def forward(self" not in err and "Unable to find user code" not in err, err[:300]
