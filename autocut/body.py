@@ -243,18 +243,12 @@ class _PendingTrainGraph:
         """Trace the model in train mode into ``body.train_graph`` (the eval graph where the two are
         the same or the train mode cannot be traced); what the train graph reads that the body
         does not have yet (a tensor made in forward, a module only training calls) is added."""
-        if self.note is not None and self.note.taken:
-            graph = self.note.given(self.constants)
-            if graph is None:
-                body.train_graph = body.eval_graph
-                return
-            if self.note.code:  # its first compile uses the code a first body made of it
-                body.__dict__.setdefault("_from_note", set()).add(id(graph))
-        else:
-            with modes_kept(self.model):  # (the trace sets every module's mode; the user's flags stay)
-                graph = _train_graph(self.model, self.cuts, self.as_list, self.constants, self.eval_names)
-            if graph is not None and self.note is not None:  # (a failed trace is not kept: each body warns)
-                self.note.take(graph, self.constants, _same_graph(graph, body.eval_graph))
+        from_note = self.note is not None and self.note.taken
+        with modes_kept(self.model):  # (a trace sets every module's mode; the user's flags stay)
+            graph = _noted_train_graph(self.model, self.cuts, self.as_list, self.constants, self.eval_names,
+                                       body.eval_graph, self.note)
+        if from_note and graph is not None and self.note.code:  # its first compile uses the code a first body made
+            body.__dict__.setdefault("_from_note", set()).add(id(graph))
         if graph is None or _same_graph(graph, body.eval_graph):
             body.train_graph = body.eval_graph
             return
@@ -309,12 +303,7 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
     if one_graph:
         train_graph = None
     elif model.training:
-        if note is not None and note.taken:
-            train_graph = note.given(constants)
-        else:
-            train_graph = _train_graph(model, cuts, as_list, constants, eval_names)
-            if train_graph is not None and note is not None:
-                note.take(train_graph, constants, _same_graph(train_graph, eval_graph))
+        train_graph = _noted_train_graph(model, cuts, as_list, constants, eval_names, eval_graph, note)
     else:
         train_graph, pending = None, _PendingTrainGraph(model, cuts, as_list, dict(constants), eval_names, note)
     if train_graph is None or _same_graph(train_graph, eval_graph):  # one graph, one compile, free .train()/.eval()
@@ -330,6 +319,19 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
     _match_persistence(body, set(model.state_dict(keep_vars=True)))
     body.train(model.training)
     return body
+
+
+def _noted_train_graph(model: nn.Module, cuts: list[Cut], as_list: bool, constants: dict, eval_names: set[str],
+                       eval_graph: fx.Graph, note: TrainGraphNote | None) -> fx.Graph | None:
+    """The train graph of :func:`_train_graph`, or a copy of the one ``note`` took (``None``:
+    the eval graph serves; its constants added to ``constants``); an empty ``note`` takes the one
+    traced (not a failed trace: each body warns of its own)."""
+    if note is not None and note.taken:
+        return note.given(constants)
+    graph = _train_graph(model, cuts, as_list, constants, eval_names)
+    if graph is not None and note is not None:
+        note.take(graph, constants, _same_graph(graph, eval_graph))
+    return graph
 
 
 def _train_graph(model: nn.Module, cuts: list[Cut], as_list: bool, constants: dict, eval_names: set[str]) -> fx.Graph | None:

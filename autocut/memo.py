@@ -35,15 +35,15 @@ from torch import nn
 
 from autocut.body import TrainGraphNote
 from autocut.cut import Cut
-from autocut.trace import Traced, has_hooks
+from autocut.trace import _KEY_SCALARS, Traced, has_hooks
+from autocut.trace import _MODULE_INTERNALS as _NN_MODULE_ATTRIBUTES
 
 __all__ = ["MAX_RECIPES", "Recipe", "architecture_key", "clear_cache", "lookup", "remember", "recording"]
 
 MAX_RECIPES = 32
 
-_PLAIN = frozenset({int, float, bool, complex, str, bytes, type(None), type(Ellipsis), torch.dtype, torch.device,
-                    torch.memory_format, torch.layout})
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+_PLAIN = _KEY_SCALARS | {complex, bytes}
+_MODULE_INTERNALS = _NN_MODULE_ATTRIBUTES - {"training"}  # (the training flags are part of the key)
 _MAX_DEPTH = 8
 
 

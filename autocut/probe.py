@@ -287,16 +287,8 @@ def probe_forward(
         >>> probe_forward(model, (3, 224, 224))
         11
     """
-    device, dtype = model_device(model), model_dtype(model)
-    with eval_mode(model), torch.no_grad():
-        if fake and device.type != "meta":  # meta first: no fake weight per use, no Python per op (as trace() does)
-            try:
-                with weights_on_meta(model), probe_input((batch, *input_size), torch.device("meta"), dtype=dtype) as x:
-                    model(x)
-                return batch
-            except Exception:  # (any failure on meta tensors: code that reads values, mixes devices) fake tensors next
-                if before_real is not None:
-                    before_real()
+    def run() -> int:  # (on meta stand-ins of the weights first, under meta_first: on a meta input then)
+        device, dtype = model_device(model), model_dtype(model)
         try:
             with probe_input((batch, *input_size), device, fake, dtype) as x:
                 model(x)
@@ -308,3 +300,6 @@ def probe_forward(
             before_real()
         model(torch.zeros(real_batch, *input_size, device=device, dtype=dtype))
         return real_batch
+
+    with eval_mode(model), torch.no_grad():  # meta first: no fake weight per use, no Python per op (as trace() does)
+        return meta_first(model, run, before_real) if fake else run()
