@@ -7,7 +7,9 @@ input channels, make the head, initialise it; then the layer groups are read off
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Callable
@@ -18,14 +20,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autocut import _validate, memo, zoo
-from autocut.body import TrainGraphNote, build_body
+from autocut.body import BodyNote, build_body
 from autocut.channels import set_input_channels
 from autocut.cut import Cut
 from autocut.discover import discover_with_trace, unwrap
 from autocut.errors import CutError, first_line
 from autocut.freeze import NORM_TYPES, Freezable, record_norms
 from autocut.groups import Unit, group_summary, read_stride
-from autocut.layers import create_head
+from autocut.layers import create_head, linear_init_skipped
 from autocut.probe import model_device, model_dtype, modes_kept
 
 __all__ = ["create_body", "adapt", "AdaptedModel", "apply_init"]
@@ -45,8 +47,9 @@ class _Resolved(NamedTuple):
     guessed: bool = False  # input_size is the 224 px guess: discovery may find a larger one it runs at
 
 
-def _resolve(model: str | nn.Module, input_size, pretrained: bool = False) -> _Resolved:
-    """A real (CPU) model for a name, or the module itself (unwrapped, see
+def _resolve(model: str | nn.Module, input_size, pretrained: bool = False, num_classes: int | None = None) -> _Resolved:
+    """A real (CPU) model for a name (its classifier of ``num_classes``, see
+    :func:`autocut.zoo.build`), or the module itself (unwrapped, see
     :func:`autocut.discover.unwrap`); its arch name and input size."""
     if isinstance(model, nn.Module):
         if pretrained:
@@ -56,7 +59,7 @@ def _resolve(model: str | nn.Module, input_size, pretrained: bool = False) -> _R
         guessed = input_size is None and zoo.stated_input_size(model) is None
         return _Resolved(model, type(model).__name__, _validate.input_size(input_size, own), own, True, guessed)
     spec = zoo.resolve(model)
-    module = zoo.build(spec, device="cpu", pretrained=pretrained)
+    module = zoo.build(spec, device="cpu", pretrained=pretrained, num_classes=num_classes)
     own = zoo.default_input_size(spec, module)
     guessed = input_size is None and zoo.stated_input_size(spec, module) is None
     return _Resolved(module, str(spec), _validate.input_size(input_size, own), own, guessed=guessed)
@@ -70,29 +73,32 @@ def _body(model: _Resolved, cut: CutSpec) -> tuple[nn.Module, memo.Recipe | None
     if cut is None or isinstance(cut, str):
         key = memo.architecture_key(model.module, model.input_size, model.own_size, model.guessed, cut)
         recipe = memo.lookup(key)
-    with modes_kept(model.module):
+    with modes_kept(model.module) if model.users else contextlib.nullcontext():  # (flags of a model built here are ours)
         if recipe is not None:  # the same architecture, size and cut asked for as before: no trace, no probe
             memo.replay(recipe.warned)
-            traced = None if recipe.traced is None else memo.copy_traced(recipe.traced, model.module)
-            body, found = build_body(model.module, recipe.cut, model.input_size, model.arch, traced, checked=True,
-                                     note=recipe.train)
+            body, found = build_body(model.module, recipe.cut, model.input_size, model.arch, checked=True,
+                                     note=recipe.body)
         else:
             traced = None
             with memo.recording() as warned:  # what a recipe skips warns again from it (building the body warns itself)
                 if cut is None or isinstance(cut, str):  # the Cut found says the size it was found at (a larger one than guessed)
                     cut, traced = discover_with_trace(model.module, model.input_size, arch=model.arch, where=cut,
                                                       try_larger=model.guessed)
-            kept = None if key is None or traced is None else memo.copy_traced(traced, None)
-            note = None if key is None else TrainGraphNote()  # (taken when a body of it first traces its train graph)
+            note = None if key is None else BodyNote()  # (filled by the body made now)
             body, found = build_body(model.module, cut, model.input_size, model.arch, traced, note=note)
             with memo.recording() as warned_later:
                 found = read_stride(body, found, model.own_size)  # where the map is big enough to say
             if key is not None:
-                recipe = memo.Recipe(found, kept, warned + warned_later, train=note)
+                recipe = memo.Recipe(found, warned + warned_later, body=note)
                 memo.remember(key, recipe)
         body.train(model.module.training)  # the body's own flag (a GraphBody's graph), not the model's modules'
     body.cut = found
-    record_norms(body, model.module)
+    if recipe is not None and recipe.norms is not None:
+        body.norm_parameter_names = recipe.norms
+    else:
+        record_norms(body, model.module)
+        if recipe is not None:
+            recipe.norms = body.norm_parameter_names
     return body, recipe
 
 
@@ -155,6 +161,13 @@ def create_body(
     body, _ = _body(_resolve(model, input_size), cut)
     _set_n_in(body, n_in, n_in_init)
     return body
+
+
+def _fills(init: Callable | None) -> bool:
+    """Whether ``init`` is one of ``torch.nn.init``'s initialisers (or a partial of one), each of
+    which writes every element of the tensor it is given."""
+    func = init.func if isinstance(init, functools.partial) else init
+    return getattr(func, "__module__", None) == nn.init.__name__
 
 
 def apply_init(module: nn.Module, init: Callable[[torch.Tensor], Any] | None = nn.init.kaiming_normal_) -> None:
@@ -232,7 +245,9 @@ def adapt(
     """Cut ``model`` and put a new head on it: ``nn.Sequential(body, head)``.
 
     Args:
-        model: a zoo name or an ``nn.Module``.
+        model: a zoo name or an ``nn.Module``. A name is built as its zoo builds it to
+            fine-tune, with an ``n_out``-way classifier (``timm.create_model(name,
+            num_classes=n_out)``; see :func:`autocut.zoo.build`), which the cut drops.
         n_out: outputs of the new head.
         pretrained: load the zoo's pretrained weights (timm's/torchvision's own loaders; needs
             the network).
@@ -282,12 +297,16 @@ def adapt(
     n_in = _check_n_in(n_in, n_in_init)
     _validate.input_size(input_size, None)  # a bad size fails before the build
 
-    resolved = _resolve(model, input_size, pretrained=pretrained)
+    resolved = _resolve(model, input_size, pretrained=pretrained, num_classes=n_out)
     body, recipe = _body(resolved, cut)
     if weights is not None:
         load_weights(body, weights, resolved.arch)
     _set_n_in(body, n_in, n_in_init)
-    head = custom_head if custom_head is not None else create_head(body.cut.nf, n_out, **head_options)
+    if custom_head is not None:
+        head = custom_head
+    else:  # (PyTorch's default init of the Linear layers would be drawn for nothing where init redraws them all)
+        with linear_init_skipped() if _fills(init) else contextlib.nullcontext():
+            head = create_head(body.cut.nf, n_out, **head_options)
     apply_init(head, init)
     head.to(device=model_device(body), dtype=model_dtype(body))  # a meta, GPU or bfloat16 body's head is too
 

@@ -126,11 +126,23 @@ class GraphBody(DualGraphModule):
         self.__dict__["train_graph"] = graph  # (under its own name: DualGraphModule's deepcopy reads it there)
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph, class_name: str = "GraphModule",
-                 note: TrainGraphNote | None = None):
+                 note: BodyNote | None = None):
         if note is not None:  # (read by the first compile of each graph, inside DualGraphModule's __init__)
             _NOTES[self] = note
         vars(self)["_from_note"] = {id(g) for g in (train_graph, eval_graph)} if note is not None and note.code else set()
-        super().__init__(root, train_graph, eval_graph, class_name)
+        # DualGraphModule.__init__'s work, each target installed once (it walks both graphs, one
+        # graph twice where the body has one)
+        nn.Module.__init__(self)
+        self.__class__.__name__ = class_name
+        self.train_graph, self.eval_graph = train_graph, eval_graph
+        graphs = [train_graph] if train_graph is eval_graph else [train_graph, eval_graph]
+        _install(root, self, [n.target for g in graphs for n in g.nodes if n.op in ("get_attr", "call_module")])
+        self.train()
+        self.graph = train_graph
+        if eval_graph._tracer_cls != train_graph._tracer_cls:
+            raise TypeError("the train and eval graphs of a body come from tracers of different classes")
+        tracer = train_graph._tracer_cls
+        self._tracer_cls = tracer if tracer and "<locals>" not in tracer.__qualname__ else None
 
     def recompile(self):
         note, graph = _NOTES.get(self), self._graph
@@ -198,15 +210,43 @@ class GraphBody(DualGraphModule):
 
 
 @dataclass
-class TrainGraphNote:
-    """The truncated train graph the first body of an architecture traced (``same``: the eval
-    graph serves training) and the tensor constants it reads, kept in a recipe
-    (:mod:`autocut.memo`): a later body of the architecture uses a copy instead of tracing."""
+class BodyNote:
+    """What the first graph body of an architecture made, kept in a recipe (:mod:`autocut.memo`)
+    for the later bodies of that architecture, which copy it instead of tracing and truncating:
 
+    - its eval graph, truncated at the cut (a copy taken before any body owned it), with the
+      tensor constants the trace made, whether it serves training too (``one_graph``), the
+      names of the eval trace's nodes (a train trace keeps what only it has past the cut), what
+      each module call returns (``module_calls``) and the buffers made non-persistent;
+    - the train graph once a body traced one (``same``: the eval graph serves) and its constants;
+    - the Python code each graph compiled to (``code``: ``"eval"``/``"train"``).
+    """
+
+    eval_graph: fx.Graph | None = None
+    eval_constants: dict[str, Any] = field(default_factory=dict)
+    eval_names: frozenset[str] = frozenset()
+    one_graph: bool = False
+    module_calls: tuple | None = None
+    non_persistent: tuple[tuple[str, str], ...] = ()
     graph: fx.Graph | None = None
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     same: bool = False
     code: dict[str, tuple] = field(default_factory=dict)  # "eval"/"train" -> what the first body's compile made
+
+    @property
+    def kept(self) -> bool:
+        """Whether a first body's eval graph is here."""
+        return self.eval_graph is not None
+
+    def keep(self, eval_graph: fx.Graph, constants: dict, eval_names: set[str], one_graph: bool) -> None:
+        """Keep a copy of a first body's truncated eval graph and what comes with it."""
+        self.eval_graph = copy.deepcopy(eval_graph)
+        self.eval_constants = _cloned(constants)
+        self.eval_names, self.one_graph = frozenset(eval_names), one_graph
+
+    def given_eval(self) -> tuple[fx.Graph, dict, frozenset[str], bool]:
+        """A copy of the eval graph kept, a copy of its constants, the eval names, ``one_graph``."""
+        return copy.deepcopy(self.eval_graph), _cloned(self.eval_constants), self.eval_names, self.one_graph
 
     @property
     def taken(self) -> bool:
@@ -216,7 +256,7 @@ class TrainGraphNote:
         """Keep a copy of ``graph`` (a body may edit its own) and of the constants it reads."""
         if not same:
             self.graph = copy.deepcopy(graph)
-            self.constants = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in constants.items()}
+            self.constants = _cloned(constants)
         self.same = same
 
     def given(self, constants: dict) -> fx.Graph | None:
@@ -228,6 +268,10 @@ class TrainGraphNote:
         return copy.deepcopy(self.graph)
 
 
+def _cloned(constants: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in constants.items()}
+
+
 class _PendingTrainGraph:
     """The train graph of a body made in eval mode, traced when the body first needs it (see
     :attr:`GraphBody.train_graph`): a body used for inference never pays for a second trace.
@@ -235,7 +279,7 @@ class _PendingTrainGraph:
     With a ``note`` taken, its copy instead of a trace; an empty ``note`` takes the trace."""
 
     def __init__(self, model: nn.Module, cuts: list[Cut], as_list: bool, constants: dict, eval_names: set[str],
-                 note: TrainGraphNote | None = None):
+                 note: BodyNote | None = None):
         self.model, self.cuts, self.as_list, self.constants, self.eval_names = model, cuts, as_list, constants, eval_names
         self.note = note
 
@@ -253,50 +297,70 @@ class _PendingTrainGraph:
             body.train_graph = body.eval_graph
             return
         with constants_attached(self.model, self.constants):
-            for node in graph.nodes:
-                if node.op in ("get_attr", "call_module") and attribute_at(body, node.target) is None:
-                    _install(self.model, body, node.target)
+            _install(self.model, body, [n.target for n in graph.nodes
+                                        if n.op in ("get_attr", "call_module") and attribute_at(body, n.target) is None])
         _match_persistence(body, set(self.model.state_dict(keep_vars=True)))
         body.train_graph = graph
 
 
-def _install(source: nn.Module, body: nn.Module, target: str) -> None:
-    """Put ``source``'s attribute at ``target`` into ``body`` at the same path (a module, a
-    parameter, or a tensor as a buffer), making empty modules for the path where it has none."""
-    *path, name = target.split(".")
-    into = body
-    for part in path:
-        source = getattr(source, part)
-        inner = getattr(into, part, None)
-        if inner is None:
-            inner = nn.Module()
-            setattr(into, part, inner)
-        into = inner
-    value = getattr(source, name)
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-        into.register_buffer(name, value)
-    else:
-        setattr(into, name, value)
+def _install(source: nn.Module, body: nn.Module, targets: list[str]) -> None:
+    """fx's ``_copy_attr`` for each of ``targets`` (``GraphModule``'s way of making its module
+    tree): ``source``'s attribute at the target's path is put into ``body`` at the same path (a
+    module, a parameter, or a tensor as a buffer, persistent as it is there), with empty modules
+    made for the path where ``body`` has none; nothing below a module already installed whole.
+    Each path is walked once for all the targets (fx walks it again for each)."""
+    at: dict[str, tuple[Any, nn.Module]] = {"": (source, body)}  # path -> (source's module there, body's)
+    for target in dict.fromkeys(targets):
+        *path, name = target.split(".")
+        src, into = source, body
+        for depth in range(1, len(path) + 1):
+            where = ".".join(path[:depth])
+            pair = at.get(where)
+            if pair is None:
+                part = path[depth - 1]
+                inner = getattr(into, part, None)
+                if inner is None:
+                    inner = nn.Module()
+                    setattr(into, part, inner)
+                pair = at[where] = (getattr(src, part), inner)
+            src, into = pair
+            if src is into:  # (a module installed whole holds everything below it)
+                break
+        else:
+            value = getattr(src, name)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                non_persistent = getattr(src, "_non_persistent_buffers_set", ())
+                into.register_buffer(name, value, persistent=name not in non_persistent)
+            else:
+                setattr(into, name, value)
+            if isinstance(value, nn.Module):
+                at[target] = (value, value)
 
 
 @gc_paused()
 def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = None,
-             note: TrainGraphNote | None = None) -> nn.Module:
+             note: BodyNote | None = None) -> nn.Module:
     """A :class:`GraphBody` ending at ``cut``; for a list of cuts (a pyramid's levels), one
-    returning the list of their maps. ``note``: where the train graph comes from (taken) or
-    goes to (empty), for a recipe."""
+    returning the list of their maps. ``note``: a recipe's (:class:`BodyNote`), where the graphs
+    come from (kept) or go to (empty)."""
     as_list = isinstance(cut, list)
     cuts = cut if as_list else [cut]
     cut = cuts[-1]
-    if traced is not None:  # discovery's eval graph: no need to trace it again
-        eval_graph, eval_names_of, constants = traced.graph, traced.qualname, dict(traced.constants)
-        one_graph = all(_eval_graph_serves_training(traced, c) for c in cuts)
+    kept = note is not None and note.kept
+    if kept:  # a later body of the architecture: a copy of the first one's graph, nothing traced or truncated
+        eval_graph, constants, eval_names, one_graph = note.given_eval()
     else:
-        eval_graph, eval_tracer, _ = trace_graph(model, training=False)
-        eval_names_of, constants = eval_tracer.node_to_qualname, dict(eval_tracer.constants)
-        one_graph = False
-    eval_names = set(eval_names_of.values())
-    _truncate(eval_graph, eval_names_of, cuts, as_list=as_list)
+        if traced is not None:  # discovery's eval graph: no need to trace it again
+            eval_graph, eval_names_of, constants = traced.graph, traced.qualname, dict(traced.constants)
+            one_graph = all(_eval_graph_serves_training(traced, c) for c in cuts)
+        else:
+            eval_graph, eval_tracer, _ = trace_graph(model, training=False)
+            eval_names_of, constants = eval_tracer.node_to_qualname, dict(eval_tracer.constants)
+            one_graph = False
+        eval_names = set(eval_names_of.values())
+        _truncate(eval_graph, eval_names_of, cuts, as_list=as_list)
+        if note is not None:
+            note.keep(eval_graph, constants, eval_names, one_graph)
     # where no code read a training flag before the cut, the train graph is this one: no second
     # trace; a body made in eval mode traces it when it first needs it
     pending = None
@@ -314,15 +378,25 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
         body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body", note=note)
     if pending is not None:
         body.__dict__["_pending_train_graph"] = pending
-    if traced is not None:  # what each module call returns, for the layer groups (no forward needed)
-        body.module_calls = (tuple(traced.input_shape[2:]), _module_calls(traced, eval_graph))
-    _match_persistence(body, set(model.state_dict(keep_vars=True)))
+    if kept:
+        if note.module_calls is not None:
+            body.module_calls = note.module_calls
+        for path, name in note.non_persistent:
+            body.get_submodule(path)._non_persistent_buffers_set.add(name)
+    else:
+        if traced is not None:  # what each module call returns, for the layer groups (no forward needed)
+            body.module_calls = (tuple(traced.input_shape[2:]), _module_calls(traced, eval_graph))
+        _match_persistence(body, set(model.state_dict(keep_vars=True)))
+        if note is not None:
+            note.module_calls = body.__dict__.get("module_calls")
+            note.non_persistent = tuple((path, name) for path, m in body.named_modules()
+                                        for name in sorted(m._non_persistent_buffers_set))
     body.train(model.training)
     return body
 
 
 def _noted_train_graph(model: nn.Module, cuts: list[Cut], as_list: bool, constants: dict, eval_names: set[str],
-                       eval_graph: fx.Graph, note: TrainGraphNote | None) -> fx.Graph | None:
+                       eval_graph: fx.Graph, note: BodyNote | None) -> fx.Graph | None:
     """The train graph of :func:`_train_graph`, or a copy of the one ``note`` took (``None``:
     the eval graph serves; its constants added to ``constants``); an empty ``note`` takes the one
     traced (not a failed trace: each body warns of its own)."""
@@ -429,7 +503,7 @@ def build_body(
     arch: str,
     traced: Traced | None = None,
     checked: bool = False,
-    note: TrainGraphNote | None = None,
+    note: BodyNote | None = None,
 ) -> tuple[nn.Module, Cut]:
     """The body for ``cut`` (see :func:`autocut.create_body`) and the :class:`Cut` it answers to.
 
@@ -441,7 +515,7 @@ def build_body(
         traced: the model's traced eval graph, when discovery made one (it is consumed).
         checked: ``cut`` was found on this model's architecture at this size (a remembered
             recipe, :mod:`autocut.memo`): the body is not probed to check its output.
-        note: a graph body's train graph, from a recipe or for one (:class:`TrainGraphNote`).
+        note: a graph body's graphs, from a recipe or for one (:class:`BodyNote`).
     """
     if isinstance(cut, Cut):
         if cut.method in ("fx", "user"):

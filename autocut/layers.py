@@ -7,8 +7,10 @@ models; :mod:`autocut.adapt` puts the head on a body.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -249,13 +251,35 @@ def _batch_norm(n: int) -> nn.BatchNorm1d:
     return bn
 
 
+_LINEAR_INIT_SKIPPED = contextvars.ContextVar("autocut_linear_init_skipped", default=False)
+
+
+@contextlib.contextmanager
+def linear_init_skipped() -> Iterator[None]:
+    """In the block, :func:`create_head` makes its Linear layers without PyTorch's default
+    initialisation (their values are whatever memory held): for a caller that initialises every
+    weight and bias next (:func:`autocut.adapt` with an initialiser of ``torch.nn.init``). The
+    default draws as many random numbers as the layer has weights: as long as the init itself."""
+    token = _LINEAR_INIT_SKIPPED.set(True)
+    try:
+        yield
+    finally:
+        _LINEAR_INIT_SKIPPED.reset(token)
+
+
+def _linear(n_in: int, n_out: int, bias: bool = True) -> nn.Linear:
+    if _LINEAR_INIT_SKIPPED.get():
+        return torch.nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias, device=torch.get_default_device())
+    return nn.Linear(n_in, n_out, bias=bias)
+
+
 def _lin_bn_drop(n_in: int, n_out: int, bn: bool, p: float, act: nn.Module | None, lin_first: bool):
     """fastai's ``LinBnDrop``, its layers in a list: BatchNorm (if ``bn``), Dropout (if ``p``),
     Linear, activation; with ``lin_first`` the Linear and activation come first."""
     norm = [_batch_norm(n_out if lin_first else n_in)] if bn else []
     drop = [nn.Dropout(p)] if p != 0 else []
     # fastai drops the Linear's bias wherever the block has a BatchNorm.
-    lin = [nn.Linear(n_in, n_out, bias=not bn)]
+    lin = [_linear(n_in, n_out, bias=not bn)]
     if act is not None:
         lin.append(act)
     return lin + norm + drop if lin_first else norm + drop + lin
@@ -366,7 +390,7 @@ def create_head(
     for n_in, n_o, bn, p, act in blocks:
         layers += _lin_bn_drop(n_in, n_o, bn, p, act, lin_first)
     if lin_first:
-        layers.append(nn.Linear(widths[-2], n_out))
+        layers.append(_linear(widths[-2], n_out))
     if bn_final:
         layers.append(nn.BatchNorm1d(n_out, momentum=0.01))
     if y_range is not None:

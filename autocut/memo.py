@@ -6,7 +6,8 @@ tree (each module's class, its plain attributes and its parameters' and buffers'
 and devices), its training flags, the input size and the cut asked for. So the first call for an
 architecture does that work and keeps a :class:`Recipe`; a later call for a model with the same
 key (a second ``adapt("efficientnet_b0")``, a model built again in a loop) makes its body from the
-recipe: the traced graph copied onto the new model, the cut and strides found before, no probe.
+recipe: the first body's graph, already cut, copied onto the new model (its module tree made in
+one pass, its Python code reused), the cut and strides found before, no trace and no probe.
 
 A model is not remembered when its key cannot be made safely: hooks on a module (they fire on
 the probes), an attribute that is not a plain value, a config or a container of those (a module
@@ -18,8 +19,6 @@ again on each later one. :func:`clear_cache` forgets everything (the cache holds
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import enum
 import functools
 import threading
@@ -33,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocut.body import TrainGraphNote
+from autocut.body import BodyNote
 from autocut.cut import Cut
-from autocut.trace import _KEY_SCALARS, Traced, has_hooks
+from autocut.trace import _HOOK_DICTS, _KEY_SCALARS
 from autocut.trace import _MODULE_INTERNALS as _NN_MODULE_ATTRIBUTES
 
 __all__ = ["MAX_RECIPES", "Recipe", "architecture_key", "clear_cache", "lookup", "remember", "recording"]
@@ -53,16 +52,16 @@ class _Unkeyable(Exception):
 
 @dataclass
 class Recipe:
-    """What the first call found for one key: the cut (with the stride read), the discovery
-    trace before the body used it (``None`` for a hooks or export cut), the layer groups' units
-    as ``(path, stride, order, parameter names)`` once a call read them, its warnings, and the
-    train graph once a body of it traced one."""
+    """What the first call found for one key: the cut (with the stride read), the first graph
+    body's graphs (:class:`~autocut.body.BodyNote`; unused for a hooks or export cut), its
+    warnings, the names of its norm parameters, and the layer groups' units as ``(path, stride,
+    order, parameter names)`` once a call read them."""
 
     cut: Cut
-    traced: Traced | None
     warned: list[warnings.WarningMessage] = field(default_factory=list)
+    body: BodyNote = field(default_factory=BodyNote)
+    norms: frozenset[str] | None = None
     units: tuple[tuple[str, float, int, tuple[str, ...]], ...] | None = None
-    train: TrainGraphNote = field(default_factory=TrainGraphNote)
 
 
 _RECIPES: OrderedDict[Hashable, Recipe] = OrderedDict()
@@ -128,17 +127,38 @@ def _frozen(value: Any, depth: int = 0) -> Hashable:
     return kind, _frozen(vars(value), depth + 1)  # a config, a dataclass: by its fields
 
 
+def _tensor_key(t: torch.Tensor) -> Hashable:
+    return "tensor", type(t), t.shape, t.dtype, t.device, t.requires_grad
+
+
 def _module_key(path: str, module: nn.Module) -> Hashable:
+    # (inlined where it can be: a key is made on every adapt, of every module; ~10 us a module)
     held = vars(module)
-    if has_hooks(module):
+    if any(held[name] for name in _HOOK_DICTS):  # (has_hooks, read off the module's own dict)
         raise _Unkeyable
+    attributes = []
+    for name, v in held.items():
+        if name not in _MODULE_INTERNALS:
+            kind = type(v)
+            attributes.append((name, (kind, v) if kind in _PLAIN else _frozen(v)))
     return (
         path,
         type(module),
-        tuple((name, _frozen(p)) for name, p in held["_parameters"].items()),
-        tuple((name, _frozen(b), name in held["_non_persistent_buffers_set"]) for name, b in held["_buffers"].items()),
-        tuple((name, _frozen(v)) for name, v in held.items() if name not in _MODULE_INTERNALS),
+        tuple((name, None if p is None else _tensor_key(p)) for name, p in held["_parameters"].items()),
+        tuple((name, None if b is None else _tensor_key(b), name in held["_non_persistent_buffers_set"])
+              for name, b in held["_buffers"].items()),
+        tuple(attributes),
     )
+
+
+def _all_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``module.named_modules(remove_duplicate=False)``, without a generator per module."""
+    stack = [("", module)]
+    while stack:
+        path, m = stack.pop()
+        yield path, m
+        children = [(f"{path}.{name}" if path else name, child) for name, child in m._modules.items() if child is not None]
+        stack.extend(reversed(children))
 
 
 def _global_hooks() -> bool:
@@ -154,29 +174,12 @@ def architecture_key(module: nn.Module, *rest: Hashable) -> Hashable | None:
     if _global_hooks():
         return None
     try:
-        modules = tuple(_module_key(path, m) for path, m in module.named_modules(remove_duplicate=False))
+        modules = tuple(_module_key(path, m) for path, m in _all_modules(module))
         return modules, tuple(_frozen(r) for r in rest)
     except _Unkeyable:
         return None
     except (TypeError, RecursionError):  # an attribute that cannot be hashed or walked: not remembered
         return None
-
-
-def copy_traced(traced: Traced, model: nn.Module | None) -> Traced:
-    """``traced`` with its own graph (bodies truncate theirs) and constants, bound to ``model``."""
-    nodes: dict[Any, Any] = {None: None}  # (not empty: Graph.__deepcopy__ takes an empty memo for none given)
-    graph = copy.deepcopy(traced.graph, nodes)  # fills ``nodes``: each old node -> its copy (the output node apart)
-    old_out, new_out = traced.graph.find_nodes(op="output"), graph.find_nodes(op="output")
-    nodes.update(zip(old_out, new_out))
-
-    def by_node(mapping: dict) -> dict:
-        return {nodes[n]: v for n, v in mapping.items() if n in nodes}
-
-    return dataclasses.replace(
-        traced, model=model, graph=graph, qualname=by_node(traced.qualname), scope=by_node(traced.scope),
-        shapes=by_node(traced.shapes), input=nodes[traced.input],
-        constants={name: t.clone() if isinstance(t, torch.Tensor) else t for name, t in traced.constants.items()},
-    )
 
 
 @contextlib.contextmanager

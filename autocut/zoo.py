@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from autocut import _validate
 from autocut.errors import CutError
 
 __all__ = [
@@ -161,22 +162,25 @@ def resolve(name: str) -> ModelSpec:
     raise CutError(f"unknown model {name!r}{hint} (timm.list_models() and torchvision.models.list_models() list them)")
 
 
-def _build_timm(name: str, pretrained: bool) -> nn.Module:
+def _build_timm(name: str, pretrained: bool, num_classes: int | None = None) -> nn.Module:
     import timm
 
-    return timm.create_model(name, pretrained=pretrained)
+    extra = {} if num_classes is None else {"num_classes": num_classes}  # (timm's loader drops the old classifier)
+    return timm.create_model(name, pretrained=pretrained, **extra)
 
 
-def _build_torchvision(name: str, pretrained: bool) -> nn.Module:
+def _build_torchvision(name: str, pretrained: bool, num_classes: int | None = None) -> nn.Module:
     import torchvision
 
     weights = "DEFAULT" if pretrained else None
-    return torchvision.models.get_model(name, weights=weights)
+    # (pretrained weights come with their own classifier's size: torchvision refuses another)
+    extra = {} if num_classes is None or pretrained else {"num_classes": num_classes}
+    return torchvision.models.get_model(name, weights=weights, **extra)
 
 
-def _build_transformers(name: str, pretrained: bool) -> nn.Module:
+def _build_transformers(name: str, pretrained: bool, num_classes: int | None = None) -> nn.Module:
     """A model type from its default config (random weights), or a checkpoint: its config with
-    random weights, or with ``pretrained`` its weights (``from_pretrained``)."""
+    random weights, or with ``pretrained`` its weights (``from_pretrained``, its own classifier)."""
     import transformers
 
     if name in transformers_types():
@@ -197,6 +201,8 @@ def _build_transformers(name: str, pretrained: bool) -> nn.Module:
     auto = getattr(transformers, transformers_types().get(config.model_type, "AutoModel"))
     if pretrained:
         return auto.from_pretrained(name)
+    if num_classes is not None:
+        config.num_labels = num_classes
     return auto.from_config(config)
 
 
@@ -251,15 +257,25 @@ def _registered_on_meta():
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
-def build(spec: ModelSpec, device: str | torch.device = "meta", pretrained: bool = False) -> nn.Module:
+def build(spec: ModelSpec, device: str | torch.device = "meta", pretrained: bool = False,
+          num_classes: int | None = None) -> nn.Module:
     """Build ``spec`` in eval mode. On ``"meta"`` no weight memory is used and no weights are
     initialised; models whose constructors cannot run on meta (regnets) are built on the CPU
     with each parameter moved to meta as it is made.
 
     ``pretrained=True`` downloads weights through timm's, torchvision's or transformers' own
     loader and fails with a ``RuntimeError`` that says so when they cannot be fetched (no network).
+
+    ``num_classes``: the size of the model's own classifier, where its constructor takes one
+    (``timm.create_model(name, num_classes=n)``, torchvision's ``num_classes`` and transformers'
+    ``num_labels`` for random weights); ``None`` (default), the zoo's own (1000 for ImageNet
+    models). :func:`autocut.adapt` builds a named model with its ``n_out``, as a user building it
+    to fine-tune would: the classifier it drops after the cut costs no more to make than theirs.
     """
-    builder = {TIMM: _build_timm, TORCHVISION: _build_torchvision, TRANSFORMERS: _build_transformers}[spec.source]
+    if num_classes is not None:
+        num_classes = _validate.positive_int("num_classes", num_classes)
+    make = {TIMM: _build_timm, TORCHVISION: _build_torchvision, TRANSFORMERS: _build_transformers}[spec.source]
+    builder = functools.partial(make, num_classes=num_classes)
     device = torch.device(device)
     if pretrained:
         if device.type == "meta":

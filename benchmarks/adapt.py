@@ -16,7 +16,9 @@ Ways, each where it applies:
 Each way runs in its own subprocess, six times: the first build (what a script that builds one
 model pays), then the best of the others (a notebook or a sweep building the model again: timm's
 registry and autocut's recipes, :mod:`autocut.memo`, are warm); the report gives both, the peak
-RSS above the subprocess's baseline after imports, and each way's time over ``timm``'s.
+RSS above the subprocess's baseline after imports, and each way's time over ``timm``'s. Every
+subprocess runs with glibc's mmap threshold fixed (:data:`ALLOCATOR`), so that a way's repeated
+builds do not move with the allocator's adaptive threshold.
 
     python benchmarks/adapt.py --out benchmarks/reports/adapt.md
     python benchmarks/adapt.py --models resnet18 torchvision:resnet18 --repeat 1   # a quick look
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -53,6 +56,11 @@ LADDER = [
 ]
 WAYS = ("timm", "fastai", "tv_fx", "autocut")
 N_OUT = 10
+# glibc's malloc raises its mmap threshold after the first large free: whether a later build then
+# reuses freed heap memory or faults in fresh pages depends on the order of frees, which moves a
+# way's repeated builds by up to 30% between two runs (resnet50: 191 or 255 ms for the same way).
+# Every way runs with the threshold fixed at glibc's default (each large tensor a fresh mapping).
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 _CHILD = r"""
 import gc, json, resource, sys, time, warnings
@@ -129,7 +137,7 @@ def _run(name: str, way: str, threads: int, repeat: int, cut, timeout: float) ->
     code = _CHILD.format(threads=threads, n_out=N_OUT)
     try:
         proc = subprocess.run([sys.executable, "-c", code, name, way, str(repeat), cut.where, str(cut.nf)],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, env={**os.environ, **ALLOCATOR})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
@@ -194,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `python benchmarks/adapt.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- each way: {args.repeat} builds in one subprocess (real, randomly initialised weights, {N_OUT} classes); "
         "`s`: the best build after the first (built again in one process: timm's registry and autocut's recipes "
-        "warm); `first s`: the first build; memory: peak RSS above the subprocess's baseline after imports",
+        "warm); `first s`: the first build; memory: peak RSS above the subprocess's baseline after imports; "
+        f"every subprocess with {' '.join(f'{k}={v}' for k, v in ALLOCATOR.items())} (glibc's mmap threshold fixed "
+        "at its default: otherwise it moves with the order of frees, and repeated builds by up to 30%)",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if j == 0 else "---:" for j in range(len(header))) + "|",

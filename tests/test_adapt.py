@@ -2,6 +2,7 @@
 
 
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -184,3 +185,52 @@ def test_a_model_whose_layer_groups_cannot_be_found_is_adapted_with_a_warning_qu
         "the layer groups of FunctionalPoolNet could not be found (RuntimeError: the groups' forward failed); "
         "model.cut.groups is empty and layer_groups(model) raises"]
     assert model.cut.groups == () and model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_a_head_whose_init_is_torchs_skips_the_default_init_it_would_redraw(monkeypatch):
+    backbones = [FunctionalPoolNet(), FunctionalPoolNet()]
+    drawn = []
+    reset = nn.Linear.reset_parameters
+
+    def counted(self):  # (a Linear made on the meta device draws nothing)
+        if not self.weight.is_meta:
+            drawn.append(tuple(self.weight.shape))
+        reset(self)
+
+    monkeypatch.setattr(nn.Linear, "reset_parameters", counted)
+    model = autocut.adapt(backbones[0], n_out=3, input_size=(3, 32, 32), first_bn=False)
+    assert drawn == []  # kaiming_normal_ draws every weight, apply_init zeroes every bias
+    first = _linears(model[1])[0]
+    assert torch.equal(first.bias, torch.zeros_like(first.bias))
+    fan_in = first.weight.shape[1]
+    assert abs(first.weight.std().item() - (2 / fan_in) ** 0.5) < 0.25 * (2 / fan_in) ** 0.5
+    from functools import partial
+
+    autocut.adapt(backbones[1], n_out=3, input_size=(3, 32, 32), init=partial(nn.init.normal_, std=0.01))
+    assert drawn == []
+    autocut.adapt(FunctionalPoolNet(), n_out=3, input_size=(3, 32, 32), init=lambda w: nn.init.ones_(w))
+    assert drawn == [(10, 16), (512, 32), (3, 512)]  # the backbone's own, then the head's two (default init kept)
+
+
+def test_an_init_of_the_users_own_gets_a_head_initialised_as_pytorch_does_first(monkeypatch):
+    # a callable that leaves a weight as it finds it must find PyTorch's init there, not empty memory
+    model = autocut.adapt(FunctionalPoolNet(), n_out=3, input_size=(3, 32, 32), first_bn=False, init=lambda w: None)
+    for lin in _linears(model[1]):
+        bound = 1 / lin.weight.shape[1] ** 0.5  # nn.Linear's kaiming_uniform_(a=sqrt(5)) bound
+        assert lin.weight.abs().max() <= bound and lin.weight.std() > bound / 4
+    first = _linears(model[1])[0]
+    assert torch.equal(first.bias, torch.zeros_like(first.bias))  # biases zeroed all the same
+
+
+def test_a_named_model_is_built_with_a_classifier_of_n_out_as_its_zoo_would_build_it():
+    torch.manual_seed(0)
+    expected = torchvision.models.resnet18(num_classes=7)  # its convolutions re-initialised after the fc is made
+    torch.manual_seed(0)
+    model = autocut.adapt("torchvision:resnet18", n_out=7)
+    assert torch.equal(model[0].conv1.weight, expected.conv1.weight)
+    assert torch.equal(model[0].get_parameter("layer4.1.conv2.weight"), expected.layer4[1].conv2.weight)
+    assert model.cut.nf == 512 and model.cut.dropped == autocut.discover("torchvision:resnet18").dropped
+    torch.manual_seed(0)
+    timm_model = timm.create_model("resnet18", num_classes=7)
+    torch.manual_seed(0)
+    assert torch.equal(autocut.adapt("resnet18", n_out=7)[0].conv1.weight, timm_model.conv1.weight)

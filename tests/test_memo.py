@@ -318,3 +318,73 @@ def test_a_body_made_from_a_recipe_runs_the_code_the_first_made_and_regenerates_
     torch.testing.assert_close(body(x), model.conv(x), rtol=0, atol=0)  # (x2, halved)
     assert type(body).forward is not type(first).forward and "mul" in body.code
     torch.testing.assert_close(first.train()(x), before, rtol=0, atol=0)  # the first body's code untouched
+
+
+class _BuffersNet(nn.Module):
+    """Buffers persistent and not, a tensor the forward makes (an fx constant), norm layers deep
+    in the tree and a module the forward calls twice: what a body made from a recipe must have
+    as a first body has it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.register_buffer("scale", torch.full((1, 4, 1, 1), 2.0))
+        self.register_buffer("shift", torch.full((1, 4, 1, 1), 0.5), persistent=False)
+        self.blocks = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4)), nn.ReLU())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.stem(x) * self.scale + self.shift + torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+        x = self.blocks[1](self.blocks(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_body_from_a_recipe_has_the_tree_buffers_persistence_calls_and_norms_of_a_first_body(discoveries):
+    torch.manual_seed(0)
+    autocut.create_body(_BuffersNet(), input_size=SIZE)
+    model = _BuffersNet()
+    remembered = autocut.create_body(model, input_size=SIZE)
+    third = autocut.create_body(copy.deepcopy(model), input_size=SIZE)
+    assert discoveries == [SIZE]
+    cold = _cold(lambda: autocut.create_body(copy.deepcopy(model), input_size=SIZE))
+
+    def tree(body):
+        return [(path, type(m).__name__, sorted(m._parameters), sorted(m._buffers), sorted(m._non_persistent_buffers_set))
+                for path, m in body.named_modules()]
+
+    assert tree(remembered) == tree(cold)
+    assert list(remembered.state_dict()) == list(cold.state_dict())
+    assert sorted(remembered.state_dict()) == [
+        "blocks.0.0.bias", "blocks.0.0.weight", "blocks.0.1.bias", "blocks.0.1.weight", "scale", "stem.0.bias",
+        "stem.0.weight", "stem.1.bias", "stem.1.num_batches_tracked", "stem.1.running_mean", "stem.1.running_var",
+        "stem.1.weight"]  # the shift buffer and fx's constant not among them, as the model has neither
+    assert remembered.get_buffer("shift") is model.shift and remembered.get_buffer("scale") is model.scale
+    constant = next(name for name, _ in remembered.named_buffers() if name.startswith("_tensor_constant"))
+    assert remembered.get_buffer(constant) is not third.get_buffer(constant)  # each body its own copy
+    torch.testing.assert_close(remembered.get_buffer(constant), cold.get_buffer(constant), rtol=0, atol=0)
+    assert remembered.module_calls == cold.module_calls
+    assert remembered.module_calls[1][-1][0] == "blocks.1"  # the ReLU's second call, last
+    assert remembered.norm_parameter_names == cold.norm_parameter_names == {
+        "stem.1.weight", "stem.1.bias", "blocks.0.1.weight", "blocks.0.1.bias"}
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(remembered.eval()(x), cold.eval()(x), rtol=0, atol=0)
+    torch.testing.assert_close(remembered.train()(x), cold.train()(x), rtol=0, atol=0)
+
+
+def test_a_first_body_kept_in_a_recipe_is_not_changed_by_what_a_user_does_to_their_body(discoveries):
+    torch.manual_seed(0)
+    model = _BuffersNet()
+    first = autocut.create_body(model, input_size=SIZE)
+    for node in [n for n in first.graph.nodes if n.op == "call_function" and "add" in str(n.target)]:
+        node.replace_all_uses_with(node.args[0])
+        first.graph.erase_node(node)
+    first.recompile()
+    second = autocut.create_body(copy.deepcopy(model), input_size=SIZE)
+    assert discoveries == [SIZE]
+    x = torch.randn(2, *SIZE)
+    cold = _cold(lambda: autocut.create_body(copy.deepcopy(model), input_size=SIZE))
+    torch.testing.assert_close(second.eval()(x), cold.eval()(x), rtol=0, atol=0)
+    assert not torch.allclose(first.eval()(x), second(x))
+    assert second.graph.python_code("self").src == cold.graph.python_code("self").src
+    second.recompile()  # (its code made again from its own graph)
+    torch.testing.assert_close(second(x), cold(x), rtol=0, atol=0)

@@ -208,3 +208,21 @@ def test_a_probe_that_fails_says_which_size_was_tried_and_what_the_model_said():
         autocut.discover(unnamed)
     cut = autocut.discover(FixedGrid(pos_name="table"))  # for 256 px: the first larger size tried
     assert (cut.input_size, cut.feature_shape) == ((3, 256, 256), (8, 16, 16))
+
+
+def test_num_classes_sizes_each_zoos_own_classifier(monkeypatch):
+    assert zoo.build(zoo.resolve("resnet18"), num_classes=7).fc.out_features == 7
+    assert zoo.build(zoo.resolve("resnet18")).fc.out_features == 1000
+    assert zoo.build(zoo.resolve("torchvision:mobilenet_v3_small"), num_classes=5).classifier[-1].out_features == 5
+    hf = zoo.build(zoo.resolve("transformers:resnet"), num_classes=3)
+    assert hf.config.num_labels == 3 and hf.classifier[-1].out_features == 3
+    with pytest.raises(autocut.CutError, match="num_classes"):
+        zoo.build(zoo.resolve("resnet18"), num_classes=0)
+    # pretrained torchvision weights come with their classifier: its size is not asked for
+    import torchvision
+
+    asked = []
+    monkeypatch.setattr(torchvision.models, "get_model", lambda name, **kwargs: asked.append(kwargs) or torch.nn.Linear(2, 2))
+    zoo.build(zoo.resolve("torchvision:resnet18"), device="cpu", pretrained=True, num_classes=7)
+    zoo.build(zoo.resolve("torchvision:resnet18"), device="cpu", num_classes=7)
+    assert asked == [{"weights": "DEFAULT"}, {"weights": None, "num_classes": 7}]
