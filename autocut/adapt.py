@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autocut import _validate, memo, zoo
+from autocut._gc import gc_paused
 from autocut.body import BodyNote, build_body
 from autocut.channels import set_input_channels
 from autocut.cut import Cut
@@ -65,6 +66,7 @@ def _resolve(model: str | nn.Module, input_size, pretrained: bool = False, num_c
     return _Resolved(module, str(spec), _validate.input_size(input_size, own), own, guessed=guessed)
 
 
+@gc_paused()
 def _body(model: _Resolved, cut: CutSpec) -> tuple[nn.Module, memo.Recipe | None]:
     """The body of a resolved model, with ``.cut`` and ``.norm_parameter_names``, in the model's
     mode (every module of the model keeps its own training flag); and the recipe it was made

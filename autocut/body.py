@@ -119,15 +119,40 @@ class GraphBody(DualGraphModule):
         pending = self.__dict__.pop("_pending_train_graph", None)
         if pending is not None:
             pending.make(self)
+        self._own_graph()
         return self.__dict__["train_graph"]
 
     @train_graph.setter
     def train_graph(self, graph: fx.Graph) -> None:
         self.__dict__["train_graph"] = graph  # (under its own name: DualGraphModule's deepcopy reads it there)
 
+    @property
+    def eval_graph(self) -> fx.Graph:
+        """The graph ``.eval()`` runs."""
+        self._own_graph()
+        return self.__dict__["eval_graph"]
+
+    @eval_graph.setter
+    def eval_graph(self, graph: fx.Graph) -> None:
+        self.__dict__["eval_graph"] = graph
+
+    @property
+    def _graph(self) -> fx.Graph:  # (GraphModule's own, read by its graph property, recompile, ...)
+        self._own_graph()
+        try:
+            return self.__dict__["_graph"]
+        except KeyError:
+            raise AttributeError("_graph") from None
+
+    @_graph.setter
+    def _graph(self, graph: fx.Graph) -> None:
+        self.__dict__["_graph"] = graph
+
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph, class_name: str = "GraphModule",
-                 note: BodyNote | None = None):
-        if note is not None:  # (read by the first compile of each graph, inside DualGraphModule's __init__)
+                 note: BodyNote | None = None, shared: bool = False):
+        """``shared``: the one graph (``train_graph is eval_graph``) is a recipe's, which the
+        body runs the code of and copies only when something reads a graph (:meth:`_own_graph`)."""
+        if note is not None:  # (read by the first compile of each graph)
             _NOTES[self] = note
         vars(self)["_from_note"] = {id(g) for g in (train_graph, eval_graph)} if note is not None and note.code else set()
         # DualGraphModule.__init__'s work, each target installed once (it walks both graphs, one
@@ -138,26 +163,51 @@ class GraphBody(DualGraphModule):
         graphs = [train_graph] if train_graph is eval_graph else [train_graph, eval_graph]
         _install(root, self, [n.target for g in graphs for n in g.nodes if n.op in ("get_attr", "call_module")])
         self.train()
-        self.graph = train_graph
+        if shared and train_graph is eval_graph:
+            self.__dict__["_shared_graph"] = self.__dict__["_graph"] = train_graph  # (not its owning module)
+            self.recompile()
+        else:
+            self.graph = train_graph
         if eval_graph._tracer_cls != train_graph._tracer_cls:
             raise TypeError("the train and eval graphs of a body come from tracers of different classes")
         tracer = train_graph._tracer_cls
         self._tracer_cls = tracer if tracer and "<locals>" not in tracer.__qualname__ else None
 
+    def _own_graph(self) -> None:
+        """Replace a recipe's graph the body shares by a copy of its own (first read of a graph:
+        the body's graphs are the user's to edit; a body that is only run never copies it)."""
+        held = self.__dict__
+        shared = held.pop("_shared_graph", None)
+        if shared is None:
+            return
+        own = copy.deepcopy(shared)
+        own.owning_module = self
+        for name in ("_graph", "train_graph", "eval_graph"):
+            if held.get(name) is shared:
+                held[name] = own
+        compiled = held.get("_compiled", {})
+        if id(shared) in compiled:
+            compiled[id(own)] = (own, *compiled.pop(id(shared))[1:])
+        if id(shared) in held.get("_from_note", ()):
+            held["_from_note"].discard(id(shared))
+            held["_from_note"].add(id(own))
+
     def recompile(self):
-        note, graph = _NOTES.get(self), self._graph
-        role = "eval" if graph is self.__dict__.get("eval_graph") else "train"
-        given = note.code.get(role) if note is not None and id(graph) in self.__dict__.get("_from_note", ()) else None
+        held = self.__dict__
+        note, graph = _NOTES.get(self), held["_graph"]
+        role = "eval" if graph is held.get("eval_graph") else "train"
+        given = note.code.get(role) if note is not None and id(graph) in held.get("_from_note", ()) else None
         if given is not None:  # a copy of the graph a first body of the architecture compiled: its code
-            self.__dict__["_from_note"].discard(id(graph))
+            held["_from_note"].discard(id(graph))
             code = self._use_code(*given)
         else:
+            self._own_graph()  # (the code is generated from the body's own graph)
             code = super().recompile()
             if note is not None and not self.__dict__.get("_from_note") and role not in note.code:
                 note.code[role] = (type(self).forward, {k: self.__dict__[k] for k in _COMPILED_ATTRS if k in self.__dict__},
                                    code)
-        compiled = {k: self.__dict__[k] for k in _COMPILED_ATTRS if k in self.__dict__}
-        self.__dict__.setdefault("_compiled", {})[id(self._graph)] = (self._graph, type(self).forward, compiled)
+        compiled = {k: held[k] for k in _COMPILED_ATTRS if k in held}
+        held.setdefault("_compiled", {})[id(held["_graph"])] = (held["_graph"], type(self).forward, compiled)
         return code
 
     def _use_code(self, forward: Callable, attributes: dict, code: object) -> object:
@@ -172,8 +222,10 @@ class GraphBody(DualGraphModule):
         return code
 
     def train(self, mode: bool = True):
-        graph = self.train_graph if mode else self.eval_graph
-        current = self.__dict__.get("_graph")
+        held = self.__dict__  # (not the graph properties: a shared graph stays shared)
+        graph = (self.train_graph if "_pending_train_graph" in held else held.get("train_graph")) if mode \
+            else held.get("eval_graph")
+        current = held.get("_graph")
         if current is not None and current is not graph:
             cached = self.__dict__.get("_compiled", {}).get(id(graph))
             if cached is None:
@@ -195,6 +247,10 @@ class GraphBody(DualGraphModule):
         # (a module, a tensor the forward makes) is converted with the rest
         self.train_graph  # noqa: B018
         return super()._apply(fn, recurse)
+
+    def __reduce__(self):
+        self._own_graph()
+        return super().__reduce__()
 
     def __deepcopy__(self, memo):
         # GraphModule's deepcopy re-runs __init__, which resets every training flag to True
@@ -244,9 +300,12 @@ class BodyNote:
         self.eval_constants = _cloned(constants)
         self.eval_names, self.one_graph = frozenset(eval_names), one_graph
 
-    def given_eval(self) -> tuple[fx.Graph, dict, frozenset[str], bool]:
-        """A copy of the eval graph kept, a copy of its constants, the eval names, ``one_graph``."""
-        return copy.deepcopy(self.eval_graph), _cloned(self.eval_constants), self.eval_names, self.one_graph
+    def given_eval(self, copied: bool = True) -> tuple[fx.Graph, dict, frozenset[str], bool]:
+        """The eval graph kept (a copy, or with ``copied=False`` the graph itself, for a body to
+        share until it reads it: :meth:`GraphBody._own_graph`), a copy of its constants, the eval
+        names, ``one_graph``."""
+        graph = copy.deepcopy(self.eval_graph) if copied else self.eval_graph
+        return graph, _cloned(self.eval_constants), self.eval_names, self.one_graph
 
     @property
     def taken(self) -> bool:
@@ -347,8 +406,8 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
     cuts = cut if as_list else [cut]
     cut = cuts[-1]
     kept = note is not None and note.kept
-    if kept:  # a later body of the architecture: a copy of the first one's graph, nothing traced or truncated
-        eval_graph, constants, eval_names, one_graph = note.given_eval()
+    if kept:  # a later body of the architecture: the first one's graph, nothing traced or truncated
+        eval_graph, constants, eval_names, one_graph = note.given_eval(copied=not note.one_graph)
     else:
         if traced is not None:  # discovery's eval graph: no need to trace it again
             eval_graph, eval_names_of, constants = traced.graph, traced.qualname, dict(traced.constants)
@@ -375,7 +434,8 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
     # The graphs' tensor constants sit on the model only while the body is built (the body keeps
     # its own copies): the user's model is left without fx's _tensor_constantN attributes.
     with constants_attached(model, constants):
-        body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body", note=note)
+        body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body", note=note,
+                         shared=kept and eval_graph is note.eval_graph)
     if pending is not None:
         body.__dict__["_pending_train_graph"] = pending
     if kept:

@@ -388,3 +388,31 @@ def test_a_first_body_kept_in_a_recipe_is_not_changed_by_what_a_user_does_to_the
     assert second.graph.python_code("self").src == cold.graph.python_code("self").src
     second.recompile()  # (its code made again from its own graph)
     torch.testing.assert_close(second(x), cold(x), rtol=0, atol=0)
+
+
+def test_a_body_from_a_recipe_shares_its_graph_until_read_then_edits_its_own_copy(discoveries):
+    torch.manual_seed(0)
+    model = _BuffersNet().eval()
+    autocut.create_body(model, input_size=SIZE)
+    second = autocut.create_body(copy.deepcopy(model), input_size=SIZE)
+    third = autocut.create_body(copy.deepcopy(model), input_size=SIZE)
+    assert discoveries == [SIZE]
+    kept = next(iter(memo._RECIPES.values())).body.eval_graph
+    x = torch.randn(2, *SIZE)
+    expected = third(x)
+    second.train(), second.eval()  # runs and switches modes without a copy
+    assert second.__dict__["_graph"] is kept and third.__dict__["_graph"] is kept and kept.owning_module is None
+    graph = second.graph  # a read: the body's own copy from now on
+    assert graph is not kept and graph is second.eval_graph is second.train_graph and graph.owning_module is second
+    for node in [n for n in graph.nodes if n.op == "call_function" and "add" in str(n.target)]:
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
+    second.recompile()
+    assert not torch.allclose(second(x), expected)  # its edit runs
+    torch.testing.assert_close(third(x), expected, rtol=0, atol=0)  # the others' graph and code untouched
+    assert third.graph.python_code("self").src == kept.python_code("self").src
+    fourth = autocut.create_body(copy.deepcopy(model), input_size=SIZE)
+    torch.testing.assert_close(fourth(x), expected, rtol=0, atol=0)
+    clone = copy.deepcopy(autocut.create_body(copy.deepcopy(model), input_size=SIZE))
+    assert clone.graph is not kept
+    torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
