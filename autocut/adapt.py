@@ -93,7 +93,8 @@ def _body(model: _Resolved, cut: CutSpec) -> tuple[nn.Module, memo.Recipe | None
             if key is not None:
                 recipe = memo.Recipe(found, warned + warned_later, body=note)
                 memo.remember(key, recipe)
-        body.train(model.module.training)  # the body's own flag (a GraphBody's graph), not the model's modules'
+        if model.users or body.training != model.module.training:  # (a body made in the model's mode has it)
+            body.train(model.module.training)  # the body's own flag (a GraphBody's graph), not the model's modules'
     body.cut = found
     if recipe is not None and recipe.norms is not None:
         body.norm_parameter_names = recipe.norms

@@ -149,9 +149,10 @@ class GraphBody(DualGraphModule):
         self.__dict__["_graph"] = graph
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph, class_name: str = "GraphModule",
-                 note: BodyNote | None = None, shared: bool = False):
+                 note: BodyNote | None = None, shared: bool = False, training: bool = True):
         """``shared``: the one graph (``train_graph is eval_graph``) is a recipe's, which the
-        body runs the code of and copies only when something reads a graph (:meth:`_own_graph`)."""
+        body runs the code of and copies only when something reads a graph (:meth:`_own_graph`).
+        ``training``: the mode the body starts in (every module of it set so)."""
         if note is not None:  # (read by the first compile of each graph)
             _NOTES[self] = note
         vars(self)["_from_note"] = {id(g) for g in (train_graph, eval_graph)} if note is not None and note.code else set()
@@ -162,12 +163,12 @@ class GraphBody(DualGraphModule):
         self.train_graph, self.eval_graph = train_graph, eval_graph
         graphs = [train_graph] if train_graph is eval_graph else [train_graph, eval_graph]
         _install(root, self, [n.target for g in graphs for n in g.nodes if n.op in ("get_attr", "call_module")])
-        self.train()
+        self.train(training)  # (the flags: no graph is current yet)
         if shared and train_graph is eval_graph:
             self.__dict__["_shared_graph"] = self.__dict__["_graph"] = train_graph  # (not its owning module)
             self.recompile()
         else:
-            self.graph = train_graph
+            self.graph = train_graph if training else eval_graph
         if eval_graph._tracer_cls != train_graph._tracer_cls:
             raise TypeError("the train and eval graphs of a body come from tracers of different classes")
         tracer = train_graph._tracer_cls
@@ -435,7 +436,7 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
     # its own copies): the user's model is left without fx's _tensor_constantN attributes.
     with constants_attached(model, constants):
         body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body", note=note,
-                         shared=kept and eval_graph is note.eval_graph)
+                         shared=kept and eval_graph is note.eval_graph, training=model.training)
     if pending is not None:
         body.__dict__["_pending_train_graph"] = pending
     if kept:
@@ -451,7 +452,6 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
             note.module_calls = body.__dict__.get("module_calls")
             note.non_persistent = tuple((path, name) for path, m in body.named_modules()
                                         for name in sorted(m._non_persistent_buffers_set))
-    body.train(model.training)
     return body
 
 

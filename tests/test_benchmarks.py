@@ -64,7 +64,8 @@ def _benchmark(name):
 def test_the_adapt_benchmark_measures_each_way_that_applies(tmp_path):
     bench = _benchmark("adapt")
     out = tmp_path / "adapt.md"
-    assert bench.main(["--models", "resnet10t", "torchvision:resnet18", "--repeat", "2", "--out", str(out)]) == 0
+    assert bench.main(["--models", "resnet10t", "torchvision:resnet18", "--repeat", "2", "--rounds", "1",
+                       "--out", str(out)]) == 0
     def cells(line):
         return [c.strip() for c in line.strip().strip("|").split("|")]
 
@@ -80,6 +81,16 @@ def test_the_adapt_benchmark_measures_each_way_that_applies(tmp_path):
         assert got["first: autocut / timm"].endswith("x") and float(got["first: autocut / timm"][:-1]) == pytest.approx(
             ratio, rel=0.03, abs=0.01)
         assert (got["tv_fx s"] == "-") == (name == "resnet10t")  # torchvision's extractor: its own models only
+
+
+def test_the_adapt_benchmark_keeps_the_best_of_its_rounds_and_skips_what_never_ran():
+    best = _benchmark("adapt")._best
+    one = {"first": 0.30, "seconds": 0.20, "all": [0.30, 0.20, 0.25], "peak_mb": 40.0}
+    two = {"first": 0.28, "seconds": 0.22, "all": [0.28, 0.22], "peak_mb": 45.0}
+    assert best([one, two]) == {"seconds": 0.20, "first": 0.28, "peak_mb": 45.0, "all": [0.30, 0.20, 0.25, 0.28, 0.22]}
+    assert best([{"error": "timed out after 900 s"}, one])["seconds"] == 0.20  # a round that failed: the others
+    assert best([{"error": "timed out"}, {"error": "killed"}]) == {"error": "timed out"}
+    assert best([{"skip": "torchvision models only"}] * 2) == {"skip": "torchvision models only"}
 
 
 @pytest.mark.slow
