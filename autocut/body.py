@@ -186,12 +186,6 @@ class GraphBody(DualGraphModule):
         for name in ("_graph", "train_graph", "eval_graph"):
             if held.get(name) is shared:
                 held[name] = own
-        compiled = held.get("_compiled", {})
-        if id(shared) in compiled:
-            compiled[id(own)] = (own, *compiled.pop(id(shared))[1:])
-        if id(shared) in held.get("_from_note", ()):
-            held["_from_note"].discard(id(shared))
-            held["_from_note"].add(id(own))
 
     def recompile(self):
         held = self.__dict__

@@ -34,7 +34,7 @@ from torch import nn
 
 from autocut.body import BodyNote
 from autocut.cut import Cut
-from autocut.trace import _HOOK_DICTS, _KEY_SCALARS
+from autocut.trace import _KEY_SCALARS, has_hooks
 from autocut.trace import _MODULE_INTERNALS as _NN_MODULE_ATTRIBUTES
 
 __all__ = ["MAX_RECIPES", "Recipe", "architecture_key", "clear_cache", "lookup", "remember", "recording"]
@@ -127,38 +127,17 @@ def _frozen(value: Any, depth: int = 0) -> Hashable:
     return kind, _frozen(vars(value), depth + 1)  # a config, a dataclass: by its fields
 
 
-def _tensor_key(t: torch.Tensor) -> Hashable:
-    return "tensor", type(t), t.shape, t.dtype, t.device, t.requires_grad
-
-
 def _module_key(path: str, module: nn.Module) -> Hashable:
-    # (inlined where it can be: a key is made on every adapt, of every module; ~10 us a module)
     held = vars(module)
-    if any(held[name] for name in _HOOK_DICTS):  # (has_hooks, read off the module's own dict)
+    if has_hooks(module):
         raise _Unkeyable
-    attributes = []
-    for name, v in held.items():
-        if name not in _MODULE_INTERNALS:
-            kind = type(v)
-            attributes.append((name, (kind, v) if kind in _PLAIN else _frozen(v)))
     return (
         path,
         type(module),
-        tuple((name, None if p is None else _tensor_key(p)) for name, p in held["_parameters"].items()),
-        tuple((name, None if b is None else _tensor_key(b), name in held["_non_persistent_buffers_set"])
-              for name, b in held["_buffers"].items()),
-        tuple(attributes),
+        tuple((name, _frozen(p)) for name, p in held["_parameters"].items()),
+        tuple((name, _frozen(b), name in held["_non_persistent_buffers_set"]) for name, b in held["_buffers"].items()),
+        tuple((name, _frozen(v)) for name, v in held.items() if name not in _MODULE_INTERNALS),
     )
-
-
-def _all_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``module.named_modules(remove_duplicate=False)``, without a generator per module."""
-    stack = [("", module)]
-    while stack:
-        path, m = stack.pop()
-        yield path, m
-        children = [(f"{path}.{name}" if path else name, child) for name, child in m._modules.items() if child is not None]
-        stack.extend(reversed(children))
 
 
 def _global_hooks() -> bool:
@@ -174,7 +153,7 @@ def architecture_key(module: nn.Module, *rest: Hashable) -> Hashable | None:
     if _global_hooks():
         return None
     try:
-        modules = tuple(_module_key(path, m) for path, m in _all_modules(module))
+        modules = tuple(_module_key(path, m) for path, m in module.named_modules(remove_duplicate=False))
         return modules, tuple(_frozen(r) for r in rest)
     except _Unkeyable:
         return None
