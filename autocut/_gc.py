@@ -18,8 +18,12 @@ __all__ = ["gc_paused"]
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """Within the block (or the decorated function), no automatic collection; after it, one
-    collection of the young generations, so the cycles the block left (fx graphs) are freed then
-    and not promoted. A block inside another, or where the collector is already off, changes nothing.
+    collection of the youngest generation, which holds everything the block made (nothing is
+    promoted while the collector is off), so the cycles it left (fx graphs) are freed then and
+    not promoted; the older generations are left to their own schedule (collecting them walks
+    every object a model built just before holds: 0.7 ms for efficientnet_b0, more than a
+    remembered body takes to make). A block inside another, or where the collector is already
+    off, changes nothing.
 
     Example:
         >>> @gc_paused()
@@ -33,4 +37,4 @@ def gc_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
-        gc.collect(1)
+        gc.collect(0)

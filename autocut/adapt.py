@@ -56,14 +56,15 @@ def _resolve(model: str | nn.Module, input_size, pretrained: bool = False, num_c
         if pretrained:
             raise CutError("pretrained=True needs a model name; load the weights into your module yourself")
         model = unwrap(model)
-        own = zoo.default_input_size(model)
-        guessed = input_size is None and zoo.stated_input_size(model) is None
-        return _Resolved(model, type(model).__name__, _validate.input_size(input_size, own), own, True, guessed)
+        stated = zoo.stated_input_size(model)
+        own = stated or zoo.default_input_size(model)
+        return _Resolved(model, type(model).__name__, _validate.input_size(input_size, own), own, True,
+                         guessed=input_size is None and stated is None)
     spec = zoo.resolve(model)
     module = zoo.build(spec, device="cpu", pretrained=pretrained, num_classes=num_classes)
-    own = zoo.default_input_size(spec, module)
-    guessed = input_size is None and zoo.stated_input_size(spec, module) is None
-    return _Resolved(module, str(spec), _validate.input_size(input_size, own), own, guessed=guessed)
+    stated = zoo.stated_input_size(spec, module)
+    own = stated or zoo.default_input_size(spec, module)
+    return _Resolved(module, str(spec), _validate.input_size(input_size, own), own, guessed=input_size is None and stated is None)
 
 
 @gc_paused()

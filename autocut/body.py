@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.graph_module import _WrappedCall
+from torch.nn.modules.module import _global_module_registration_hooks as _MODULE_REGISTRATION_HOOKS
 from torchvision.models.feature_extraction import DualGraphModule
 
 from autocut._gc import gc_paused
@@ -152,18 +153,19 @@ class GraphBody(DualGraphModule):
                  note: BodyNote | None = None, shared: bool = False, training: bool = True):
         """``shared``: the one graph (``train_graph is eval_graph``) is a recipe's, which the
         body runs the code of and copies only when something reads a graph (:meth:`_own_graph`).
-        ``training``: the mode the body starts in (every module of it set so)."""
+        ``training``: the mode the body starts in (its own flag and graph, and the flag of each
+        empty module made for a path; the modules installed are the model's, with their own flags)."""
         if note is not None:  # (read by the first compile of each graph)
             _NOTES[self] = note
         vars(self)["_from_note"] = {id(g) for g in (train_graph, eval_graph)} if note is not None and note.code else set()
         # DualGraphModule.__init__'s work, each target installed once (it walks both graphs, one
         # graph twice where the body has one)
         nn.Module.__init__(self)
+        vars(self)["training"] = training  # (the modules installed are the model's, with their own flags)
         self.__class__.__name__ = class_name
         self.train_graph, self.eval_graph = train_graph, eval_graph
         graphs = [train_graph] if train_graph is eval_graph else [train_graph, eval_graph]
         _install(root, self, [n.target for g in graphs for n in g.nodes if n.op in ("get_attr", "call_module")])
-        self.train(training)  # (the flags: no graph is current yet)
         if shared and train_graph is eval_graph:
             self.__dict__["_shared_graph"] = self.__dict__["_graph"] = train_graph  # (not its owning module)
             self.recompile()
@@ -361,34 +363,48 @@ def _install(source: nn.Module, body: nn.Module, targets: list[str]) -> None:
     """fx's ``_copy_attr`` for each of ``targets`` (``GraphModule``'s way of making its module
     tree): ``source``'s attribute at the target's path is put into ``body`` at the same path (a
     module, a parameter, or a tensor as a buffer, persistent as it is there), with empty modules
-    made for the path where ``body`` has none; nothing below a module already installed whole.
-    Each path is walked once for all the targets (fx walks it again for each)."""
+    made for the path where ``body`` has none (in ``body``'s mode); nothing below a module
+    already installed whole. Each path is walked once for all the targets (fx walks it again for
+    each)."""
     at: dict[str, tuple[Any, nn.Module]] = {"": (source, body)}  # path -> (source's module there, body's)
     for target in dict.fromkeys(targets):
-        *path, name = target.split(".")
-        src, into = source, body
-        for depth in range(1, len(path) + 1):
-            where = ".".join(path[:depth])
-            pair = at.get(where)
-            if pair is None:
-                part = path[depth - 1]
-                inner = getattr(into, part, None)
-                if inner is None:
-                    inner = nn.Module()
-                    setattr(into, part, inner)
-                pair = at[where] = (getattr(src, part), inner)
-            src, into = pair
-            if src is into:  # (a module installed whole holds everything below it)
-                break
+        path, _, name = target.rpartition(".")
+        src, into = at.get(path) or _installed_path(at, path, body.training)
+        if src is into:  # (a module installed whole holds everything below it)
+            continue
+        value = getattr(src, name)
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            into.register_buffer(name, value, persistent=name not in getattr(src, "_non_persistent_buffers_set", ()))
         else:
-            value = getattr(src, name)
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                non_persistent = getattr(src, "_non_persistent_buffers_set", ())
-                into.register_buffer(name, value, persistent=name not in non_persistent)
-            else:
-                setattr(into, name, value)
-            if isinstance(value, nn.Module):
-                at[target] = (value, value)
+            _put(into, name, value)
+        if isinstance(value, nn.Module):
+            at[target] = (value, value)
+
+
+def _installed_path(at: dict[str, tuple[Any, nn.Module]], path: str, training: bool) -> tuple[Any, nn.Module]:
+    """:func:`_install`'s pair at ``path``, its parents' first: the body's module there made
+    empty where there is none."""
+    parent, _, part = path.rpartition(".")
+    src, into = at.get(parent) or _installed_path(at, parent, training)
+    if src is not into:
+        inner = vars(into)["_modules"].get(part)
+        if inner is None:
+            inner = nn.Module()
+            vars(inner)["training"] = training
+            _put(into, part, inner)
+        src, into = getattr(src, part), inner
+    at[path] = (src, into)
+    return src, into
+
+
+def _put(into: nn.Module, name: str, value: Any) -> None:
+    """``setattr(into, name, value)``; a module put straight into ``into._modules`` where that is
+    all ``nn.Module.__setattr__`` would do (no plain attribute of that name, no global module
+    registration hook): a body installs hundreds."""
+    if isinstance(value, nn.Module) and name not in vars(into) and not _MODULE_REGISTRATION_HOOKS:
+        vars(into)["_modules"][name] = value
+    else:
+        setattr(into, name, value)
 
 
 @gc_paused()

@@ -34,7 +34,7 @@ from torch import nn
 
 from autocut.body import BodyNote
 from autocut.cut import Cut
-from autocut.trace import _KEY_SCALARS, has_hooks
+from autocut.trace import _HOOK_DICTS, _KEY_SCALARS
 from autocut.trace import _MODULE_INTERNALS as _NN_MODULE_ATTRIBUTES
 
 __all__ = ["MAX_RECIPES", "Recipe", "architecture_key", "clear_cache", "lookup", "remember", "recording"]
@@ -62,6 +62,23 @@ class Recipe:
     body: BodyNote = field(default_factory=BodyNote)
     norms: frozenset[str] | None = None
     units: tuple[tuple[str, float, int, tuple[str, ...]], ...] | None = None
+    key: Hashable | None = field(default=None, repr=False, compare=False)  # (the one kept: found again by identity)
+
+
+class _Key:
+    """An architecture key with its hash worked out once: the key is a tuple over every module,
+    which a lookup would otherwise hash again for each dictionary operation."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value: Hashable):
+        self.value, self._hash = value, hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Key) and self._hash == other._hash and self.value == other.value
 
 
 _RECIPES: OrderedDict[Hashable, Recipe] = OrderedDict()
@@ -82,7 +99,7 @@ def lookup(key: Hashable | None) -> Recipe | None:
     with _LOCK:
         recipe = _RECIPES.get(key)
         if recipe is not None:
-            _RECIPES.move_to_end(key)
+            _RECIPES.move_to_end(recipe.key)  # (the kept key: equal to it by identity, not by a walk of both)
         return recipe
 
 
@@ -90,6 +107,7 @@ def remember(key: Hashable | None, recipe: Recipe) -> None:
     """Keep ``recipe`` for ``key`` (nothing without a key)."""
     if key is None:
         return
+    recipe.key = key
     with _LOCK:
         _RECIPES[key] = recipe
         _RECIPES.move_to_end(key)
@@ -127,17 +145,30 @@ def _frozen(value: Any, depth: int = 0) -> Hashable:
     return kind, _frozen(vars(value), depth + 1)  # a config, a dataclass: by its fields
 
 
+def _tensors_key(held: dict[str, Any]) -> Hashable:
+    """A module's parameters or buffers by name, each by its metadata (the loop: faster than a
+    generator here, where the key walks every module)."""
+    key = []
+    for name, value in held.items():
+        if isinstance(value, torch.Tensor):
+            key.append((name, type(value), value.shape, value.dtype, value.device, value.requires_grad))
+        else:  # (None: a registered but unset parameter or buffer)
+            key.append((name, _frozen(value)))
+    return tuple(key)
+
+
 def _module_key(path: str, module: nn.Module) -> Hashable:
     held = vars(module)
-    if has_hooks(module):
-        raise _Unkeyable
-    return (
-        path,
-        type(module),
-        tuple((name, _frozen(p)) for name, p in held["_parameters"].items()),
-        tuple((name, _frozen(b), name in held["_non_persistent_buffers_set"]) for name, b in held["_buffers"].items()),
-        tuple((name, _frozen(v)) for name, v in held.items() if name not in _MODULE_INTERNALS),
-    )
+    for hooks in _HOOK_DICTS:
+        if held.get(hooks):
+            raise _Unkeyable
+    attributes = []
+    for name, value in held.items():
+        if name not in _MODULE_INTERNALS:
+            kind = type(value)  # (a plain value inline: most attributes are)
+            attributes.append((name, kind, value) if kind in _PLAIN else (name, _frozen(value)))
+    return (path, type(module), _tensors_key(held["_parameters"]), _tensors_key(held["_buffers"]),
+            frozenset(held["_non_persistent_buffers_set"]), tuple(attributes))
 
 
 def _global_hooks() -> bool:
@@ -154,7 +185,7 @@ def architecture_key(module: nn.Module, *rest: Hashable) -> Hashable | None:
         return None
     try:
         modules = tuple(_module_key(path, m) for path, m in module.named_modules(remove_duplicate=False))
-        return modules, tuple(_frozen(r) for r in rest)
+        return _Key((modules, tuple(_frozen(r) for r in rest)))
     except _Unkeyable:
         return None
     except (TypeError, RecursionError):  # an attribute that cannot be hashed or walked: not remembered

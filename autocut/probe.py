@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import logging
 from collections.abc import Callable, Iterator
@@ -179,7 +180,7 @@ def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         for m, training in flags:
-            if type(m).train is nn.Module.train:
+            if _plain_flag(type(m)):
                 vars(m)["training"] = training  # (what nn.Module.__setattr__ would do, without its checks)
             else:  # its own train() does more than set flags (a GraphBody switches graphs): call it
                 m.train(training)  # (its children come later, and get their own flags back)
@@ -193,14 +194,28 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
+_PLAIN_FLAG: dict[type, bool] = {}  # (by class: a weak mapping would cost more than the walk saves)
+
+
+def _plain_flag(cls: type) -> bool:
+    """Whether ``cls.train(mode)`` only sets ``self.training`` in the instance's dict (and its
+    children's): no ``train``, no ``__setattr__`` of its own, and ``training`` not a property."""
+    plain = _PLAIN_FLAG.get(cls)
+    if plain is None:
+        plain = _PLAIN_FLAG[cls] = (cls.train is nn.Module.train and cls.__setattr__ is nn.Module.__setattr__
+                                    and not hasattr(inspect.getattr_static(cls, "training", None), "__set__"))
+    return plain
+
+
 def set_mode(model: nn.Module, training: bool) -> nn.Module:
     """``model.train(training)``, a few times faster on a model of thousands of modules: each
     flag is set directly, and a module with a ``train()`` of its own (a ``GraphBody`` switches
-    graphs, a frozen-BatchNorm wrapper keeps its norms in eval) is left to it, subtree included."""
+    graphs, a frozen-BatchNorm wrapper keeps its norms in eval), a ``__setattr__`` of its own or a
+    ``training`` property is left to its ``train()``, subtree included."""
     stack = [model]
     while stack:
         m = stack.pop()
-        if type(m).train is not nn.Module.train:
+        if not _plain_flag(type(m)):
             m.train(training)
             continue
         vars(m)["training"] = training

@@ -33,6 +33,7 @@ from autocut.probe import (
     eval_mode,
     model_device,
     model_dtype,
+    modes_kept,
     probe_input,
     quiet_loggers,
     set_mode,
@@ -656,23 +657,23 @@ class Traced:
 
 @gc_paused()
 def trace_graph(model: nn.Module, training: bool = False) -> tuple[fx.Graph, _ScopeTracer, dict[str, Any]]:
-    """Trace ``model`` in train or eval mode with autocut's tracer (mode restored afterwards).
+    """Trace ``model`` in train or eval mode with autocut's tracer (each module's own mode
+    restored afterwards).
 
     Tensors the forward creates (``torch.tensor(...)``, index tables) become ``get_attr`` nodes of
     ``_tensor_constantN``; fx stores them on the model, autocut moves them to ``tracer.constants``
     so the user's model is left as it was. :func:`constants_attached` puts them back for a block.
     """
-    was_training = model.training
     concrete = concrete_args_of(model)
     before = set(vars(model))
     tracer = _ScopeTracer(**tracer_kwargs())
     try:
-        set_mode(model, training)
-        _purge_proxies(model)
-        graph = tracer.trace(model, concrete_args=concrete or None)
+        with modes_kept(model):
+            set_mode(model, training)
+            _purge_proxies(model)
+            graph = tracer.trace(model, concrete_args=concrete or None)
     finally:
         _purge_proxies(model)
-        set_mode(model, was_training)
         for name in [k for k in vars(model) if k not in before and k.startswith("_tensor_constant")]:
             tracer.constants[name] = vars(model).pop(name)
     return graph, tracer, concrete

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from autocut import _validate
 from autocut.errors import CutError
+from autocut.probe import set_mode
 
 __all__ = [
     "ModelSpec",
@@ -290,13 +291,13 @@ def build(spec: ModelSpec, device: str | torch.device = "meta", pretrained: bool
                 f"({type(err).__name__}: {err}). Offline? Pass weights=PATH to a local checkpoint "
                 "(safetensors or a torch state dict) instead."
             ) from err
-        return model.to(device).eval()
+        return set_mode(model.to(device), False)
     if device.type == "meta":
         return on_meta(lambda: builder(spec.name, False))
     if device == torch.get_default_device():  # (a device context would send every tensor op through Python: ~15% of a build)
-        return builder(spec.name, False).eval()
+        return set_mode(builder(spec.name, False), False)
     with torch.device(device):
-        return builder(spec.name, False).eval()
+        return set_mode(builder(spec.name, False), False)
 
 
 def on_meta(make: Callable[[], nn.Module]) -> nn.Module:
@@ -305,11 +306,11 @@ def on_meta(make: Callable[[], nn.Module]) -> nn.Module:
     ``.item()``) runs on the CPU with each parameter moved to meta as it is made."""
     try:
         with torch.device("meta"), _SkipInitOnMeta():
-            return make().eval()
+            return set_mode(make(), False)
     except RuntimeError:
         with _registered_on_meta(), _SkipInitOnMeta():
             model = make()
-        return model.to("meta").eval()  # anything not registered the usual way
+        return set_mode(model.to("meta"), False)  # anything not registered the usual way
 
 
 def default_input_size(model: nn.Module | ModelSpec, built: nn.Module | None = None) -> tuple[int, int, int]:

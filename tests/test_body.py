@@ -540,3 +540,29 @@ def test_a_pyramid_made_in_eval_mode_returns_each_levels_map_when_first_trained(
     assert isinstance(trained, list) and len(trained) == 3
     with torch.no_grad():
         torch.testing.assert_close(trained, [stem * 2, model.s1(stem * 2), model.s2(model.s1(stem * 2))])
+
+
+def test_a_body_shares_the_models_modules_with_their_own_flags_and_makes_its_paths_in_its_mode():
+    from autocut.body import build_body
+
+    model = FunctionalPoolNet().eval()
+    body, _ = build_body(model, autocut.discover(model, SIZE), SIZE, "FunctionalPoolNet")
+    made = [path for path, m in body.named_modules() if type(m) is nn.Module]  # the paths' empty modules
+    assert made == ["stem", "stage"] and not any(m.training for m in body.modules())
+    model = FunctionalPoolNet().train()
+    model.stem[1].eval()  # frozen on purpose: the body made without autocut's own restoring keeps it so
+    body, _ = build_body(model, autocut.discover(model, SIZE), SIZE, "FunctionalPoolNet")
+    assert [(path, m.training) for path, m in body.named_modules()][:4] == [
+        ("", True), ("stem", True), ("stem.0", True), ("stem.1", False)]
+
+
+def test_a_module_registration_hook_sees_each_module_a_body_installs():
+    seen = []
+    handle = nn.modules.module.register_module_module_registration_hook(
+        lambda parent, name, module: seen.append((type(parent).__name__, name)))
+    try:
+        body = autocut.create_body(FunctionalPoolNet(), input_size=SIZE)
+    finally:
+        handle.remove()
+    installed = [(type(m).__name__, name) for m in body.modules() for name in m._modules]
+    assert len(installed) == 7 and set(installed) <= set(seen)

@@ -13,8 +13,10 @@ from autocut.probe import (
     leaf_at,
     meta_first,
     model_device,
+    modes_kept,
     probe_forward,
     probe_input,
+    set_mode,
     shape_of,
     shapes_inside,
     tensor_leaves,
@@ -241,3 +243,34 @@ def test_shapes_inside_and_leaf_at():
     assert leaf_at(t, "") is t
     with pytest.raises(KeyError, match=r"no tensor 'b' in the dict returned \(it holds \['a'\]\)"):
         leaf_at({"a": t}, "b")
+
+
+class _FlagProperty(nn.Module):
+    """Keeps its mode under another name (a ``training`` property): only ``train()`` sets it."""
+
+    training = property(lambda self: self.__dict__.get("_mode", True), lambda self, v: self.__dict__.update(_mode=v))
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+
+class _CountsSetattr(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.__dict__["sets"] = 0  # (not counting the constructor's)
+
+    def __setattr__(self, name, value):
+        self.__dict__["sets"] = self.__dict__.get("sets", 0) + (name == "training")
+        super().__setattr__(name, value)
+
+
+def test_set_mode_and_modes_kept_leave_a_flag_of_its_own_to_train():
+    model = nn.Sequential(_FlagProperty(), _CountsSetattr(), nn.BatchNorm2d(4))
+    set_mode(model, False)
+    assert [m.training for m in model.modules()] == [False] * 6 and model[1].sets == 1
+    with modes_kept(model):
+        set_mode(model, True)
+        assert all(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [False] * 6 and model[1].sets == 3
