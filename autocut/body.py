@@ -117,11 +117,15 @@ class GraphBody(DualGraphModule):
     def train_graph(self) -> fx.Graph:
         """The graph ``.train()`` runs: traced on first use where the body was made in eval mode
         from a model whose code reads its mode before the cut (:class:`_PendingTrainGraph`)."""
+        self._make_pending()
+        self._own_graph()
+        return self.__dict__["train_graph"]
+
+    def _make_pending(self) -> None:
+        """The train graph a body made in eval mode has not traced (or copied) yet, made now."""
         pending = self.__dict__.pop("_pending_train_graph", None)
         if pending is not None:
             pending.make(self)
-        self._own_graph()
-        return self.__dict__["train_graph"]
 
     @train_graph.setter
     def train_graph(self, graph: fx.Graph) -> None:
@@ -151,8 +155,8 @@ class GraphBody(DualGraphModule):
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph, class_name: str = "GraphModule",
                  note: BodyNote | None = None, shared: bool = False, training: bool = True):
-        """``shared``: the one graph (``train_graph is eval_graph``) is a recipe's, which the
-        body runs the code of and copies only when something reads a graph (:meth:`_own_graph`).
+        """``shared``: the graphs that are ``note``'s (a recipe's) are shared: the body runs
+        their code and copies them only when something reads a graph (:meth:`_own_graph`).
         ``training``: the mode the body starts in (its own flag and graph, and the flag of each
         empty module made for a path; the modules installed are the model's, with their own flags)."""
         if note is not None:  # (read by the first compile of each graph)
@@ -166,28 +170,41 @@ class GraphBody(DualGraphModule):
         self.train_graph, self.eval_graph = train_graph, eval_graph
         graphs = [train_graph] if train_graph is eval_graph else [train_graph, eval_graph]
         _install(root, self, [n.target for g in graphs for n in g.nodes if n.op in ("get_attr", "call_module")])
-        if shared and train_graph is eval_graph:
-            self.__dict__["_shared_graph"] = self.__dict__["_graph"] = train_graph  # (not its owning module)
+        current = train_graph if training else eval_graph
+        if shared and note is not None:
+            self.__dict__["_shared_graphs"] = {id(g): g for g in graphs if g is note.eval_graph or g is note.graph}
+        if id(current) in self.__dict__.get("_shared_graphs", ()):
+            self.__dict__["_graph"] = current  # (not its owning module: the recipe's graph)
             self.recompile()
         else:
-            self.graph = train_graph if training else eval_graph
+            self.graph = current
         if eval_graph._tracer_cls != train_graph._tracer_cls:
             raise TypeError("the train and eval graphs of a body come from tracers of different classes")
         tracer = train_graph._tracer_cls
         self._tracer_cls = tracer if tracer and "<locals>" not in tracer.__qualname__ else None
 
     def _own_graph(self) -> None:
-        """Replace a recipe's graph the body shares by a copy of its own (first read of a graph:
-        the body's graphs are the user's to edit; a body that is only run never copies it)."""
+        """Replace the recipe's graphs the body shares by copies of its own (first read of a
+        graph: the body's graphs are the user's to edit; a body that is only run, in either
+        mode, never copies them). The code compiled for a shared graph serves its copy."""
         held = self.__dict__
-        shared = held.pop("_shared_graph", None)
-        if shared is None:
+        shared = held.pop("_shared_graphs", None)
+        if not shared:
             return
-        own = copy.deepcopy(shared)
-        own.owning_module = self
+        copies = {}
+        for key, graph in shared.items():
+            copies[key] = copy.deepcopy(graph)
+            copies[key].owning_module = self
         for name in ("_graph", "train_graph", "eval_graph"):
-            if held.get(name) is shared:
-                held[name] = own
+            if id(held.get(name)) in shared:
+                held[name] = copies[id(held[name])]
+        compiled, from_note = held.get("_compiled", {}), held.get("_from_note", set())
+        for key, own in copies.items():
+            if key in compiled:
+                compiled[id(own)] = (own, *compiled.pop(key)[1:])
+            if key in from_note:
+                from_note.discard(key)
+                from_note.add(id(own))
 
     def recompile(self):
         held = self.__dict__
@@ -220,18 +237,24 @@ class GraphBody(DualGraphModule):
 
     def train(self, mode: bool = True):
         held = self.__dict__  # (not the graph properties: a shared graph stays shared)
-        graph = (self.train_graph if "_pending_train_graph" in held else held.get("train_graph")) if mode \
-            else held.get("eval_graph")
+        if mode:
+            self._make_pending()
+        graph = held.get("train_graph" if mode else "eval_graph")
         current = held.get("_graph")
         if current is not None and current is not graph:
-            cached = self.__dict__.get("_compiled", {}).get(id(graph))
-            if cached is None:
+            cached = held.get("_compiled", {}).get(id(graph))
+            shared = id(graph) in held.get("_shared_graphs", ())
+            if cached is None and shared:
+                held["_graph"] = graph
+                self.recompile()  # (the code the recipe's first body compiled for it, where there is one)
+            elif cached is None:
                 self.graph = graph  # generates the code, and recompile caches it
             else:
-                self._graph = graph
-                graph.owning_module = self
+                held["_graph"] = graph
+                if not shared:
+                    graph.owning_module = self
                 type(self).forward = cached[1]
-                self.__dict__.update(cached[2])
+                held.update(cached[2])
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")
         vars(self)["training"] = mode  # nn.Module.train's work, each module's flag set directly
@@ -242,7 +265,7 @@ class GraphBody(DualGraphModule):
     def _apply(self, fn, recurse=True):
         # .to()/.half()/.cuda(): a pending train graph first, so that what only training reads
         # (a module, a tensor the forward makes) is converted with the rest
-        self.train_graph  # noqa: B018
+        self._make_pending()
         return super()._apply(fn, recurse)
 
     def __reduce__(self):
@@ -297,12 +320,10 @@ class BodyNote:
         self.eval_constants = _cloned(constants)
         self.eval_names, self.one_graph = frozenset(eval_names), one_graph
 
-    def given_eval(self, copied: bool = True) -> tuple[fx.Graph, dict, frozenset[str], bool]:
-        """The eval graph kept (a copy, or with ``copied=False`` the graph itself, for a body to
-        share until it reads it: :meth:`GraphBody._own_graph`), a copy of its constants, the eval
-        names, ``one_graph``."""
-        graph = copy.deepcopy(self.eval_graph) if copied else self.eval_graph
-        return graph, _cloned(self.eval_constants), self.eval_names, self.one_graph
+    def given_eval(self) -> tuple[fx.Graph, dict, frozenset[str], bool]:
+        """The eval graph kept, for a body to share until it reads it
+        (:meth:`GraphBody._own_graph`), a copy of its constants, the eval names, ``one_graph``."""
+        return self.eval_graph, _cloned(self.eval_constants), self.eval_names, self.one_graph
 
     @property
     def taken(self) -> bool:
@@ -316,12 +337,12 @@ class BodyNote:
         self.same = same
 
     def given(self, constants: dict) -> fx.Graph | None:
-        """A copy of the graph kept (``None`` where the eval graph serves), its constants added to
-        ``constants``."""
+        """The train graph kept, for a body to share until it reads it (``None`` where the eval
+        graph serves), its constants added to ``constants``."""
         if self.same:
             return None
         constants.update(self.constants)
-        return copy.deepcopy(self.graph)
+        return self.graph
 
 
 def _cloned(constants: dict) -> dict:
@@ -344,13 +365,16 @@ class _PendingTrainGraph:
         the same or the train mode cannot be traced); what the train graph reads that the body
         does not have yet (a tensor made in forward, a module only training calls) is added."""
         from_note = self.note is not None and self.note.taken
+        eval_graph = body.__dict__["eval_graph"]  # (not the property: a shared graph stays shared)
         with modes_kept(self.model):  # (a trace sets every module's mode; the user's flags stay)
             graph = _noted_train_graph(self.model, self.cuts, self.as_list, self.constants, self.eval_names,
-                                       body.eval_graph, self.note)
-        if from_note and graph is not None and self.note.code:  # its first compile uses the code a first body made
-            body.__dict__.setdefault("_from_note", set()).add(id(graph))
-        if graph is None or _same_graph(graph, body.eval_graph):
-            body.train_graph = body.eval_graph
+                                       eval_graph, self.note)
+        if from_note and graph is not None:  # the recipe's graph: shared, and run with the code a first body made
+            body.__dict__.setdefault("_shared_graphs", {})[id(graph)] = graph
+            if self.note.code:
+                body.__dict__.setdefault("_from_note", set()).add(id(graph))
+        elif graph is None or _same_graph(graph, eval_graph):
+            body.train_graph = eval_graph
             return
         with constants_attached(self.model, self.constants):
             _install(self.model, body, [n.target for n in graph.nodes
@@ -418,7 +442,7 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
     cut = cuts[-1]
     kept = note is not None and note.kept
     if kept:  # a later body of the architecture: the first one's graph, nothing traced or truncated
-        eval_graph, constants, eval_names, one_graph = note.given_eval(copied=not note.one_graph)
+        eval_graph, constants, eval_names, one_graph = note.given_eval()
     else:
         if traced is not None:  # discovery's eval graph: no need to trace it again
             eval_graph, eval_names_of, constants = traced.graph, traced.qualname, dict(traced.constants)
@@ -440,13 +464,13 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
         train_graph = _noted_train_graph(model, cuts, as_list, constants, eval_names, eval_graph, note)
     else:
         train_graph, pending = None, _PendingTrainGraph(model, cuts, as_list, dict(constants), eval_names, note)
-    if train_graph is None or _same_graph(train_graph, eval_graph):  # one graph, one compile, free .train()/.eval()
-        train_graph = eval_graph
+    if train_graph is None or (train_graph is not (note and note.graph) and _same_graph(train_graph, eval_graph)):
+        train_graph = eval_graph  # one graph, one compile, free .train()/.eval() (a noted train graph is another)
     # The graphs' tensor constants sit on the model only while the body is built (the body keeps
     # its own copies): the user's model is left without fx's _tensor_constantN attributes.
     with constants_attached(model, constants):
         body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body", note=note,
-                         shared=kept and eval_graph is note.eval_graph, training=model.training)
+                         shared=kept, training=model.training)
     if pending is not None:
         body.__dict__["_pending_train_graph"] = pending
     if kept:
@@ -467,9 +491,9 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
 
 def _noted_train_graph(model: nn.Module, cuts: list[Cut], as_list: bool, constants: dict, eval_names: set[str],
                        eval_graph: fx.Graph, note: BodyNote | None) -> fx.Graph | None:
-    """The train graph of :func:`_train_graph`, or a copy of the one ``note`` took (``None``:
-    the eval graph serves; its constants added to ``constants``); an empty ``note`` takes the one
-    traced (not a failed trace: each body warns of its own)."""
+    """The train graph of :func:`_train_graph`, or the one ``note`` took, for the body to share
+    (``None``: the eval graph serves; its constants added to ``constants``); an empty ``note``
+    takes (a copy of) the one traced (not a failed trace: each body warns of its own)."""
     if note is not None and note.taken:
         return note.given(constants)
     graph = _train_graph(model, cuts, as_list, constants, eval_names)

@@ -416,3 +416,33 @@ def test_a_body_from_a_recipe_shares_its_graph_until_read_then_edits_its_own_cop
     clone = copy.deepcopy(autocut.create_body(copy.deepcopy(model), input_size=SIZE))
     assert clone.graph is not kept
     torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])  # (the train graph made when first trained; made with the body)
+def test_a_body_from_a_recipe_shares_both_graphs_until_read_in_either_mode(mode, monkeypatch):
+    x = torch.randn(2, *SIZE)
+    autocut.create_body(getattr(TrainBranchNet(), mode)(), input_size=SIZE).train().eval()  # both graphs compiled
+    note = next(iter(memo._RECIPES.values())).body
+    kept_eval, kept_train = note.eval_graph, note.graph
+    assert kept_train is not None and not note.same
+    copies = []
+    deepcopy = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda obj, *a: copies.append(type(obj)) or deepcopy(obj, *a))
+    model = getattr(TrainBranchNet(), mode)()
+    body = autocut.create_body(model, input_size=SIZE)
+    torch.testing.assert_close(body.train()(x), model.conv(x) * 2, rtol=0, atol=0)
+    assert body.__dict__["_graph"] is kept_train and type(body).forward is note.code["train"][0]
+    torch.testing.assert_close(body.eval()(x), model.conv(x), rtol=0, atol=0)
+    assert body.__dict__["_graph"] is kept_eval and type(body).forward is note.code["eval"][0]
+    assert fx_graphs(copies) == 0 and kept_eval.owning_module is None and kept_train.owning_module is None
+    train_graph = body.train_graph  # a read: copies of its own, both
+    assert fx_graphs(copies) == 2 and train_graph is not kept_train and body.eval_graph is not kept_eval
+    assert train_graph.owning_module is body and body.eval_graph.owning_module is body
+    torch.testing.assert_close(body.train()(x), model.conv(x) * 2, rtol=0, atol=0)  # (the code compiled serves the copies)
+    torch.testing.assert_close(body.eval()(x), model.conv(x), rtol=0, atol=0)
+    assert fx_graphs(copies) == 2 and body.__dict__["_graph"] is body.eval_graph
+    assert type(body).forward is note.code["eval"][0]  # not generated again for the copy
+
+
+def fx_graphs(types):
+    return sum(t is torch.fx.Graph for t in types)
