@@ -44,8 +44,8 @@ class _Resolved(NamedTuple):
     arch: str
     input_size: tuple[int, int, int]
     own_size: tuple[int, int, int]  # the model's own (stated or default) size
-    users: bool = False
     guessed: bool = False  # input_size is the 224 px guess: discovery may find a larger one it runs at
+    users: bool = False
 
 
 def _resolve(model: str | nn.Module, input_size, pretrained: bool = False, num_classes: int | None = None) -> _Resolved:
@@ -56,15 +56,18 @@ def _resolve(model: str | nn.Module, input_size, pretrained: bool = False, num_c
         if pretrained:
             raise CutError("pretrained=True needs a model name; load the weights into your module yourself")
         model = unwrap(model)
-        stated = zoo.stated_input_size(model)
-        own = stated or zoo.default_input_size(model)
-        return _Resolved(model, type(model).__name__, _validate.input_size(input_size, own), own, True,
-                         guessed=input_size is None and stated is None)
+        return _Resolved(model, type(model).__name__, *_sizes(input_size, model), users=True)
     spec = zoo.resolve(model)
     module = zoo.build(spec, device="cpu", pretrained=pretrained, num_classes=num_classes)
-    stated = zoo.stated_input_size(spec, module)
-    own = stated or zoo.default_input_size(spec, module)
-    return _Resolved(module, str(spec), _validate.input_size(input_size, own), own, guessed=input_size is None and stated is None)
+    return _Resolved(module, str(spec), *_sizes(input_size, spec, module))
+
+
+def _sizes(input_size, *model) -> tuple[tuple[int, int, int], tuple[int, int, int], bool]:
+    """The size to cut ``model`` (a module, or a spec and its module) at, its own size, and
+    whether the first is the 224 px guess (the model states none; one read of what it states)."""
+    stated = zoo.stated_input_size(*model)
+    own = stated or zoo.default_input_size(*model)
+    return _validate.input_size(input_size, own), own, input_size is None and stated is None
 
 
 @gc_paused()
