@@ -338,10 +338,11 @@ class BodyNote:
 
     def given(self, constants: dict) -> fx.Graph | None:
         """The train graph kept, for a body to share until it reads it (``None`` where the eval
-        graph serves), its constants added to ``constants``."""
+        graph serves), copies of its constants added to ``constants`` (each body its own, as of
+        the eval graph's)."""
         if self.same:
             return None
-        constants.update(self.constants)
+        constants.update(_cloned(self.constants))
         return self.graph
 
 

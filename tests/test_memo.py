@@ -446,3 +446,15 @@ def test_a_body_from_a_recipe_shares_both_graphs_until_read_in_either_mode(mode,
 
 def fx_graphs(types):
     return sum(t is torch.fx.Graph for t in types)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_each_body_from_a_recipe_has_its_own_copy_of_the_train_graphs_constants(mode):
+    x = torch.randn(2, *SIZE)
+    autocut.create_body(getattr(ConstantsNet(), mode)(), input_size=SIZE).train()  # the recipe takes the train graph
+    second = autocut.create_body(getattr(ConstantsNet(), mode)(), input_size=SIZE).train()
+    third = autocut.create_body(getattr(ConstantsNet(), mode)(), input_size=SIZE).train()
+    scale = next(name for name, b in second.named_buffers() if b.shape == (1,))  # the train graph's tensor([2.0])
+    second.get_buffer(scale).mul_(0)  # a user's edit of their body's constant
+    torch.testing.assert_close(third(x), (third.conv(x) + torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)) * 2,
+                               rtol=0, atol=0)
