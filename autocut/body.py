@@ -154,9 +154,9 @@ class GraphBody(DualGraphModule):
         self.__dict__["_graph"] = graph
 
     def __init__(self, root: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph, class_name: str = "GraphModule",
-                 note: BodyNote | None = None, shared: bool = False, training: bool = True):
-        """``shared``: the graphs that are ``note``'s (a recipe's) are shared: the body runs
-        their code and copies them only when something reads a graph (:meth:`_own_graph`).
+                 note: BodyNote | None = None, training: bool = True):
+        """The graphs that are ``note``'s (a recipe's) are shared: the body runs their code and
+        copies them only when something reads a graph (:meth:`_own_graph`).
         ``training``: the mode the body starts in (its own flag and graph, and the flag of each
         empty module made for a path; the modules installed are the model's, with their own flags)."""
         if note is not None:  # (read by the first compile of each graph)
@@ -171,7 +171,7 @@ class GraphBody(DualGraphModule):
         graphs = [train_graph] if train_graph is eval_graph else [train_graph, eval_graph]
         _install(root, self, [n.target for g in graphs for n in g.nodes if n.op in ("get_attr", "call_module")])
         current = train_graph if training else eval_graph
-        if shared and note is not None:
+        if note is not None:
             self.__dict__["_shared_graphs"] = {id(g): g for g in graphs if g is note.eval_graph or g is note.graph}
         if id(current) in self.__dict__.get("_shared_graphs", ()):
             self.__dict__["_graph"] = current  # (not its owning module: the recipe's graph)
@@ -471,7 +471,7 @@ def _fx_body(model: nn.Module, cut: Cut | list[Cut], traced: Traced | None = Non
     # its own copies): the user's model is left without fx's _tensor_constantN attributes.
     with constants_attached(model, constants):
         body = GraphBody(model, train_graph, eval_graph, class_name=f"{type(model).__name__}Body", note=note,
-                         shared=kept, training=model.training)
+                         training=model.training)
     if pending is not None:
         body.__dict__["_pending_train_graph"] = pending
     if kept:

@@ -34,7 +34,7 @@ from torch import nn
 
 from autocut.body import BodyNote
 from autocut.cut import Cut
-from autocut.trace import _HOOK_DICTS, _KEY_SCALARS
+from autocut.trace import _KEY_SCALARS, has_hooks
 from autocut.trace import _MODULE_INTERNALS as _NN_MODULE_ATTRIBUTES
 
 __all__ = ["MAX_RECIPES", "Recipe", "architecture_key", "clear_cache", "lookup", "remember", "recording"]
@@ -158,10 +158,9 @@ def _tensors_key(held: dict[str, Any]) -> Hashable:
 
 
 def _module_key(path: str, module: nn.Module) -> Hashable:
+    if has_hooks(module):
+        raise _Unkeyable
     held = vars(module)
-    for hooks in _HOOK_DICTS:
-        if held.get(hooks):
-            raise _Unkeyable
     attributes = []
     for name, value in held.items():
         if name not in _MODULE_INTERNALS:

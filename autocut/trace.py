@@ -225,7 +225,8 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward, forward-pre or backward hooks registered on it: it is
     traced as a leaf, so that they fire on each call of the body as they did on the model."""
-    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+    held = vars(module)  # (a module's own dict: memo keys every module of a model on each adapt)
+    return any(held.get(name) for name in _HOOK_DICTS)
 
 
 def attribute_at(root: nn.Module, qualname: str) -> Any:
