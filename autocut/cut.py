@@ -15,7 +15,7 @@ from autocut.layout import Layout
 
 __all__ = ["Cut", "METHODS", "HEAD_LIKE_MODULES", "stride_of", "format_stride", "dropped_modules"]
 
-# how a cut can be found: on the fx graph, on torch.export's graph (made with hooks), with module
+# how a cut can be found: on the fx graph, on the forward's ATen graph (made with hooks), with module
 # hooks, or where the user said
 METHODS = ("fx", "export", "hooks", "user")
 
@@ -41,8 +41,9 @@ class Cut:
             read at ``stride_size`` where that is set.
         prefix_tokens: class/register/distillation tokens the body drops (token layouts).
         method: how the cut was found: ``"fx"`` (torch.fx's graph on meta/fake tensors),
-            ``"export"`` (torch.export's graph, for models fx cannot trace; made at a module's
-            output or input, as a hooks cut is), ``"hooks"`` (module hooks, for models neither
+            ``"export"`` (the forward's graph of ATen ops, for models fx cannot trace: recorded
+            on one meta forward, else torch.export's; made at a module's output or input, as a
+            hooks cut is), ``"hooks"`` (module hooks, for models neither
             can capture) or ``"user"`` (given by the caller).
         input_size: ``(C, H, W)`` the model was probed with.
         dropped: modules with parameters that the body leaves out (the original head).

@@ -1,11 +1,13 @@
-"""The graph rule on models torch.fx cannot trace: found on ``torch.export``'s graph, made with
-module hooks.
+"""The graph rule on models torch.fx cannot trace: found on the forward's graph of ATen ops, made
+with module hooks.
 
 A model fx cannot trace (Hugging Face's forwards: decorators, ``**kwargs`` plumbing, structured
-outputs built in Python) often exports (:func:`autocut.trace.trace_exported`). The graph rule
-(:func:`autocut.cut_graph.find_cut`: dominators, the last map) runs on the exported graph as on an
-fx one, and its check (:func:`autocut.cut_check.check_graph_cut`) with it. An exported graph is of
-ATen ops for one input shape, so the body is not made from it: the node the rule found is named
+outputs built in Python) still runs, and one meta forward is recorded op by op
+(:func:`autocut.trace.trace_aten`: :func:`~autocut.trace.trace_dispatched`, else torch.export's
+:func:`~autocut.trace.trace_exported`). The graph rule (:func:`autocut.cut_graph.find_cut`:
+dominators, the last map) runs on that graph as on an fx one, and its check
+(:func:`autocut.cut_check.check_graph_cut`) with it. Such a graph is of ATen ops for one input
+shape, so the body is not made from it: the node the rule found is named
 as a module's output (``"encoder:last_hidden_state"``, ``"layernorm"``) or input
 (``"pooler:input"``), which :class:`~autocut.cut_hooks.EarlyExitBody` stops the model's own
 forward at, and that cut is checked once more on the eager forward

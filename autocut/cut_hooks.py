@@ -244,7 +244,7 @@ def levels_by_hooks(model: nn.Module, calls: list[ModuleCall], cut: Cut, n: int)
         grids[:0] = [feat.grid for _, feat in found[:1] if feat.layout != Layout.NLC]
         for key, feat in found:
             if feat.grid != cut.grid:
-                raise CutError(f"{cut.arch} was cut by hooks ({cut.where!r}): fx and torch.export could not capture its "
+                raise CutError(f"{cut.arch} was cut by hooks ({cut.where!r}): neither fx nor an ATen recording could capture its "
                                f"graph, and {call.path or 'its forward'!r} returns a map on a {feat.grid[0]}x{feat.grid[1]} "
                                f"grid before its {cut.grid[0]}x{cut.grid[1]} cut: several strides, which only a graph "
                                "tells from branches. Make its forward traceable, or use create_body for the last map")

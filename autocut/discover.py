@@ -28,7 +28,7 @@ from autocut.cut_graph import cut_at_node, find_cut
 from autocut.cut_hooks import ModuleCall, find_cut_by_hooks, move_cut, probe_modules
 from autocut.errors import CutError, first_line
 from autocut.probe import model_device, modes_kept, probe_forward
-from autocut.trace import Traced, trace, trace_exported
+from autocut.trace import Traced, trace, trace_aten
 
 __all__ = ["discover", "discover_module", "discover_with_trace", "discovery_target", "Target", "check_input_size", "unwrap",
            "LARGER_SIDES"]
@@ -261,7 +261,7 @@ def _attempts(
         return cut, (traced if candidate is module else None)
     if where is not None:
         return None
-    values_read = False  # the meta model's forward failed: it reads values, which torch.export cannot trace either
+    values_read = False  # the meta model's forward failed: it reads values, which no ATen graph can be made of either
     for candidate in candidates():
         try:
             calls = probe_modules(candidate, input_size)
@@ -283,13 +283,14 @@ def _attempts(
 def _cut_on_export(
     module: nn.Module, calls: list[ModuleCall], input_size: tuple[int, int, int], arch: str, errors: list[str]
 ) -> Cut | None:
-    """The graph rule on ``module``'s exported graph, checked there and made at a module's output or
-    input (:mod:`autocut.cut_export`); ``None`` where it does not export or the cut is made between
+    """The graph rule on ``module``'s ATen graph (:func:`autocut.trace.trace_aten`), checked there and
+    made at a module's output or input (:mod:`autocut.cut_export`); ``None`` where no such graph can be
+    made (the forward reads values) or the cut is made between
     module calls (the hooks rule answers instead; why is added to ``errors``). A cut that fails the
     graph check raises, as on an fx graph."""
     try:
-        traced = trace_exported(module, input_size)
-    except Exception as err:  # torch.export fails (data-dependent code, unsupported Python): the hooks rule
+        traced = trace_aten(module, input_size)
+    except Exception as err:  # neither records nor exports (data-dependent code, unsupported Python): the hooks rule
         errors.append(f"export: {type(err).__name__}: {first_line(err)}")
         return None
     cut = find_cut(traced, arch)

@@ -254,17 +254,42 @@ def weights_on_meta(model: nn.Module) -> Iterator[nn.Module]:
 T = TypeVar("T")
 
 
-def meta_first(model: nn.Module, run: Callable[[], T], before_real: Callable[[], None] | None = None) -> T:
+@contextlib.contextmanager
+def fake_tensors() -> Iterator[None]:
+    """Within the block, each tensor made is a fake tensor and each other one read becomes one: code
+    that reads values only where it is not traced (transformers' mask checks,
+    ``padding_mask.all()``, skipped where the mask is a fake tensor, as under torch.export) runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with quiet_loggers("torch._subclasses.fake_tensor"), FakeTensorMode(allow_non_fake_inputs=True):
+        yield
+
+
+def meta_first(model: nn.Module, run: Callable[[], T], before_real: Callable[[], None] | None = None,
+               real: bool = True) -> T:
     """``run()`` with ``model``'s weights stood in for by meta tensors (:func:`weights_on_meta`:
-    a probe that makes its input on :func:`model_device` makes a meta one), for the shapes and
-    the flow of values alone; where that fails (code that reads values, mixes devices), after
-    ``before_real()``, ``run()`` on the real weights. A meta model runs once, as it is."""
-    if model_device(model).type == "meta":
-        return run()
+    a probe that makes its input on :func:`model_device` makes a meta one; a meta model as it is),
+    for the shapes and the flow of values alone; where that fails, after ``before_real()``, the
+    same on fake tensors (:func:`fake_tensors`: code that reads values unless traced, as
+    transformers' mask checks do, runs); where that fails too (code that reads values, mixes
+    devices), after ``before_real()``, ``run()`` on the real weights, which raises what it raises.
+    A meta model, or ``real=False``, raises what the meta run raised instead."""
+    meta = model_device(model).type == "meta"
     try:
-        with weights_on_meta(model):
-            return run()
-    except Exception:  # (any failure on meta tensors) the real weights next, which raise what they raise
+        with contextlib.nullcontext() if meta else weights_on_meta(model):
+            try:
+                return run()
+            except Exception as err:  # (any failure on meta tensors) fake ones next
+                if before_real is not None:
+                    before_real()
+                try:
+                    with fake_tensors():
+                        return run()
+                except Exception:  # (any failure on fake tensors: the meta run's error says why)
+                    raise err from None
+    except Exception:
+        if meta or not real:
+            raise
         if before_real is not None:
             before_real()
     return run()

@@ -25,8 +25,8 @@ its stride; on the eval graph the cut was found on (:mod:`autocut.cut_graph`) it
    them, the last one the cut.
 
 :func:`discover_pyramid` returns the levels; :func:`create_pyramid` builds a module returning each
-as an NCHW map. A model fx cannot trace (Hugging Face's) has its levels found on its
-``torch.export`` graph, each named by the module that returns or takes it, and kept by module
+as an NCHW map. A model fx cannot trace (Hugging Face's) has its levels found on its graph of
+ATen ops (:func:`~autocut.trace.trace_aten`), each named by the module that returns or takes it, and kept by module
 hooks as its own forward runs (:class:`~autocut.cut_hooks.EarlyExitBody`); one only hooks can cut
 (its forward reads values) gets rule 5 from its module calls where it runs at one stride
 (:func:`~autocut.cut_hooks.levels_by_hooks`).
@@ -64,7 +64,7 @@ from autocut.freeze import record_norms
 from autocut.layers import Resample
 from autocut.layout import Feature, Layout, feature_of
 from autocut.probe import modes_kept
-from autocut.trace import Traced, trace, trace_exported
+from autocut.trace import Traced, trace, trace_aten
 
 __all__ = ["discover_pyramid", "create_pyramid", "pyramid_nodes", "Pyramid", "SIMPLE_PYRAMID_STRIDES"]
 
@@ -251,14 +251,14 @@ def _hooked_levels(module: nn.Module, cut: Cut, rebuild, depth_levels: int) -> l
 
 
 def _exported_levels(module: nn.Module, cut: Cut, rebuild, depth_levels: int) -> list[Cut]:
-    """The levels of a model cut on its ``torch.export`` graph (one fx cannot trace: Hugging Face's
+    """The levels of a model cut on its ATen graph (one fx cannot trace: Hugging Face's
     forwards): the rule on that graph, each level named, as the cut is, by the module that returns
     it or takes it (:func:`autocut.cut_export.module_cut`), which the body's hooks keep."""
     errors = []
     for candidate in (module, rebuild) if rebuild is not None else (module,):
         try:
             model = candidate if isinstance(candidate, nn.Module) else candidate()
-            exported = trace_exported(model, cut.input_size)
+            exported = trace_aten(model, cut.input_size)
             calls = probe_modules(model, cut.input_size)
         except Exception as err:  # the meta model does not export or run: the real copy, next
             errors.append(f"{type(err).__name__}: {first_line(err)[:200]}")

@@ -3,7 +3,9 @@
 Tracing uses torch.fx with timm's registry of non-traceable modules and functions, so timm models
 trace as timm's own feature extraction traces them. Shapes come from running the graph on the
 meta device (or on fake tensors when the model has real weights): no real compute, no copy of the
-weights. Models that cannot be traced are probed with module hooks instead (:mod:`autocut.cut_hooks`).
+weights. A model fx cannot trace gets a graph of the ATen ops its forward runs instead
+(:func:`trace_aten`: one meta forward recorded, else torch.export's), and one whose forward reads
+values is probed with module hooks (:mod:`autocut.cut_hooks`).
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ from typing import Any
 import torch
 import torchvision
 from torch import fx, nn
+from torch.utils import _pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import feature_extraction as tv_fx
 
 from autocut._gc import gc_paused
 from autocut.probe import (
     PROBE_BATCH,
     eval_mode,
+    meta_first,
     model_device,
     model_dtype,
     modes_kept,
@@ -41,7 +47,7 @@ from autocut.probe import (
     weights_on_meta,
 )
 
-__all__ = ["Traced", "trace", "trace_exported", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of",
+__all__ = ["Traced", "trace", "trace_exported", "trace_dispatched", "trace_aten", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of",
            "has_hooks", "forward_of", "op_name", "attribute_at"]
 
 
@@ -642,7 +648,8 @@ class Traced:
     concrete_args: dict[str, Any] = field(default_factory=dict)
     shape_method: str = "meta"  # "meta" (a meta model), "weights on meta" (a real one's, see trace()) or "fake"
     constants: dict[str, torch.Tensor] = field(default_factory=dict)  # the graph's _tensor_constantN
-    capture: str = "fx"  # how the graph was captured: "fx" (symbolic trace) or "export" (torch.export, ATen ops)
+    # how the graph was captured: "fx" (symbolic trace); ATen ops by "dispatch" (one meta forward recorded) or "export"
+    capture: str = "fx"
     training_reads: tuple[int, ...] | None = None  # graph length at each read of a module's training flag (fx)
 
     @property
@@ -819,3 +826,120 @@ def trace_exported(model: nn.Module, input_size: tuple[int, int, int], batch: in
         constants=constants,
         capture="export",
     )
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records each ATen op a forward dispatches as a node of ``graph``: its arguments the nodes
+    that made the tensors it reads (a parameter, buffer or other tensor the forward did not make: a
+    ``get_attr`` node), its shape, and the module it ran in."""
+
+    def __init__(self, graph: fx.Graph, names: dict[int, str]):
+        super().__init__()
+        self.graph = graph
+        self.names = names  # id() of each parameter and buffer -> its qualified name
+        self.made: dict[int, fx.Node] = {}  # id() of each tensor seen -> the node that made it (last wrote it)
+        self.alive: list[torch.Tensor] = []  # every tensor seen, so that no id is reused while recording
+        self.path: list[str] = [""]  # the modules running, innermost last
+        self.scope: dict[fx.Node, str] = {}
+        self.shapes: dict[fx.Node, Any] = {}
+        self.constants: dict[str, torch.Tensor] = {}
+
+    def node(self, op: str, target: Any, args: tuple = (), kwargs: dict | None = None, value: Any = None) -> fx.Node:
+        node = self.graph.create_node(op, target, args, kwargs or {})
+        self.scope[node] = self.path[-1]
+        self.shapes[node] = shape_of(value)
+        return node
+
+    def made_by(self, t: torch.Tensor) -> fx.Node:
+        node = self.made.get(id(t))
+        if node is None:  # a tensor no op made while recording: a weight, else a constant of the forward
+            name = self.names.get(id(t))
+            if name is None:
+                name = f"_tensor_constant{len(self.constants)}"
+                self.constants[name] = t
+            node = self.keep(t, self.node("get_attr", name, value=t))
+        return node
+
+    def keep(self, t: torch.Tensor, node: fx.Node) -> fx.Node:
+        self.made[id(t)] = node
+        self.alive.append(t)
+        return node
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        node_args, node_kwargs = pytree.tree_map_only(torch.Tensor, self.made_by, (args, kwargs))
+        node = self.node("call_function", func, tuple(node_args), node_kwargs, value=out)
+        if isinstance(out, torch.Tensor):
+            self.keep(out, node)
+        elif isinstance(out, (tuple, list)):  # each tensor of a multi-output op by its own getitem node, as fx has
+            for i, t in enumerate(out):
+                if isinstance(t, torch.Tensor):
+                    self.keep(t, self.node("call_function", operator.getitem, (node, i), value=t))
+        for arg, spec in zip(args, func._schema.arguments):  # a tensor written in place holds the op's value from here on
+            if isinstance(arg, torch.Tensor) and spec.alias_info is not None and spec.alias_info.is_write:
+                if arg is not out:
+                    self.keep(arg, node)
+                base = arg._base
+                if base is not None:  # written through a view: the base holds what was written from here on
+                    self.keep(base, self.node("call_function", written, (self.made_by(base), node), value=base))
+        return out
+
+
+def written(base: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+    """Marks, in a recorded graph (:func:`trace_dispatched`), the tensor ``base`` after an in-place
+    op wrote to a view of it (``x[:, 0] = cls``): it depends on both. Never run."""
+    raise NotImplementedError("a recorded graph is read, not run")
+
+
+def trace_dispatched(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE_BATCH) -> Traced:
+    """:func:`trace_exported` at the cost of one meta forward: each ATen op the eager forward
+    dispatches on meta tensors (a model with real weights: meta stand-ins of them; a forward that
+    reads values unless traced: fake tensors, :func:`~autocut.probe.meta_first`) recorded as a node, in the module it ran in (module
+    hooks), with its shape. The graph is what the forward ran, ops as the dispatcher sees them
+    (``linear`` as ``addmm`` and views, no dropout in eval); an in-place op makes a new node for
+    the tensor it wrote (and for the base of a view it wrote to). Raises whatever the forward
+    raised (code that reads values): callers fall back to :func:`trace_exported`."""
+    shape = (batch, *input_size)
+
+    def record() -> Traced:
+        graph = fx.Graph()
+        names = {id(t): name for name, t in [*model.named_parameters(remove_duplicate=False),
+                                             *model.named_buffers(remove_duplicate=False)]}
+        recorder = _OpRecorder(graph, names)
+        x = torch.empty(shape, device="meta", dtype=model_dtype(model))
+        source = recorder.keep(x, recorder.node("placeholder", "x", value=x))
+
+        def enter(path):
+            return lambda module, args: recorder.path.append(path)
+
+        def leave(module, args, output):
+            recorder.path.pop()
+
+        handles = []
+        for path, module in model.named_modules():
+            if path:
+                handles += [module.register_forward_pre_hook(enter(path)), module.register_forward_hook(leave)]
+        try:
+            with recorder:
+                out = model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        graph.output(tuple(recorder.made_by(t) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)))
+        return Traced(model=model, graph=graph, qualname={n: n.name for n in graph.nodes}, scope=recorder.scope,
+                      shapes=recorder.shapes, input=source, input_shape=shape, constants=recorder.constants,
+                      shape_method="fake" if isinstance(x, FakeTensor) else "meta", capture="dispatch")
+
+    with eval_mode(model), torch.no_grad():
+        return meta_first(model, record, real=False)  # (fake tensors where meta ones fail: code that reads values unless traced)
+
+
+def trace_aten(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE_BATCH) -> Traced:
+    """The forward's graph of ATen ops, for models torch.fx cannot trace: one meta forward recorded
+    (:func:`trace_dispatched`), else (code that needs fake tensors: a tensor attribute that is no
+    parameter or buffer) torch.export's (:func:`trace_exported`). Raises what the export raised."""
+    try:
+        return trace_dispatched(model, input_size, batch)
+    except Exception:  # (any failure of the forward on meta tensors) torch.export, next; raises what it raises
+        return trace_exported(model, input_size, batch)

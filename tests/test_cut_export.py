@@ -1,7 +1,9 @@
-"""The second graph capture: models torch.fx cannot trace are exported (``torch.export``,
-non-strict), cut by the graph rule on the exported graph and made at a module's output or input
-(``Cut.method == "export"``); what cannot be made there goes to the hooks rule. Each model's own
-eager values are the oracle."""
+"""The second graph capture: models torch.fx cannot trace get a graph of their ATen ops (one meta
+forward recorded, else ``torch.export``, non-strict), are cut by the graph rule on it and made at a
+module's output or input (``Cut.method == "export"``); what cannot be made there goes to the hooks
+rule. Each model's own eager values are the oracle; for the recorded graph, torch.export's."""
+
+import importlib
 
 import pytest
 import torch
@@ -10,9 +12,9 @@ from torch import fx, nn
 
 import autocut
 from autocut.cut_export import module_cut
-from autocut.cut_graph import find_cut
+from autocut.cut_graph import ancestors, find_cut
 from autocut.cut_hooks import probe_modules
-from autocut.trace import trace, trace_exported
+from autocut.trace import trace, trace_aten, trace_dispatched, trace_exported
 
 SIZE = (3, 32, 32)
 
@@ -102,6 +104,109 @@ def test_fx_cannot_trace_the_shape_branch_and_export_can():
     assert [traced.scope[n] for n in convs] == ["stem.0", "stage.0"]
     assert [traced.shapes[n] for n in convs] == [(11, 8, 16, 16), (11, 16, 8, 8)]
     assert traced.capture == "export"
+
+
+class WritesThroughAView(ShapeBranch):
+    """The map's first row is written, through a view, from a second branch off the image: the
+    output depends on ``side`` only through that write."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Conv2d(3, 16, 3, 4, 1)
+
+    def features(self, x):
+        x = _even(x)
+        y = self.stage(self.stem(x)) * 1.0
+        y[:, :, 0] = self.side(x)[:, :, 0]
+        return y
+
+
+class ReadsAWeightAndSplits(ShapeBranch):
+    """Reads a parameter and a plain tensor in its own code (a position embedding, a scale) and
+    splits the map (an op with several outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(1, 16, 8, 8))
+        self.register_buffer("scale", torch.ones(16, 1, 1))
+
+    def features(self, x):
+        a, b = (self.stage(self.stem(_even(x))) + self.pos).split(8, dim=1)
+        return torch.cat([b, a], 1) * self.scale
+
+
+class KeepsAPlainTensor(ShapeBranch):
+    """Adds a tensor that is neither parameter nor buffer: on meta stand-ins of the weights it
+    stays a real one, which meta tensors cannot be mixed with."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.ones(16, 8, 8)
+
+    def features(self, x):
+        return self.stage(self.stem(_even(x))) + self.bias
+
+
+def test_a_forward_is_recorded_op_by_op_in_the_modules_it_ran_in():
+    model = ShapeBranch().eval()
+    traced = trace_dispatched(model, SIZE)
+    assert traced.capture == "dispatch" and traced.input.op == "placeholder"
+    assert [n for n in traced.graph.nodes if n.op == "placeholder"] == [traced.input]
+    read = sorted(str(n.target) for n in traced.graph.nodes if n.op == "get_attr")
+    assert read == sorted(n for n, _ in (*model.named_parameters(), *model.named_buffers()) if "num_batches" not in n)
+    convs = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.convolution.default]
+    assert [traced.scope[n] for n in convs] == ["stem.0", "stage.0"]
+    assert [traced.shapes[n] for n in convs] == [(11, 8, 16, 16), (11, 16, 8, 8)]
+    assert traced.shapes[traced.input] == (11, *SIZE)
+    (out,) = [n for n in traced.graph.nodes if n.op == "output"]
+    assert [traced.shapes[a] for a in out.args[0]] == [(11, 4)]
+    assert convs[0] in ancestors(out) and traced.scope[out.args[0][0]] == "fc"
+
+
+def _scopes_read(traced):
+    (out,) = [n for n in traced.graph.nodes if n.op == "output"]
+    return {traced.scope.get(n, "") for n in ancestors(out)} - {""}
+
+
+@pytest.mark.parametrize("cls", [ShapeBranch, ScaledBeforePool, ReadsAWeightAndSplits, KeepsItsLastMap])
+def test_the_recorded_graph_gives_the_cut_torch_export_gives(cls):
+    model = cls().eval()
+    recorded, exported = trace_dispatched(model, SIZE), trace_exported(model, SIZE)
+    assert _scopes_read(recorded) == _scopes_read(exported)
+    calls = probe_modules(model, SIZE)
+    cuts = [module_cut(model, t, find_cut(t, cls.__name__), calls) for t in (recorded, exported)]
+    assert [(c.where, c.nf, c.feature_shape, c.stride, c.dropped) for c in cuts[:1]] == [
+        (c.where, c.nf, c.feature_shape, c.stride, c.dropped) for c in cuts[1:]]
+
+
+def test_a_write_through_a_view_is_a_dependence_of_what_reads_the_tensor_after_it():
+    traced = trace_dispatched(WritesThroughAView().eval(), SIZE)
+    assert "side" in _scopes_read(traced)  # (torch.export's graph keeps the copy_ into the view, which nothing reads)
+    cut = autocut.discover(WritesThroughAView().eval(), input_size=SIZE)
+    assert (cut.method, cut.where) == ("export", "pool:input")  # the map after the write, not stage's output
+
+
+def test_a_forward_meta_tensors_cannot_run_is_exported_instead():
+    model = KeepsAPlainTensor().eval()
+    with pytest.raises(RuntimeError, match="device"):
+        trace_dispatched(model, SIZE)
+    traced = trace_aten(model, SIZE)
+    assert traced.capture == "export"
+    cut = autocut.discover(model, input_size=SIZE)
+    assert (cut.method, cut.where) == ("export", "pool:input")
+    with torch.no_grad():
+        assert torch.equal(autocut.create_body(model, input_size=SIZE).eval()(_x()), model.features(_x()))
+
+
+def test_discovery_records_the_forward_and_does_not_export_a_model_meta_tensors_can_run(monkeypatch):
+    trace_module = importlib.import_module("autocut.trace")
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("torch.export ran")
+
+    monkeypatch.setattr(trace_module, "trace_exported", no_export)
+    cut = autocut.discover(ScaledBeforePool().eval(), input_size=SIZE)
+    assert (cut.method, cut.where) == ("export", "pool:input")
 
 
 def test_a_model_fx_cannot_trace_is_cut_on_its_exported_graph_and_the_body_is_its_own_map():

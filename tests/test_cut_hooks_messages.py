@@ -90,7 +90,7 @@ def test_a_hooked_pyramid_refused_for_a_map_the_models_own_forward_returns_names
     with pytest.raises(CutError) as info:
         discover_pyramid(_CoarseContextFirst(), input_size=SIZE)
     assert str(info.value) == (
-        "_CoarseContextFirst was cut by hooks ('pool:input'): fx and torch.export could not capture its graph, and "
+        "_CoarseContextFirst was cut by hooks ('pool:input'): neither fx nor an ATen recording could capture its graph, and "
         "'its forward' returns a map on a 2x2 grid before its 4x4 cut: several strides, which only a graph tells from "
         "branches. Make its forward traceable, or use create_body for the last map")
 

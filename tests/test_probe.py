@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from autocut.probe import (
     PROBE_BATCH,
@@ -90,8 +91,44 @@ class MixesDevices(Recorder):
 def test_where_meta_tensors_fail_fake_ones_run_after_a_clear():
     model, cleared = MixesDevices(), []
     assert probe_forward(model, (3, 8, 8), before_real=lambda: cleared.append(len(model.seen))) == PROBE_BATCH
-    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "cpu")]
+    # meta stand-ins of the weights, the same on fake tensors (a CPU tensor still mixes devices), the real weights
+    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "meta"),
+                                           ("FakeTensor", PROBE_BATCH, "cpu")]
+    assert cleared == [1, 2]
+
+
+class ReadsValuesUnlessTraced(Recorder):
+    """Reads a mask's values unless it is a fake tensor (transformers' ``padding_mask.all()``
+    check, skipped while torch.export traces): meta tensors cannot run it, fake ones can."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        mask = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+        if not isinstance(mask, FakeTensor) and not mask.all():
+            return y * 0
+        return y
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_forward_that_reads_values_unless_traced_runs_on_fake_tensors_and_never_on_the_real_weights(device):
+    model, cleared = ReadsValuesUnlessTraced().to(device), []
+    with weights_on_meta(model), pytest.raises(RuntimeError, match="meta tensors"):
+        model(torch.empty(2, 3, 8, 8, device="meta"))
+    model.seen.clear()
+    assert probe_forward(model, (3, 8, 8), before_real=lambda: cleared.append(len(model.seen))) == PROBE_BATCH
+    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "meta")]
     assert cleared == [1]
+
+
+def test_where_fake_tensors_fail_too_the_real_weights_run_unless_told_not_to():
+    model = Recorder(reads_values=True)  # (.item(): no fake tensor answers it)
+    with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):  # the meta run's error
+        meta_first(model, lambda: probe_forward(model, (3, 8, 8), fake=False), real=False)
+    meta, fake = ("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "meta")
+    assert [s[:3] for s in model.seen] == [meta, fake]
+    model.seen.clear()
+    assert meta_first(model, lambda: probe_forward(model, (3, 8, 8), fake=False)) == PROBE_BATCH
+    assert [s[:3] for s in model.seen] == [meta, fake, ("Tensor", PROBE_BATCH, "cpu")]
 
 
 class Tied(nn.Module):
@@ -144,15 +181,16 @@ def test_code_that_reads_values_gets_one_small_real_forward():
     model = Recorder(reads_values=True)
     cleared = []
     assert probe_forward(model, (3, 8, 8), before_real=lambda: cleared.append(len(model.seen))) == 1
-    assert cleared == [1, 2]
-    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "cpu"),
-                                           ("Tensor", 1, "cpu")]
+    assert cleared == [1, 2, 3]
+    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "meta"),
+                                           ("FakeTensor", PROBE_BATCH, "cpu"), ("Tensor", 1, "cpu")]
     with pytest.raises(RuntimeError):
         probe_forward(Recorder(reads_values=True), (3, 8, 8), real_batch=None)
     meta, cleared = Recorder(reads_values=True).to("meta"), []
-    with pytest.raises(RuntimeError):  # meta tensors have no values either, and no real copy here
+    with pytest.raises(RuntimeError):  # meta and fake tensors have no values either, and no real copy here
         probe_forward(meta, (3, 8, 8), before_real=lambda: cleared.append(True))
-    assert cleared == [] and len(meta.seen) == 1  # no second forward was tried
+    assert cleared == [True] and [s[:3] for s in meta.seen] == [("Tensor", PROBE_BATCH, "meta"),
+                                                                ("FakeTensor", PROBE_BATCH, "meta")]
 
 
 def test_fake_false_runs_real_zeros_of_the_probe_batch():
@@ -179,7 +217,7 @@ def test_a_stop_signal_and_other_errors_propagate_and_the_mode_comes_back():
     refuses = Refuses()
     with pytest.raises(TypeError, match="not this input"):  # not a RuntimeError of fake tensors: no real retry
         probe_forward(refuses, (3, 8, 8))
-    assert [s[2] for s in refuses.seen] == ["meta", "cpu"]  # (meta, then fake tensors)
+    assert [s[2] for s in refuses.seen] == ["meta", "meta", "cpu"]  # (meta, fake on meta stand-ins, fake)
 
 
 def test_meta_first_runs_on_meta_stand_ins_then_on_the_real_weights_after_a_clear():
@@ -194,7 +232,7 @@ def test_meta_first_runs_on_meta_stand_ins_then_on_the_real_weights_after_a_clea
         return "real"
 
     assert meta_first(model, run, before_real=lambda: cleared.append(list(model.seen))) == "real"
-    assert model.seen == ["meta", "cpu"] and cleared == [["meta"]]
+    assert model.seen == ["meta", "meta", "cpu"] and cleared == [["meta"], ["meta", "meta"]]  # (meta, fake, real)
     tries = []
 
     def fails():
@@ -203,7 +241,7 @@ def test_meta_first_runs_on_meta_stand_ins_then_on_the_real_weights_after_a_clea
 
     with pytest.raises(NotImplementedError):
         meta_first(Recorder().to("meta"), fails)
-    assert tries == [1]  # a meta model runs once: it has no real weights to try next
+    assert tries == [1, 1]  # a meta model runs on meta, then fake tensors: it has no real weights to try next
 
 
 # --- structured outputs --------------------------------------------------------------------

@@ -594,7 +594,7 @@ def test_a_hooked_model_at_several_strides_is_refused_naming_the_module_and_both
     with pytest.raises(CutError) as info:
         discover_pyramid(DataDependentNet(), input_size=(3, 32, 64))  # its first conv keeps the 32x64 grid
     assert str(info.value) == (
-        "DataDependentNet was cut by hooks ('pool:input'): fx and torch.export could not capture its graph, and "
+        "DataDependentNet was cut by hooks ('pool:input'): neither fx nor an ATen recording could capture its graph, and "
         "'body.0' returns a map on a 32x64 grid before its 16x32 cut: several strides, which only a graph tells from "
         "branches. Make its forward traceable, or use create_body for the last map")
 

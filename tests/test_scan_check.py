@@ -4,12 +4,14 @@ path of the check (meta or CPU verification, known differences, failures, a redu
 what happened."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from autocut.scan import check
+from autocut.scan import check, worker
 
 COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "reports" / "zoo" / "results.jsonl"
 WORKER_KEYS = {"name", "zoo", "family", "base_mb", "peak_mb", "seconds", "at", "times"}  # the worker's, or timings
@@ -138,6 +140,29 @@ def test_each_phase_that_fails_is_named_with_its_error(monkeypatch):
             record = check.check_model("resnet18")
             _failed(record, phase)
             assert record["where"] == "layer4.1.act2" and "verified_on" not in record
+
+
+def test_a_real_copy_whose_weights_are_more_than_the_memory_limit_leaves_is_not_built(monkeypatch):
+    built = []
+    real_build = check.zoo.build
+    monkeypatch.setattr(check.zoo, "build", lambda spec, device: built.append(device) or real_build(spec, device=device))
+    monkeypatch.setattr(check, "address_space_left", lambda: 13 * 2**20)
+    record = check.check_model("efficientvit_b0")  # only a real copy can probe it: 3.4M weights, 13.1 MiB
+    assert (record["status"], record["phase"], record["error_class"]) == ("oom", "cut", "WeightsOverLimit")
+    assert record["error"] == ("out of memory: a real CPU copy of efficientvit_b0 holds 13 MiB of weights, and the memory "
+                               "limit leaves 13 MiB (not built)")
+    assert built == ["meta"] and "build_cpu" not in record["times"]  # (no retry at a smaller size: the weights are the same)
+    monkeypatch.setattr(check, "address_space_left", lambda: 14 * 2**20)
+    assert check.check_model("efficientvit_b0")["status"] == "ok" and built == ["meta", "meta", "cpu"]
+
+
+def test_the_address_space_left_is_the_limit_less_what_the_process_maps():
+    assert worker.address_space_left() is None  # (no limit here)
+    code = ("import resource; from autocut.scan import worker; mapped = worker._status_kb('VmSize') * 1024; "
+            "resource.setrlimit(resource.RLIMIT_AS, (mapped + 2**30, resource.RLIM_INFINITY)); "
+            "print(worker.address_space_left())")
+    left = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 2**30 - 2**20 < left <= 2**30  # (the few pages mapped since read off it)
 
 
 def test_a_model_adapted_only_through_discovery_is_checked_and_grouped_on_the_cpu(monkeypatch):

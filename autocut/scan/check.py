@@ -30,7 +30,7 @@ from autocut.scan.oracles import (
     transformers_reduced,
 )
 from autocut.scan.pyramids import check_pyramid, refused_pyramid
-from autocut.scan.worker import error_record
+from autocut.scan.worker import address_space_left, error_record
 
 __all__ = ["check_model", "check_model_values", "compare_shapes", "compare_values", "STATUSES"]
 
@@ -127,9 +127,10 @@ def check_model(name: str, values: bool = False) -> dict[str, Any]:
     real: list[torch.nn.Module] = []  # the real CPU copy, built once for both attempts
     rec = _check(name, None, real, values)
     size = rec.get("input_size")
-    if rec.get("status") == "oom" and rec.get("phase") == "cut" and size and max(size[1:]) > REDUCED_SIZE:
+    if (rec.get("status") == "oom" and rec.get("phase") == "cut" and rec.get("error_class") != WeightsOverLimit.__name__
+            and size and max(size[1:]) > REDUCED_SIZE):
         # only a real forward can probe it (value-dependent code), and at its own size that forward
-        # does not fit: verify it at a smaller size, and say so
+        # does not fit: verify it at a smaller size (its weights fit, or no copy would be built), and say so
         retry = _check(name, _reduced(size), real, values)
         retry["reduced_from"] = size
         retry["reduced_because"] = f"{rec['error_class']} at {size[1]}x{size[2]}: {rec['error'][:300]}"
@@ -178,6 +179,7 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
 
     def rebuild() -> torch.nn.Module:
         if not real:
+            _fits_in_memory(spec, meta)
             started_build = time.perf_counter()
             real.append(zoo.build(spec, device="cpu"))
             building[0] += time.perf_counter() - started_build
@@ -282,6 +284,21 @@ def _check(name: str, size: tuple[int, int, int] | None, real: list[torch.nn.Mod
     lap("pyramid")
     rec["times"]["total"] = round(time.perf_counter() - started, 4)
     return rec
+
+
+class WeightsOverLimit(MemoryError):
+    """A real CPU copy's weights alone are more than the memory limit leaves: not built."""
+
+
+def _fits_in_memory(spec: zoo.ModelSpec, meta: torch.nn.Module) -> None:
+    """Raise :class:`WeightsOverLimit` where a real CPU copy's weights alone are more than the memory limit
+    leaves (:func:`~autocut.scan.worker.address_space_left`): building one would fill memory
+    for seconds before failing the same way."""
+    left = address_space_left()
+    need = sum(t.numel() * t.element_size() for t in (*meta.parameters(), *meta.buffers()))
+    if left is not None and need > left:
+        raise WeightsOverLimit(f"out of memory: a real CPU copy of {spec} holds {need / 2**20:,.0f} MiB of weights, and the "
+                               f"memory limit leaves {left / 2**20:,.0f} MiB (not built)")
 
 
 def _verify_meta(adapted, expected, x: torch.Tensor) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["main", "resolve_check", "run_one", "error_record", "is_out_of_memory"]
+__all__ = ["address_space_left", "main", "resolve_check", "run_one", "error_record", "is_out_of_memory"]
 
 _KILLED_BY_LIMIT = "the kernel's OOM killer?"
 
@@ -67,6 +67,16 @@ def _status_kb(key: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def address_space_left() -> int | None:
+    """Bytes this process may still map under its ``RLIMIT_AS`` (the scan's memory limit), or
+    ``None`` without one."""
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    mapped = _status_kb("VmSize")
+    if limit == resource.RLIM_INFINITY or mapped is None:
+        return None
+    return max(limit - mapped * 1024, 0)
 
 
 def _error(status: str, error_class: str, error: str, phase: str = "worker") -> dict[str, Any]:
