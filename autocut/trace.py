@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torchvision
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import feature_extraction as tv_fx
 
@@ -47,8 +47,8 @@ from autocut.probe import (
     weights_on_meta,
 )
 
-__all__ = ["Traced", "trace", "trace_exported", "trace_dispatched", "trace_aten", "trace_graph", "constants_attached", "tracer_kwargs", "concrete_args_of",
-           "has_hooks", "forward_of", "op_name", "attribute_at"]
+__all__ = ["Traced", "trace", "trace_exported", "trace_dispatched", "trace_aten", "trace_graph", "constants_attached",
+           "tracer_kwargs", "concrete_args_of", "has_hooks", "forward_of", "op_name", "attribute_at"]
 
 
 def forward_of(model: nn.Module) -> Callable[..., Any]:
@@ -895,11 +895,13 @@ def written(base: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
 def trace_dispatched(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE_BATCH) -> Traced:
     """:func:`trace_exported` at the cost of one meta forward: each ATen op the eager forward
     dispatches on meta tensors (a model with real weights: meta stand-ins of them; a forward that
-    reads values unless traced: fake tensors, :func:`~autocut.probe.meta_first`) recorded as a node, in the module it ran in (module
-    hooks), with its shape. The graph is what the forward ran, ops as the dispatcher sees them
-    (``linear`` as ``addmm`` and views, no dropout in eval); an in-place op makes a new node for
-    the tensor it wrote (and for the base of a view it wrote to). Raises whatever the forward
-    raised (code that reads values): callers fall back to :func:`trace_exported`."""
+    reads values unless traced: fake tensors, :func:`~autocut.probe.meta_first`) recorded as a
+    node, in the module it ran in (module hooks), with its shape. The graph is what the forward
+    ran, ops as the dispatcher sees them (``linear`` as ``addmm`` and views, no dropout in eval);
+    an in-place op makes a new node for the tensor it wrote (and for the base of a view it wrote
+    to: torch.export's graph keeps such a write as an op nothing reads). A tensor viewed before a
+    write to its base keeps the node it had. Raises whatever the forward raised (code that reads
+    values): callers fall back to :func:`trace_exported`."""
     shape = (batch, *input_size)
 
     def record() -> Traced:
