@@ -26,8 +26,8 @@ its stride; on the eval graph the cut was found on (:mod:`autocut.cut_graph`) it
 
 :func:`discover_pyramid` returns the levels; :func:`create_pyramid` builds a module returning each
 as an NCHW map. A model fx cannot trace (Hugging Face's) has its levels found on its graph of
-ATen ops (:func:`~autocut.trace.trace_aten`), each named by the module that returns or takes it, and kept by module
-hooks as its own forward runs (:class:`~autocut.cut_hooks.EarlyExitBody`); one only hooks can cut
+ATen ops (:func:`~autocut.trace.trace_aten`), each named by the module that returns or takes it,
+and kept by module hooks as its own forward runs (:class:`~autocut.cut_hooks.EarlyExitBody`); one only hooks can cut
 (its forward reads values) gets rule 5 from its module calls where it runs at one stride
 (:func:`~autocut.cut_hooks.levels_by_hooks`).
 """
