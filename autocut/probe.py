@@ -266,32 +266,33 @@ def fake_tensors() -> Iterator[None]:
 
 
 def meta_first(model: nn.Module, run: Callable[[], T], before_real: Callable[[], None] | None = None,
-               real: bool = True) -> T:
+               real: bool = True, fake: bool = True) -> T:
     """``run()`` with ``model``'s weights stood in for by meta tensors (:func:`weights_on_meta`:
     a probe that makes its input on :func:`model_device` makes a meta one; a meta model as it is),
-    for the shapes and the flow of values alone; where that fails, after ``before_real()``, the
-    same on fake tensors (:func:`fake_tensors`: code that reads values unless traced, as
-    transformers' mask checks do, runs); where that fails too (code that reads values, mixes
-    devices), after ``before_real()``, ``run()`` on the real weights, which raises what it raises.
-    A meta model, or ``real=False``, raises what the meta run raised instead."""
+    for the shapes and the flow of values alone. Where that fails, after ``before_real()``, on
+    fake tensors (``fake``; :func:`fake_tensors`, a real model's weights as fake tensors of
+    themselves): code that reads values unless traced (transformers' mask checks) and a tensor
+    attribute that is no weight (a real one, which meta tensors cannot meet) run there. Where
+    that fails too, after ``before_real()``, ``run()`` on the real weights, which raises what it
+    raises; a meta model, or ``real=False``, raises what the meta run raised instead."""
     meta = model_device(model).type == "meta"
     try:
         with contextlib.nullcontext() if meta else weights_on_meta(model):
-            try:
-                return run()
-            except Exception as err:  # (any failure on meta tensors) fake ones next
-                if before_real is not None:
-                    before_real()
-                try:
-                    with fake_tensors():
-                        return run()
-                except Exception:  # (any failure on fake tensors: the meta run's error says why)
-                    raise err from None
-    except Exception:
-        if meta or not real:
-            raise
+            return run()
+    except Exception as err:  # (any failure on meta tensors) fake ones next, then the real weights
+        failed = err
+    if fake:
         if before_real is not None:
             before_real()
+        try:
+            with fake_tensors():
+                return run()
+        except Exception:  # (any failure on fake tensors) the real weights next, or the meta run's error
+            pass
+    if meta or not real:
+        raise failed
+    if before_real is not None:
+        before_real()
     return run()
 
 
@@ -342,4 +343,5 @@ def probe_forward(
         return real_batch
 
     with eval_mode(model), torch.no_grad():  # meta first: no fake weight per use, no Python per op (as trace() does)
-        return meta_first(model, run, before_real) if fake else run()
+        # (a real model's run makes its own fake input once meta stand-ins fail)
+        return meta_first(model, run, before_real, fake=model_device(model).type == "meta") if fake else run()

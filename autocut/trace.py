@@ -899,8 +899,9 @@ def trace_dispatched(model: nn.Module, input_size: tuple[int, int, int], batch: 
     node, in the module it ran in (module hooks), with its shape. The graph is what the forward
     ran, ops as the dispatcher sees them (``linear`` as ``addmm`` and views, no dropout in eval);
     an in-place op makes a new node for the tensor it wrote (and for the base of a view it wrote
-    to: torch.export's graph keeps such a write as an op nothing reads). A tensor viewed before a
-    write to its base keeps the node it had. Raises whatever the forward raised (code that reads
+    to: torch.export's graph keeps such a write as an op nothing reads), as the op's schema says
+    (``native_batch_norm`` writes running statistics in training without saying so: not seen). A
+    tensor viewed before a write to its base keeps the node it had. Raises whatever the forward raised (code that reads
     values): callers fall back to :func:`trace_exported`."""
     shape = (batch, *input_size)
 
@@ -909,7 +910,7 @@ def trace_dispatched(model: nn.Module, input_size: tuple[int, int, int], batch: 
         names = {id(t): name for name, t in [*model.named_parameters(remove_duplicate=False),
                                              *model.named_buffers(remove_duplicate=False)]}
         recorder = _OpRecorder(graph, names)
-        x = torch.empty(shape, device="meta", dtype=model_dtype(model))
+        x = torch.empty(shape, device=model_device(model), dtype=model_dtype(model))  # (meta, else a fake one)
         source = recorder.keep(x, recorder.node("placeholder", "x", value=x))
 
         def enter(path):

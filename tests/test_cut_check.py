@@ -60,7 +60,7 @@ class ValueSkip(Skip):
         return self.fc(self.pool(self.block(s) + s).flatten(1))
 
 
-@pytest.mark.parametrize("model, devices", [(Skip(), ["meta"]), (ValueSkip(), ["meta", "meta", "cpu"])])  # (meta, fake, real)
+@pytest.mark.parametrize("model, devices", [(Skip(), ["meta"]), (ValueSkip(), ["meta", "cpu", "cpu"])])  # (meta, fake, real)
 def test_a_module_cut_of_real_weights_is_checked_on_meta_stand_ins_and_where_values_are_read_on_real_zeros(
         model, devices):
     seen = []

@@ -14,6 +14,7 @@ import autocut
 from autocut.cut_export import module_cut
 from autocut.cut_graph import ancestors, find_cut
 from autocut.cut_hooks import probe_modules
+from autocut.probe import weights_on_meta
 from autocut.trace import trace, trace_aten, trace_dispatched, trace_exported
 
 SIZE = (3, 32, 32)
@@ -121,6 +122,23 @@ class WritesThroughAView(ShapeBranch):
         return y
 
 
+class UpdatesABufferItReads(ShapeBranch):
+    """Updates running statistics from a second branch (an op whose schema says it writes a buffer,
+    and which returns other tensors) and adds them to the map: the output depends on ``side``
+    through the buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Conv2d(3, 16, 3, 4, 1)
+        self.register_buffer("mean", torch.zeros(16))
+        self.register_buffer("var", torch.ones(16))
+
+    def features(self, x):
+        x = _even(x)
+        torch.ops.aten._native_batch_norm_legit.default(self.side(x), None, None, self.mean, self.var, True, 0.1, 1e-5)
+        return self.stage(self.stem(x)) + self.mean[:, None, None]
+
+
 class ReadsAWeightAndSplits(ShapeBranch):
     """Reads a parameter and a plain tensor in its own code (a position embedding, a scale) and
     splits the map (an op with several outputs)."""
@@ -145,6 +163,39 @@ class KeepsAPlainTensor(ShapeBranch):
 
     def features(self, x):
         return self.stage(self.stem(_even(x))) + self.bias
+
+
+class ChecksAMaskUnlessTraced(ShapeBranch):
+    """Reads a mask's values unless it is a fake tensor, as transformers' mask checks do: meta
+    tensors cannot run it, fake ones can."""
+
+    def features(self, x):
+        mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        if not isinstance(mask, torch._subclasses.fake_tensor.FakeTensor) and not mask.all():
+            x = x * 0
+        return self.stage(self.stem(_even(x)))
+
+
+def test_a_forward_that_reads_values_unless_traced_is_recorded_on_fake_tensors_and_the_weights_are_untouched():
+    model = ChecksAMaskUnlessTraced().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    traced = trace_dispatched(model, SIZE)
+    assert (traced.capture, traced.shape_method) == ("dispatch", "fake")
+    assert trace_dispatched(ShapeBranch().eval(), SIZE).shape_method == "meta"
+    calls = probe_modules(model, SIZE)
+    assert module_cut(model, traced, find_cut(traced, "m"), calls).where == "stage"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    meta = ChecksAMaskUnlessTraced().to("meta").eval()
+    assert autocut.discover(meta, input_size=SIZE).where == "stage"
+
+
+def test_a_tensor_the_forward_reads_that_is_no_weight_is_a_constant_of_the_graph():
+    model = KeepsAPlainTensor().to("meta").eval()
+    model.bias = torch.ones(16, 8, 8, device="meta")  # (.to() moves no plain attribute)
+    traced = trace_dispatched(model, SIZE)
+    assert list(traced.constants) == ["_tensor_constant0"] and traced.constants["_tensor_constant0"] is model.bias
+    (node,) = [n for n in traced.graph.nodes if n.op == "get_attr" and n.target == "_tensor_constant0"]
+    assert traced.shapes[node] == (16, 8, 8) and [u.target for u in node.users] == [torch.ops.aten.add.Tensor]
 
 
 def test_a_forward_is_recorded_op_by_op_in_the_modules_it_ran_in():
@@ -182,16 +233,20 @@ def test_the_recorded_graph_gives_the_cut_torch_export_gives(cls):
 def test_a_write_through_a_view_is_a_dependence_of_what_reads_the_tensor_after_it():
     traced = trace_dispatched(WritesThroughAView().eval(), SIZE)
     assert "side" in _scopes_read(traced)  # (torch.export's graph keeps the copy_ into the view, which nothing reads)
+    assert "side" in _scopes_read(trace_dispatched(UpdatesABufferItReads().eval(), SIZE))
     cut = autocut.discover(WritesThroughAView().eval(), input_size=SIZE)
     assert (cut.method, cut.where) == ("export", "pool:input")  # the map after the write, not stage's output
 
 
-def test_a_forward_meta_tensors_cannot_run_is_exported_instead():
+def test_a_forward_meta_tensors_cannot_run_is_recorded_on_fake_tensors_and_exported_where_that_fails(monkeypatch):
     model = KeepsAPlainTensor().eval()
-    with pytest.raises(RuntimeError, match="device"):
-        trace_dispatched(model, SIZE)
+    with pytest.raises(RuntimeError, match="device"), weights_on_meta(model):
+        model(torch.empty(2, *SIZE, device="meta"))
     traced = trace_aten(model, SIZE)
-    assert traced.capture == "export"
+    assert (traced.capture, traced.shape_method) == ("dispatch", "fake")
+    trace_module = importlib.import_module("autocut.trace")
+    monkeypatch.setattr(trace_module, "trace_dispatched", lambda *args: (_ for _ in ()).throw(RuntimeError("no")))
+    assert trace_aten(model, SIZE).capture == "export"
     cut = autocut.discover(model, input_size=SIZE)
     assert (cut.method, cut.where) == ("export", "pool:input")
     with torch.no_grad():

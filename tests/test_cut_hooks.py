@@ -827,7 +827,7 @@ class Unbranched(Pooled):
         return self.fc(self.pool(self.stage(x)).flatten(1))
 
 
-@pytest.mark.parametrize("model, devices", [(Unbranched(), ["meta"]), (Pooled(), ["meta", "meta", "cpu"])])  # (meta, fake, real)
+@pytest.mark.parametrize("model, devices", [(Unbranched(), ["meta"]), (Pooled(), ["meta", "cpu", "cpu"])])  # (meta, fake, real)
 def test_real_weights_are_probed_on_meta_stand_ins_and_where_values_are_read_on_real_zeros(model, devices):
     seen = []
     model.stage[0].register_forward_pre_hook(lambda m, args: seen.append((args[0].device.type, m.weight.device.type)))

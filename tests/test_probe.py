@@ -91,10 +91,8 @@ class MixesDevices(Recorder):
 def test_where_meta_tensors_fail_fake_ones_run_after_a_clear():
     model, cleared = MixesDevices(), []
     assert probe_forward(model, (3, 8, 8), before_real=lambda: cleared.append(len(model.seen))) == PROBE_BATCH
-    # meta stand-ins of the weights, the same on fake tensors (a CPU tensor still mixes devices), the real weights
-    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "meta"),
-                                           ("FakeTensor", PROBE_BATCH, "cpu")]
-    assert cleared == [1, 2]
+    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "cpu")]
+    assert cleared == [1]
 
 
 class ReadsValuesUnlessTraced(Recorder):
@@ -115,16 +113,23 @@ def test_a_forward_that_reads_values_unless_traced_runs_on_fake_tensors_and_neve
     with weights_on_meta(model), pytest.raises(RuntimeError, match="meta tensors"):
         model(torch.empty(2, 3, 8, 8, device="meta"))
     model.seen.clear()
-    assert probe_forward(model, (3, 8, 8), before_real=lambda: cleared.append(len(model.seen))) == PROBE_BATCH
-    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "meta")]
-    assert cleared == [1]
+    before = {k: v.clone() for k, v in model.state_dict().items()} if device == "cpu" else {}
+    fake = ("FakeTensor", PROBE_BATCH, device)  # (a real model's weights as fake tensors of themselves)
+    for probe in (lambda: probe_forward(model, (3, 8, 8), before_real=lambda: cleared.append(len(model.seen))),
+                  lambda: meta_first(model, lambda: probe_forward(model, (3, 8, 8), fake=False),  # (as probe_modules)
+                                     before_real=lambda: cleared.append(len(model.seen)))):
+        model.seen.clear()
+        cleared.clear()
+        assert probe() == PROBE_BATCH
+        assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), fake] and cleared == [1]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_where_fake_tensors_fail_too_the_real_weights_run_unless_told_not_to():
     model = Recorder(reads_values=True)  # (.item(): no fake tensor answers it)
     with pytest.raises(RuntimeError, match="cannot be called on meta tensors"):  # the meta run's error
         meta_first(model, lambda: probe_forward(model, (3, 8, 8), fake=False), real=False)
-    meta, fake = ("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "meta")
+    meta, fake = ("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "cpu")
     assert [s[:3] for s in model.seen] == [meta, fake]
     model.seen.clear()
     assert meta_first(model, lambda: probe_forward(model, (3, 8, 8), fake=False)) == PROBE_BATCH
@@ -181,9 +186,9 @@ def test_code_that_reads_values_gets_one_small_real_forward():
     model = Recorder(reads_values=True)
     cleared = []
     assert probe_forward(model, (3, 8, 8), before_real=lambda: cleared.append(len(model.seen))) == 1
-    assert cleared == [1, 2, 3]
-    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "meta"),
-                                           ("FakeTensor", PROBE_BATCH, "cpu"), ("Tensor", 1, "cpu")]
+    assert cleared == [1, 2]
+    assert [s[:3] for s in model.seen] == [("Tensor", PROBE_BATCH, "meta"), ("FakeTensor", PROBE_BATCH, "cpu"),
+                                           ("Tensor", 1, "cpu")]
     with pytest.raises(RuntimeError):
         probe_forward(Recorder(reads_values=True), (3, 8, 8), real_batch=None)
     meta, cleared = Recorder(reads_values=True).to("meta"), []
@@ -217,7 +222,7 @@ def test_a_stop_signal_and_other_errors_propagate_and_the_mode_comes_back():
     refuses = Refuses()
     with pytest.raises(TypeError, match="not this input"):  # not a RuntimeError of fake tensors: no real retry
         probe_forward(refuses, (3, 8, 8))
-    assert [s[2] for s in refuses.seen] == ["meta", "meta", "cpu"]  # (meta, fake on meta stand-ins, fake)
+    assert [s[2] for s in refuses.seen] == ["meta", "cpu"]  # (meta, then fake tensors)
 
 
 def test_meta_first_runs_on_meta_stand_ins_then_on_the_real_weights_after_a_clear():
@@ -232,7 +237,7 @@ def test_meta_first_runs_on_meta_stand_ins_then_on_the_real_weights_after_a_clea
         return "real"
 
     assert meta_first(model, run, before_real=lambda: cleared.append(list(model.seen))) == "real"
-    assert model.seen == ["meta", "meta", "cpu"] and cleared == [["meta"], ["meta", "meta"]]  # (meta, fake, real)
+    assert model.seen == ["meta", "cpu"] and cleared == [["meta"]]  # (fake tensors of the real weights: no meta kernel missing)
     tries = []
 
     def fails():

@@ -310,6 +310,24 @@ def test_the_report_counts_which_path_found_each_verified_cut():
             "| transformers | 2 | 0 | 1 | 1 | 0 |\n| all | 5 | 2 | 1 | 2 | 0 |\n") in report
 
 
+def test_the_report_sums_each_phase_per_zoo_and_over_all_and_prints_the_cut_against_build_and_oracle():
+    from autocut.scan.report import render_report
+
+    def rec(name, zoo, **times):
+        return {"name": name, "zoo": zoo, "family": "f", "status": "ok", "method": "fx", "times": times}
+
+    recs = {"a": rec("a", "timm", build=1.0, oracle=2.0, cut=1.5, verify=0.25, total=9.0),
+            "b": rec("b", "timm", build=0.5, oracle=0.5, cut=0.5, groups=0.125),
+            "c": rec("c", "transformers", build=1.0, oracle=0.25, cut=3.5, build_cpu=2.0)}
+    report = render_report(recs, [], plots=False)
+    assert ("| zoo | build | oracle | cut | verify | values | groups | build_cpu | cut / (build + oracle) |\n"
+            "|---|---|---|---|---|---|---|---|---|\n"
+            "| timm | 1.5 | 2.5 | 2.0 | 0.2 | 0.0 | 0.1 | 0.0 | 0.50 |\n"
+            "| transformers | 1.0 | 0.2 | 3.5 | 0.0 | 0.0 | 0.0 | 2.0 | 2.80 |\n"
+            "| all | 2.5 | 2.8 | 5.5 | 0.2 | 0.0 | 0.1 | 2.0 | 1.05 |\n") in report
+    assert "| all |" not in render_report({"a": recs["a"]}, [], plots=False).split("## Phase cost")[1]
+
+
 def test_the_report_says_which_values_were_carried_from_an_earlier_run():
     from autocut.scan.report import render_report
 

@@ -334,13 +334,14 @@ _PHASES = ("build", "oracle", "cut", "verify", "values", "groups", "build_cpu")
 
 
 def _phase_cost_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
-    """Seconds spent in each phase, summed over a zoo's records, and what finding the cut costs
-    against building the model and running its oracle (the scan-cost target is 1.0 or less)."""
+    """Seconds spent in each phase, summed over a zoo's records (and over all, where there are
+    several zoos), and what finding the cut costs against building the model and running its
+    oracle (the scan-cost target is 1.0 or less)."""
     rows = []
-    for zoo in zoos:
+    for zoo in zoos + (["all"] if len(zoos) > 1 else []):
         total = Counter()
         for r in recs:
-            if r.get("zoo") == zoo:
+            if zoo in ("all", r.get("zoo")):
                 total.update({k: v for k, v in r.get("times", {}).items() if k in _PHASES})
         base = total["build"] + total["oracle"]
         rows.append([zoo, *[f"{total[p]:.1f}" for p in _PHASES], f"{total['cut'] / base:.2f}" if base else "-"])
@@ -352,8 +353,8 @@ def _phase_cost_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
 
 
 def _methods_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
-    """How each verified cut was found (``Cut.method``), per zoo: the fx graph, torch.export's graph
-    (models fx cannot trace), module hooks (models neither captures)."""
+    """How each verified cut was found (``Cut.method``), per zoo: the fx graph, the forward's ATen
+    graph (models fx cannot trace), module hooks (models neither captures)."""
     from autocut.cut import METHODS
 
     rows = []
@@ -362,8 +363,9 @@ def _methods_section(recs: list[dict[str, Any]], zoos: list[str]) -> str:
         c = Counter(r["method"] for r in sel)
         rows.append([zoo, len(sel), *[c[m] for m in METHODS]])
     return ("\n## How each cut was found\n\nOf the verified cuts (`ok`, or a known difference that was cut), "
-            "the path that found each (`Cut.method`): torch.fx's graph; torch.export's graph (non-strict), "
-            "for models fx cannot trace; module hooks, for models neither can capture:\n\n"
+            "the path that found each (`Cut.method`): torch.fx's graph; `export`: the forward's graph of ATen ops, "
+            "for models fx cannot trace (one forward recorded on meta or fake tensors, torch.export's where they "
+            "cannot run it); module hooks, for models whose forward reads values:\n\n"
             + _table(["zoo", "cuts", *METHODS], rows))
 
 
