@@ -283,11 +283,11 @@ def _attempts(
 def _cut_on_export(
     module: nn.Module, calls: list[ModuleCall], input_size: tuple[int, int, int], arch: str, errors: list[str]
 ) -> Cut | None:
-    """The graph rule on ``module``'s ATen graph (:func:`autocut.trace.trace_aten`), checked there and
-    made at a module's output or input (:mod:`autocut.cut_export`); ``None`` where no such graph can be
-    made (the forward reads values) or the cut is made between
-    module calls (the hooks rule answers instead; why is added to ``errors``). A cut that fails the
-    graph check raises, as on an fx graph."""
+    """The graph rule on ``module``'s ATen graph (:func:`autocut.trace.trace_aten`), checked there
+    and made at a module's output or input (:mod:`autocut.cut_export`); ``None`` where no such
+    graph can be made (the forward reads values) or the cut is made between module calls (the
+    hooks rule answers instead; why is added to ``errors``). A cut that fails the graph check
+    raises, as on an fx graph."""
     try:
         traced = trace_aten(module, input_size)
     except Exception as err:  # neither records nor exports (data-dependent code, unsupported Python): the hooks rule
