@@ -882,11 +882,11 @@ class _OpRecorder(TorchDispatchMode):
                     self.keep(arg, node)
                 base = arg._base
                 if base is not None:  # written through a view: the base holds what was written from here on
-                    self.keep(base, self.node("call_function", written, (self.made_by(base), node), value=base))
+                    self.keep(base, self.node("call_function", _written, (self.made_by(base), node), value=base))
         return out
 
 
-def written(base: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+def _written(base: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
     """Marks, in a recorded graph (:func:`trace_dispatched`), the tensor ``base`` after an in-place
     op wrote to a view of it (``x[:, 0] = cls``): it depends on both. Never run."""
     raise NotImplementedError("a recorded graph is read, not run")
@@ -901,8 +901,9 @@ def trace_dispatched(model: nn.Module, input_size: tuple[int, int, int], batch: 
     an in-place op makes a new node for the tensor it wrote (and for the base of a view it wrote
     to: torch.export's graph keeps such a write as an op nothing reads), as the op's schema says
     (``native_batch_norm`` writes running statistics in training without saying so: not seen). A
-    tensor viewed before a write to its base keeps the node it had. Raises whatever the forward raised (code that reads
-    values): callers fall back to :func:`trace_exported`."""
+    tensor viewed before a write to its base keeps the node it had. Raises what the meta forward
+    raised where fake tensors cannot run it either (code that reads values): callers fall back to
+    :func:`trace_exported`."""
     shape = (batch, *input_size)
 
     def record() -> Traced:
@@ -939,10 +940,10 @@ def trace_dispatched(model: nn.Module, input_size: tuple[int, int, int], batch: 
 
 
 def trace_aten(model: nn.Module, input_size: tuple[int, int, int], batch: int = PROBE_BATCH) -> Traced:
-    """The forward's graph of ATen ops, for models torch.fx cannot trace: one meta forward recorded
-    (:func:`trace_dispatched`), else (code that needs fake tensors: a tensor attribute that is no
-    parameter or buffer) torch.export's (:func:`trace_exported`). Raises what the export raised."""
+    """The forward's graph of ATen ops, for models torch.fx cannot trace: one meta (else fake)
+    forward recorded (:func:`trace_dispatched`), else torch.export's (:func:`trace_exported`).
+    Raises what the export raised."""
     try:
         return trace_dispatched(model, input_size, batch)
-    except Exception:  # (any failure of the forward on meta tensors) torch.export, next; raises what it raises
+    except Exception:  # (any failure of the forward on meta and fake tensors) torch.export, next; raises what it raises
         return trace_exported(model, input_size, batch)
